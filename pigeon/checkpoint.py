@@ -1,0 +1,179 @@
+"""Checkpoints: one folder per component (`config.json` + `model.safetensors`) and a `pipeline.json` index.
+
+    CKPT/pipeline.json                    format, preset, image size, every file with its SHA-256
+    CKPT/<component>/config.json          strict component config (see pigeon.config)
+    CKPT/<component>/model.safetensors    weights, with the config JSON in the metadata
+    CKPT/scheduler/config.json, CKPT/generation/config.json
+    CKPT/tokenizer/tokenizer.json         the instruction-text tokenizer
+
+Loading never unpickles, and checks every file against the index before using it: a missing or altered
+file is a `CheckpointError` that names it. Saving writes a sibling folder and renames it into place, so a
+reader never sees half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from pigeon import config as cfg
+from pigeon.models.pigeon import COMPONENT_MODULES, PigeonModel
+from pigeon.vocab import TextTokenizer
+
+INDEX = "pipeline.json"
+CONFIG_ONLY = ("scheduler", "generation")
+CONFIG_CLASSES = {
+    "history_encoder": cfg.HistoryEncoderConfig, "mask_generator": cfg.MaskGeneratorConfig,
+    "personalizer": cfg.PersonalizerConfig, "condition_adapter": cfg.ConditionAdapterConfig,
+    "unet": cfg.UNetConfig, "vae": cfg.VAEConfig, "scheduler": cfg.SchedulerConfig,
+    "generation": cfg.GenerationConfig,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded; the message names the file."""
+
+
+@dataclass
+class Checkpoint:
+    config: cfg.PipelineConfig
+    model: PigeonModel
+    tokenizer: TextTokenizer
+    path: Path
+    digest: str  # SHA-256 of pipeline.json: identifies the exact checkpoint
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """Strip DistributedDataParallel / torch.compile wrappers before saving."""
+    while True:
+        if hasattr(module, "module") and isinstance(module.module, torch.nn.Module):
+            module = module.module
+        elif hasattr(module, "_orig_mod"):
+            module = module._orig_mod
+        else:
+            return module
+
+
+def save_checkpoint(model: PigeonModel, tokenizer: TextTokenizer, path: str | Path,
+                    *, overwrite: bool = False, extra: dict | None = None) -> Path:
+    """Write `model` and `tokenizer` to `path` atomically; returns the path."""
+    path = Path(path)
+    model = unwrap(model)
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"{path}: already exists (pass overwrite=True to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    staging.mkdir()
+    try:
+        config = model.config
+        files: dict[str, str] = {}
+        for name in COMPONENT_MODULES + CONFIG_ONLY:
+            (staging / name).mkdir()
+            component_config = getattr(config, name)
+            cfg.save_json(component_config, staging / name / "config.json")
+            files[f"{name}/config.json"] = ""
+            if name in COMPONENT_MODULES:
+                state = {k: v.detach().contiguous().cpu()
+                         for k, v in getattr(model, name).state_dict().items()}
+                metadata = {"config": json.dumps(cfg.to_dict(component_config))}
+                save_file(state, staging / name / "model.safetensors", metadata=metadata)
+                files[f"{name}/model.safetensors"] = ""
+        (staging / "tokenizer").mkdir()
+        tokenizer.save(staging / "tokenizer" / "tokenizer.json")
+        files["tokenizer/tokenizer.json"] = ""
+        index = {
+            "_class": "PigeonCheckpoint", "_format": cfg.CONFIG_FORMAT,
+            "preset": config.preset, "image_size": config.image_size,
+            "files": {rel: sha256_file(staging / rel) for rel in sorted(files)},
+            **({"extra": extra} if extra else {}),
+        }
+        (staging / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        if path.exists():
+            old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
+            path.rename(old)
+            staging.rename(path)
+            shutil.rmtree(old)
+        else:
+            staging.rename(path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def read_index(path: Path) -> dict:
+    index_path = path / INDEX
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint folder (no such directory)")
+    if not index_path.is_file():
+        raise CheckpointError(f"{index_path}: missing; not a Pigeon checkpoint")
+    try:
+        index = json.loads(index_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{index_path}: not valid JSON ({exc})") from None
+    for key in ("_class", "_format", "preset", "image_size", "files"):
+        if key not in index:
+            raise CheckpointError(f"{index_path}: missing key {key!r}")
+    if index["_format"] != cfg.CONFIG_FORMAT:
+        raise CheckpointError(f"{index_path}: _format={index['_format']!r} is not supported")
+    return index
+
+
+def verify_files(path: Path, index: dict) -> None:
+    """Every indexed file exists and has the recorded SHA-256."""
+    for rel, digest in index["files"].items():
+        file = path / rel
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing from the checkpoint")
+        if sha256_file(file) != digest:
+            raise CheckpointError(f"{file}: SHA-256 differs from {INDEX}; the file was altered")
+
+
+def load_config(path: str | Path) -> cfg.PipelineConfig:
+    path = Path(path)
+    index = read_index(path)
+    parts = {name: cfg.load_json(cls, path / name / "config.json")
+             for name, cls in CONFIG_CLASSES.items()}
+    try:
+        return cfg.PipelineConfig(preset=index["preset"], image_size=index["image_size"], **parts)
+    except cfg.ConfigError as exc:
+        raise CheckpointError(f"{path}: inconsistent component configs: {exc}") from None
+
+
+def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
+    """Load a checkpoint folder (verifying every file's hash first)."""
+    path = Path(path)
+    index = read_index(path)
+    if verify:
+        verify_files(path, index)
+    config = load_config(path)
+    model = PigeonModel(config)
+    for name in COMPONENT_MODULES:
+        file = path / name / "model.safetensors"
+        try:
+            state = load_file(file)
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{file}: unreadable weights ({exc})") from None
+        try:
+            getattr(model, name).load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{file}: weights do not fit the config ({exc})") from None
+    tokenizer = TextTokenizer.load(path / "tokenizer" / "tokenizer.json",
+                                   config.personalizer.text_vocab_size)
+    return Checkpoint(config, model.eval(), tokenizer, path, sha256_file(path / INDEX))

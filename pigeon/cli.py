@@ -1,0 +1,161 @@
+"""The `pigeon` command line.
+
+    pigeon init --preset tiny --out runs/tiny
+    pigeon generate --checkpoint runs/tiny --history a.png b.png --reference r.png --text "a cat" --out o.png
+    pigeon checkpoint inspect runs/tiny
+    pigeon config show --preset small --set personalizer.num_layers=6
+
+Logs go to stderr; a JSON summary goes to stdout; any failure exits non-zero with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("pigeon")
+
+
+def run_init(args: argparse.Namespace) -> dict:
+    """A randomly initialised checkpoint, for tests and plumbing."""
+    import torch
+
+    from pigeon.checkpoint import save_checkpoint
+    from pigeon.config import apply_overrides, preset
+    from pigeon.models.pigeon import PigeonModel
+    from pigeon.vocab import DEFAULT_CORPUS, TextTokenizer, train_text_tokenizer
+
+    config = apply_overrides(preset(args.preset), args.set or [])
+    torch.manual_seed(args.seed)
+    model = PigeonModel(config)
+    vocab_size = config.personalizer.text_vocab_size
+    tokenizer = TextTokenizer(train_text_tokenizer(DEFAULT_CORPUS, vocab_size), vocab_size)
+    path = save_checkpoint(model, tokenizer, args.out, overwrite=args.overwrite,
+                           extra={"created_by": "pigeon init", "seed": args.seed})
+    params = sum(p.numel() for p in model.parameters())
+    log.info("initialised %s preset (%.2fM parameters) at %s", config.preset, params / 1e6, path)
+    return {"checkpoint": str(path), "preset": config.preset, "parameters": params}
+
+
+def run_generate(args: argparse.Namespace) -> dict:
+    from pigeon.inference.pipeline import GenerationRequest, PigeonPipeline
+    from pigeon.serving.images import load_image, save_png
+
+    history = [load_image(p) for p in args.history]
+    reference = load_image(args.reference)
+    start = time.perf_counter()
+    pipe = PigeonPipeline.from_checkpoint(args.checkpoint)
+    load_s = time.perf_counter() - start
+    request = GenerationRequest(
+        history=history, reference=reference, text=args.text, seed=args.seed, steps=args.steps,
+        guidance=args.guidance, reference_mask_ratio=args.reference_mask_ratio,
+        sampler=args.sampler,
+    )
+    result = pipe(request)[0]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_png(result.image, out)
+    log.info("wrote %s (%d visual tokens, %.2fs)", out, len(result.tokens), result.timings["total"])
+    return {
+        "out": str(out), "tokens": len(result.tokens), "load_s": round(load_s, 4),
+        "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def run_inspect(args: argparse.Namespace) -> dict:
+    from safetensors import safe_open
+
+    from pigeon.checkpoint import load_config, read_index, verify_files
+
+    path = Path(args.checkpoint)
+    index = read_index(path)
+    verify_files(path, index)
+    config = load_config(path)
+    components = {}
+    for rel in index["files"]:
+        if rel.endswith(".safetensors"):
+            with safe_open(str(path / rel), "np") as f:
+                count = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+            components[rel.split("/")[0]] = {"parameters": count, "sha256": index["files"][rel]}
+    return {"checkpoint": str(path), "preset": config.preset, "image_size": config.image_size,
+            "verified": True, "components": components}
+
+
+def run_config_show(args: argparse.Namespace) -> dict:
+    from pigeon.checkpoint import load_config
+    from pigeon.config import apply_overrides, preset, to_dict
+
+    config = load_config(args.checkpoint) if args.checkpoint else preset(args.preset)
+    return to_dict(apply_overrides(config, args.set or []))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="pigeon", description=__doc__, formatter_class=fmt)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="randomly initialised checkpoint", formatter_class=fmt)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=run_init)
+
+    p = sub.add_parser("generate", help="one personalized image", formatter_class=fmt)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--history", nargs="+", required=True, metavar="IMAGE")
+    p.add_argument("--reference", required=True, metavar="IMAGE")
+    p.add_argument("--text", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=None, help="default: the checkpoint's")
+    p.add_argument("--guidance", type=float, default=None, help="default: the checkpoint's")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reference-mask-ratio", type=float, default=None)
+    p.add_argument("--sampler", choices=["ddim", "dpmpp_2m"], default=None)
+    p.set_defaults(func=run_generate)
+
+    p = sub.add_parser("checkpoint", help="checkpoint tools", formatter_class=fmt)
+    csub = p.add_subparsers(dest="checkpoint_command", required=True)
+    q = csub.add_parser("inspect", help="verify and summarise a checkpoint", formatter_class=fmt)
+    q.add_argument("checkpoint")
+    q.set_defaults(func=run_inspect)
+
+    p = sub.add_parser("config", help="config tools", formatter_class=fmt)
+    csub = p.add_subparsers(dest="config_command", required=True)
+    q = csub.add_parser("show", help="print a resolved config", formatter_class=fmt)
+    q.add_argument("--preset", default="tiny")
+    q.add_argument("--checkpoint", default=None)
+    q.add_argument("--set", action="append", metavar="KEY=VALUE")
+    q.set_defaults(func=run_config_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    from pigeon.checkpoint import CheckpointError
+    from pigeon.config import ConfigError
+    from pigeon.inference.pipeline import RequestError
+    from pigeon.serving.images import ImageError
+
+    try:
+        summary = args.func(args)
+    except (ConfigError, CheckpointError, ImageError, RequestError) as exc:
+        print(f"pigeon {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

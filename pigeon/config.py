@@ -1,0 +1,437 @@
+"""Component configs: one frozen dataclass per component, strict JSON, presets and `--set` overrides.
+
+Every config file carries `_class` and `_format`. Loading is strict: an unknown or a missing key is a
+`ConfigError` that names the key and the file, never a silent default. Presets:
+
+    tiny   seconds on a laptop CPU (tests, CI)
+    small  EmojiPrefs at 64 px on a 2-core CPU
+    base   GPU scale (256 px, a wide LLM, an SD-class UNet)
+
+    >>> cfg = preset("tiny")
+    >>> cfg.history_encoder.num_patches
+    16
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+CONFIG_FORMAT = 1
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key and the value."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Components
+
+
+@dataclass(frozen=True, kw_only=True)
+class HistoryEncoderConfig:
+    """LaVIT-style dynamic visual tokenizer: ViT -> token selector -> token merger -> quantizer."""
+
+    image_size: int = 32
+    patch_size: int = 8
+    vit_width: int = 32
+    vit_layers: int = 1
+    vit_heads: int = 2
+    merger_layers: int = 1
+    merger_heads: int = 2
+    mlp_ratio: float = 4.0
+    codebook_size: int = 64
+    code_dim: int = 8
+    # LaVIT samples the keep decision even at inference; serving needs a deterministic tokenizer (the
+    # response cache keys on the history), so inference keeps a patch when p(keep) > 0.5 and training
+    # samples with Gumbel noise when this is on.
+    stochastic_selection: bool = True
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"history_encoder.image_size={self.image_size} is not a multiple of "
+                f"patch_size={self.patch_size}"
+            )
+        _check_heads("history_encoder.vit", self.vit_width, self.vit_heads)
+        _check_heads("history_encoder.merger", self.vit_width, self.merger_heads)
+
+    @property
+    def num_patches(self) -> int:
+        """P: the number of visual tokens per image before selection."""
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass(frozen=True, kw_only=True)
+class MaskGeneratorConfig:
+    """Mutual mask generator (pigeon-method.md §3): 1-layer encoder, cosine scores, Gumbel top-k."""
+
+    num_layers: int = 1
+    num_heads: int = 4
+    ff_dim: int = 64
+    embed_dropout: float = 0.2
+    encoder_dropout: float = 0.1
+    max_position: int = 257
+    history_mask_ratio: float = 0.2
+    # "straight_through": the paper's intent, keep decisions multiply the history embeddings so the LM
+    # loss trains the generator. "frozen": the official code, where no gradient reaches it.
+    training: Literal["straight_through", "frozen"] = "straight_through"
+    # "mutual": scored Gumbel top-k; "random": uniform random reference masking, history unmasked;
+    # "none": nothing masked (ablation switches of the official code).
+    mask_type: Literal["mutual", "random", "none"] = "mutual"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.history_mask_ratio <= 1.0:
+            raise ConfigError(
+                f"mask_generator.history_mask_ratio={self.history_mask_ratio} is outside [0, 1]"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class PersonalizerConfig:
+    """Causal LLM (transformers Llama) over text | <img> | </img> | <emb> | visual codes, LoRA on q/v."""
+
+    text_vocab_size: int = 320
+    hidden_size: int = 32
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 64
+    max_positions: int = 512
+    lora_rank: int = 4
+    lora_alpha: int = 8
+    lora_dropout: float = 0.05
+    adapter_hidden: int = 16
+    adapter_dropout: float = 0.2
+    max_history: int = 5
+
+    def __post_init__(self) -> None:
+        _check_heads("personalizer", self.hidden_size, self.num_heads)
+        if self.text_vocab_size < 260:
+            raise ConfigError(
+                f"personalizer.text_vocab_size={self.text_vocab_size} must be >= 260 "
+                "(256 byte-level symbols + 4 special tokens)"
+            )
+        if self.max_history < 1:
+            raise ConfigError(f"personalizer.max_history={self.max_history} must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConditionAdapterConfig:
+    """LaVIT token decoder: learned queries cross-attend to visual tokens -> UNet conditioning."""
+
+    width: int = 32
+    num_layers: int = 1
+    num_heads: int = 2
+    num_queries: int = 8
+    context_dim: int = 32
+    pooled_dim: int = 16
+    mlp_ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        _check_heads("condition_adapter", self.width, self.num_heads)
+
+
+@dataclass(frozen=True, kw_only=True)
+class UNetConfig:
+    """diffusers UNet2DConditionModel with SDXL-style added conditioning (text_time)."""
+
+    block_out_channels: tuple[int, ...] = (32, 64)
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    addition_time_embed_dim: int = 8
+    norm_num_groups: int = 8
+
+    def __post_init__(self) -> None:
+        for ch in self.block_out_channels:
+            if ch % self.norm_num_groups:
+                raise ConfigError(
+                    f"unet.block_out_channels has {ch}, not a multiple of "
+                    f"norm_num_groups={self.norm_num_groups}"
+                )
+
+
+@dataclass(frozen=True, kw_only=True)
+class VAEConfig:
+    """diffusers AutoencoderKL; the image is downsampled by 2**(len(block_out_channels)-1)."""
+
+    block_out_channels: tuple[int, ...] = (32, 64)
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 8
+    scaling_factor: float = 1.0
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SchedulerConfig:
+    """Noise schedule and sampler defaults (DDIM, or the DPM-Solver++(2M) multistep solver)."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    timestep_spacing: Literal["leading", "trailing"] = "leading"
+    sampler: Literal["ddim", "dpmpp_2m"] = "ddim"
+    num_inference_steps: int = 4
+    guidance_scale: float = 7.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationConfig:
+    """How the personalizer decodes visual tokens (pigeon-method.md §4.3)."""
+
+    strategy: Literal["greedy", "top_k", "beam"] = "greedy"
+    top_k: int = 50
+    num_beams: int = 4
+    temperature: float = 1.0
+    min_new_tokens: int = 1
+    reference_mask_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"generation.temperature={self.temperature} must be > 0")
+        if self.top_k < 1 or self.num_beams < 1 or self.min_new_tokens < 0:
+            raise ConfigError(
+                f"generation top_k={self.top_k}, num_beams={self.num_beams}, "
+                f"min_new_tokens={self.min_new_tokens} must be positive"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineConfig:
+    """The whole model: one config per component plus the output resolution."""
+
+    preset: str = "tiny"
+    image_size: int = 32
+    history_encoder: HistoryEncoderConfig = field(default_factory=HistoryEncoderConfig)
+    mask_generator: MaskGeneratorConfig = field(default_factory=MaskGeneratorConfig)
+    personalizer: PersonalizerConfig = field(default_factory=PersonalizerConfig)
+    condition_adapter: ConditionAdapterConfig = field(default_factory=ConditionAdapterConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.vae.downsample:
+            raise ConfigError(
+                f"image_size={self.image_size} is not a multiple of the VAE downsampling "
+                f"{self.vae.downsample}"
+            )
+        _check_heads("mask_generator", self.personalizer.hidden_size, self.mask_generator.num_heads)
+        if self.history_encoder.num_patches + 2 > self.mask_generator.max_position:
+            raise ConfigError(
+                f"mask_generator.max_position={self.mask_generator.max_position} is smaller than "
+                f"num_patches+2={self.history_encoder.num_patches + 2}"
+            )
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // self.vae.downsample
+
+
+def _check_heads(name: str, width: int, heads: int) -> None:
+    if heads < 1 or width % heads:
+        raise ConfigError(f"{name}: width {width} is not divisible by num_heads={heads}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Presets
+
+
+def _tiny() -> PipelineConfig:
+    return PipelineConfig()
+
+
+def _small() -> PipelineConfig:
+    return PipelineConfig(
+        preset="small",
+        image_size=64,
+        history_encoder=HistoryEncoderConfig(
+            image_size=64, patch_size=8, vit_width=128, vit_layers=4, vit_heads=4,
+            merger_layers=2, merger_heads=4, codebook_size=1024, code_dim=16,
+        ),
+        mask_generator=MaskGeneratorConfig(num_heads=4, ff_dim=512),
+        personalizer=PersonalizerConfig(
+            text_vocab_size=1024, hidden_size=256, num_layers=4, num_heads=4,
+            intermediate_size=1024, max_positions=1024, lora_rank=8, lora_alpha=16,
+            adapter_hidden=128,
+        ),
+        condition_adapter=ConditionAdapterConfig(
+            width=128, num_layers=2, num_heads=4, num_queries=16, context_dim=128, pooled_dim=64
+        ),
+        unet=UNetConfig(
+            block_out_channels=(64, 128, 128), layers_per_block=1, attention_head_dim=32,
+            addition_time_embed_dim=16, norm_num_groups=32,
+        ),
+        vae=VAEConfig(block_out_channels=(32, 64, 128), latent_channels=4, norm_num_groups=32),
+        scheduler=SchedulerConfig(num_inference_steps=25, guidance_scale=7.0),
+    )
+
+
+def _base() -> PipelineConfig:
+    return PipelineConfig(
+        preset="base",
+        image_size=256,
+        history_encoder=HistoryEncoderConfig(
+            image_size=224, patch_size=14, vit_width=768, vit_layers=12, vit_heads=12,
+            merger_layers=6, merger_heads=12, codebook_size=16384, code_dim=32,
+        ),
+        mask_generator=MaskGeneratorConfig(num_heads=4, ff_dim=2048),
+        personalizer=PersonalizerConfig(
+            text_vocab_size=32000, hidden_size=2048, num_layers=16, num_heads=16,
+            intermediate_size=5632, max_positions=4096, lora_rank=8, lora_alpha=16,
+            adapter_hidden=512,
+        ),
+        condition_adapter=ConditionAdapterConfig(
+            width=768, num_layers=6, num_heads=12, num_queries=77, context_dim=1024, pooled_dim=640
+        ),
+        unet=UNetConfig(
+            block_out_channels=(320, 640, 1280), layers_per_block=2, attention_head_dim=64,
+            addition_time_embed_dim=256, norm_num_groups=32,
+        ),
+        vae=VAEConfig(
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+            norm_num_groups=32, scaling_factor=0.13025,
+        ),
+        scheduler=SchedulerConfig(num_inference_steps=25, guidance_scale=7.0),
+    )
+
+
+PRESETS = {"tiny": _tiny, "small": _small, "base": _base}
+
+
+def preset(name: str) -> PipelineConfig:
+    """The named preset; an unknown name is an error listing the known ones."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+# --------------------------------------------------------------------------------------------------
+# Strict (de)serialisation
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready dict with `_class` and `_format` headers (nested configs carry none)."""
+    return {"_class": type(config).__name__, "_format": CONFIG_FORMAT, **_plain(config)}
+
+
+def _plain(config: Any) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        out[f.name] = _plain(value) if dataclasses.is_dataclass(value) else (
+            list(value) if isinstance(value, tuple) else value
+        )
+    return out
+
+
+def from_dict(cls: type, data: dict[str, Any], *, where: str = "config") -> Any:
+    """Build `cls` from `data`; every field must be present and no other key may be."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    data = dict(data)
+    if "_class" in data:
+        if data.pop("_class") != cls.__name__:
+            raise ConfigError(f"{where}: _class is not {cls.__name__}")
+    if "_format" in data:
+        fmt = data.pop("_format")
+        if fmt != CONFIG_FORMAT:
+            raise ConfigError(f"{where}: _format={fmt!r} is not supported (expected {CONFIG_FORMAT})")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} for {cls.__name__}")
+    missing = sorted(names - set(data))
+    if missing:
+        raise ConfigError(f"{where}: missing key {missing[0]!r} for {cls.__name__}")
+    kwargs = {name: _coerce(hints[name], data[name], f"{where}.{name}") for name in names}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - guarded by the checks above
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Check `value` against the annotated type `tp` (bool, int, float, str, Literal, tuple, nested)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where=where)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}={value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}={value!r} must be a list")
+        inner = typing.get_args(tp)[0]
+        return tuple(_coerce(inner, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}={value!r} must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}={value!r} must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}={value!r} must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}={value!r} must be a string")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")  # pragma: no cover
+
+
+def save_json(config: Any, path: str | Path) -> None:
+    """Write `config` as JSON atomically (written aside, then renamed)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(to_dict(config), indent=2) + "\n")
+    tmp.replace(path)
+
+
+def load_json(cls: type, path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    return from_dict(cls, data, where=str(path))
+
+
+def apply_overrides(config: Any, overrides: list[str]) -> Any:
+    """Apply `key.sub=value` strings (JSON values, or bare strings) with the same strict checks."""
+    data = _plain(config)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"override {key!r}: unknown key {part!r}")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(f"override {key!r}: unknown key {parts[-1]!r}")
+        node[parts[-1]] = value
+    return from_dict(type(config), data, where="override")

@@ -1,0 +1,1 @@
+"""Diffusion math shared by every backend: schedules, samplers and classifier-free guidance (NumPy)."""

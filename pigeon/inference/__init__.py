@@ -1,0 +1,1 @@
+"""In-process inference: the pipeline and its pluggable runners."""

@@ -1,0 +1,256 @@
+"""`PigeonPipeline`: history + reference + text -> personalized image, on any runner.
+
+Stages (architecture.md §5), each timed:
+    preprocess        decode, pad to square, resize (pigeon.serving.images)
+    history_encoder   history images and reference -> visual token ids + keep flags
+    personalize       mask generator scores -> Gumbel top-k masks -> masked reference through the
+                      condition adapter -> <emb>; prompt assembly; personalizer generation (KV cache)
+    condition         generated tokens -> prompt_embeds, pooled_embeds (condition adapter)
+    denoise           sampler loop over the UNet with classifier-free guidance (zero negatives)
+    vae_decoder       latents -> pixels
+
+All glue is NumPy and lives in `pigeon.serving` and `pigeon.diffusion`, so the Triton models run the
+same code. Every random choice (mask Gumbel noise, token sampling, initial latents) draws from streams
+spawned from the request's seed.
+
+    >>> pipe = PigeonPipeline.from_checkpoint("runs/tiny")                      # doctest: +SKIP
+    >>> result = pipe(GenerationRequest(history=[...], reference=ref, text="a cat"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pigeon.config import PipelineConfig
+from pigeon.diffusion.guidance import cfg_batch, split_guidance
+from pigeon.diffusion.scheduler import SAMPLERS, make_sampler
+from pigeon.inference.runners import Runner
+from pigeon.models.pigeon import vocab_layout
+from pigeon.serving.decoding import Decoder
+from pigeon.serving.images import check_array, to_model_input, to_uint8
+from pigeon.serving.masking import gumbel_noise, mask_sequence, pad_right, select_keep
+from pigeon.serving.prompt import PromptBuilder, left_pad
+from pigeon.specs import component_specs
+from pigeon.vocab import TextTokenizer
+
+MAX_TEXT_CHARS = 1000
+
+
+class RequestError(ValueError):
+    """A request that cannot be served; the message names the field and the value."""
+
+
+@dataclass
+class GenerationRequest:
+    history: list[np.ndarray]  # uint8 (H, W, 3) images, oldest first
+    reference: np.ndarray  # uint8 (H, W, 3)
+    text: str
+    seed: int = 0
+    steps: int | None = None  # None: the checkpoint's scheduler default
+    guidance: float | None = None
+    reference_mask_ratio: float | None = None
+    sampler: str | None = None
+
+
+@dataclass
+class GenerationResult:
+    image: np.ndarray  # uint8 (H, W, 3)
+    tokens: np.ndarray  # generated visual codes
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, for the batch
+
+
+class PigeonPipeline:
+    def __init__(self, config: PipelineConfig, tokenizer: TextTokenizer, runner: Runner) -> None:
+        self.config = config
+        self.runner = runner
+        self.vocab = vocab_layout(config)
+        self.prompts = PromptBuilder(tokenizer, self.vocab)
+        self.specs = component_specs(config)
+        pz = config.personalizer
+        self.decoder = Decoder(lambda feeds: runner.run("personalizer", feeds), self.vocab,
+                               pz.num_layers, pz.num_heads, pz.hidden_size // pz.num_heads)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> PigeonPipeline:
+        """The PyTorch pipeline of a checkpoint folder (other backends: their runner + `__init__`)."""
+        from pigeon.checkpoint import load_checkpoint
+        from pigeon.inference.runners import TorchRunner
+
+        ckpt = load_checkpoint(path)
+        return cls(ckpt.config, ckpt.tokenizer, TorchRunner(ckpt.model, device))
+
+    # ----------------------------------------------------------------------------------------------
+    def check_request(self, request: GenerationRequest, index: int = 0) -> GenerationRequest:
+        """Validate and normalise one request; errors name the field and its value."""
+        where = f"request {index}"
+        max_history = self.config.personalizer.max_history
+        if not isinstance(request.history, (list, tuple)) or len(request.history) == 0:
+            raise RequestError(f"{where}: history is empty; give 1 to {max_history} images")
+        if len(request.history) > max_history:
+            raise RequestError(
+                f"{where}: history has {len(request.history)} images, more than the configured "
+                f"maximum of {max_history}"
+            )
+        history = [check_array(h, f"{where}: history[{i}]") for i, h in enumerate(request.history)]
+        reference = check_array(request.reference, f"{where}: reference")
+        if not isinstance(request.text, str) or not request.text.strip():
+            raise RequestError(f"{where}: text is empty")
+        if len(request.text) > MAX_TEXT_CHARS:
+            raise RequestError(
+                f"{where}: text has {len(request.text)} characters, more than {MAX_TEXT_CHARS}")
+        sched = self.config.scheduler
+        steps = sched.num_inference_steps if request.steps is None else request.steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or not (
+                1 <= steps <= sched.num_train_timesteps):
+            raise RequestError(f"{where}: steps={steps!r} must be an integer in "
+                               f"[1, {sched.num_train_timesteps}]")
+        guidance = sched.guidance_scale if request.guidance is None else request.guidance
+        if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
+            raise RequestError(f"{where}: guidance={guidance!r} must be a finite number >= 0")
+        ratio = (self.config.generation.reference_mask_ratio if request.reference_mask_ratio is None
+                 else request.reference_mask_ratio)
+        if not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
+            raise RequestError(f"{where}: reference_mask_ratio={ratio!r} must be in [0, 1]")
+        if isinstance(request.seed, bool) or not isinstance(request.seed, int) or not (
+                0 <= request.seed < 2**63):
+            raise RequestError(f"{where}: seed={request.seed!r} must be a non-negative integer")
+        sampler = request.sampler or sched.sampler
+        if sampler not in SAMPLERS:
+            raise RequestError(f"{where}: sampler={sampler!r} is not one of {sorted(SAMPLERS)}")
+        return GenerationRequest(history, reference, request.text, request.seed, steps,
+                                 float(guidance), float(ratio), sampler)
+
+    # ----------------------------------------------------------------------------------------------
+    def __call__(self, requests: GenerationRequest | list[GenerationRequest]) -> list[GenerationResult]:
+        single = isinstance(requests, GenerationRequest)
+        requests = [requests] if single else list(requests)
+        if not requests:
+            raise RequestError("no requests given")
+        requests = [self.check_request(r, i) for i, r in enumerate(requests)]
+        first = requests[0]
+        for i, r in enumerate(requests[1:], 1):
+            if (r.steps, r.guidance, r.sampler) != (first.steps, first.guidance, first.sampler):
+                raise RequestError(f"request {i}: steps, guidance and sampler must match request 0 "
+                                   "within one batch")
+        timings: dict[str, float] = {}
+        streams = [np.random.SeedSequence(r.seed).spawn(3) for r in requests]
+        mask_rngs = [np.random.default_rng(s[0]) for s in streams]
+        token_rngs = [np.random.default_rng(s[1]) for s in streams]
+        latent_rngs = [np.random.default_rng(s[2]) for s in streams]
+
+        with _timer(timings, "preprocess"):
+            size = self.config.history_encoder.image_size
+            images = [to_model_input(img, size) for r in requests for img in (*r.history, r.reference)]
+        with _timer(timings, "history_encoder"):
+            encoded = self.runner.run("history_encoder", {"images": np.stack(images)})
+        with _timer(timings, "personalize"):
+            codes = self.personalize(requests, encoded["token_ids"], encoded["token_keep"],
+                                     mask_rngs, token_rngs)
+        with _timer(timings, "condition"):
+            cond = self.condition(codes)
+        with _timer(timings, "denoise"):
+            latents = self.denoise(cond["prompt_embeds"], cond["pooled_embeds"], first.steps,
+                                   first.guidance, first.sampler, latent_rngs)
+        with _timer(timings, "vae_decoder"):
+            pixels = self.runner.run("vae_decoder", {"latents": latents})["images"]
+        out = to_uint8(pixels)
+        timings["total"] = sum(timings.values())
+        return [GenerationResult(out[i], codes[i], dict(timings)) for i in range(len(requests))]
+
+    # ----------------------------------------------------------------------------------------------
+    def personalize(self, requests: list[GenerationRequest], token_ids: np.ndarray,
+                    token_keep: np.ndarray, mask_rngs: list[np.random.Generator],
+                    token_rngs: list[np.random.Generator]) -> list[np.ndarray]:
+        """Mask generator -> masked reference -> prompt -> generated codes, one array per request."""
+        # 1. per request: kept tokens of each image, in raster order
+        per_image = [token_ids[i][token_keep[i] > 0] for i in range(len(token_ids))]
+        runs, start = [], 0
+        for r in requests:
+            n = len(r.history)
+            runs.append((per_image[start: start + n], per_image[start + n]))
+            start += n + 1
+        # 2. mask generator scores, then Gumbel top-k keep decisions
+        seqs = [mask_sequence(h, ref) for h, ref in runs]
+        ids, pos, types = (pad_right([s[j] for s in seqs]) for j in range(3))
+        scores = self.runner.run("mask_generator",
+                                 {"token_ids": ids, "position_ids": pos, "type_ids": types})
+        noise = np.stack([gumbel_noise(g, ids.shape[1:]) for g in mask_rngs])
+        mg = self.config.mask_generator
+        keep = np.stack([
+            select_keep(scores["token_scores"][i: i + 1], types[i: i + 1],
+                        history_ratio=mg.history_mask_ratio if mg.mask_type == "mutual" else 0.0,
+                        reference_ratio=r.reference_mask_ratio if mg.mask_type != "none" else 0.0,
+                        gumbel=noise[i: i + 1])[0]
+            for i, r in enumerate(requests)
+        ])
+        # 3. the masked reference through the condition adapter -> reference_embedding for <emb>
+        p = self.config.history_encoder.num_patches
+        ref_ids = np.zeros((len(requests), p), np.int64)
+        ref_keep = np.zeros((len(requests), p), np.int64)
+        history_keep = []
+        for i, (hist, ref) in enumerate(runs):
+            n_hist = sum(len(h) for h in hist)
+            kept = keep[i, n_hist: n_hist + len(ref)] > 0
+            ref_ids[i, : len(ref)] = ref
+            ref_keep[i, : len(ref)] = kept
+            bounds = np.cumsum([0] + [len(h) for h in hist])
+            history_keep.append([keep[i, a:b] for a, b in zip(bounds[:-1], bounds[1:])])
+        reference = self.runner.run("condition_adapter", {"token_ids": ref_ids,
+                                                          "token_keep": ref_keep})
+        # 4. prompt and generation
+        prompts = [self.prompts.build(r.text, hist, hk)
+                   for r, (hist, _), hk in zip(requests, runs, history_keep)]
+        batch = left_pad(prompts)
+        seq_max = self.specs["personalizer"].dims["seq"].max
+        if batch.input_ids.shape[1] > seq_max:
+            raise RequestError(f"prompt has {batch.input_ids.shape[1]} tokens, more than the "
+                               f"personalizer's maximum of {seq_max}; shorten the text")
+        return self.decoder.generate(batch, reference["reference_embedding"],
+                                     self.config.generation, p, token_rngs)
+
+    def condition(self, codes: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """Generated codes -> UNet conditioning (prompt_embeds, pooled_embeds)."""
+        p = self.config.history_encoder.num_patches
+        ids = np.zeros((len(codes), p), np.int64)
+        keep = np.zeros((len(codes), p), np.int64)
+        for i, c in enumerate(codes):
+            ids[i, : len(c)] = c[:p]
+            keep[i, : len(c)] = 1
+        return self.runner.run("condition_adapter", {"token_ids": ids, "token_keep": keep})
+
+    def denoise(self, prompt_embeds: np.ndarray, pooled_embeds: np.ndarray, steps: int,
+                guidance: float, sampler_name: str,
+                rngs: list[np.random.Generator]) -> np.ndarray:
+        """The visible denoising loop: sampler + classifier-free guidance over the UNet."""
+        c, h = self.config.vae.latent_channels, self.config.latent_size
+        sampler = make_sampler(self.config.scheduler, steps, sampler_name)
+        latents = np.stack([g.standard_normal((c, h, h), dtype=np.float32) for g in rngs])
+        latents = latents * np.float32(sampler.init_noise_sigma)
+        context, pooled = cfg_batch(prompt_embeds, pooled_embeds, guidance)
+        s = float(self.config.image_size)
+        time_ids = np.tile(np.array([s, s, 0, 0, s, s], np.float32), (len(context), 1))
+        for i, t in enumerate(sampler.timesteps):
+            model_input = np.concatenate([latents] * (len(context) // len(latents)))
+            noise_pred = self.runner.run("unet", {
+                "latents": model_input,
+                "timestep": np.full(len(model_input), t, np.float32),
+                "prompt_embeds": context, "pooled_embeds": pooled, "time_ids": time_ids,
+            })["noise_pred"]
+            latents = sampler.step(split_guidance(noise_pred, guidance), i, latents)
+        return latents
+
+
+class _timer:
+    def __init__(self, timings: dict[str, float], name: str) -> None:
+        self.timings, self.name = timings, name
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.timings[self.name] = time.perf_counter() - self.start

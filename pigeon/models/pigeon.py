@@ -1,0 +1,44 @@
+"""`PigeonModel`: every network of the pipeline in one module, sizes derived from one `PipelineConfig`."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from pigeon.config import PipelineConfig
+from pigeon.models.condition_adapter import ConditionAdapter
+from pigeon.models.history_encoder import HistoryEncoder
+from pigeon.models.mask_generator import MaskGenerator
+from pigeon.models.personalizer import Personalizer
+from pigeon.models.unet import build_unet
+from pigeon.models.vae import build_vae
+from pigeon.vocab import VocabLayout
+
+# The order in which checkpoints store and list the components.
+COMPONENT_MODULES = (
+    "history_encoder", "mask_generator", "personalizer", "condition_adapter", "unet", "vae",
+)
+
+
+def vocab_layout(config: PipelineConfig) -> VocabLayout:
+    return VocabLayout(config.personalizer.text_vocab_size, config.history_encoder.codebook_size)
+
+
+class PigeonModel(nn.Module):
+    def __init__(self, config: PipelineConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vocab = vocab_layout(config)
+        self.history_encoder = HistoryEncoder(config.history_encoder)
+        self.mask_generator = MaskGenerator(config.mask_generator, config.personalizer.hidden_size)
+        self.personalizer = Personalizer(
+            config.personalizer, self.vocab, config.condition_adapter.context_dim
+        )
+        self.condition_adapter = ConditionAdapter(
+            config.condition_adapter, config.history_encoder.code_dim,
+            config.history_encoder.num_patches,
+        )
+        self.unet = build_unet(config)
+        self.vae = build_vae(config)
+
+    def components(self) -> dict[str, nn.Module]:
+        return {name: getattr(self, name) for name in COMPONENT_MODULES}
