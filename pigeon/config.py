@@ -227,10 +227,12 @@ class PipelineConfig:
                 f"{self.vae.downsample}"
             )
         _check_heads("mask_generator", self.personalizer.hidden_size, self.mask_generator.num_heads)
-        if self.history_encoder.num_patches + 2 > self.mask_generator.max_position:
+        # positions are 1..n within an image (0 = pad); the official code's reference run carries two
+        # extra specials and overflows its 257-row table at 255+ kept patches; ours carries none
+        if self.history_encoder.num_patches + 1 > self.mask_generator.max_position:
             raise ConfigError(
                 f"mask_generator.max_position={self.mask_generator.max_position} is smaller than "
-                f"num_patches+2={self.history_encoder.num_patches + 2}"
+                f"num_patches+1={self.history_encoder.num_patches + 1}"
             )
 
     @property

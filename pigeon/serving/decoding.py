@@ -122,10 +122,11 @@ class Decoder:
             logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
             if n < config.min_new_tokens:
                 logp[:, END] = -np.inf
-            if n == max_codes:  # length limit: every live beam ends here
+            if n == max_codes:  # length limit: every live beam ends here, paying for </img>
                 for row in range(b * nb):
                     if np.isfinite(scores[row]):
-                        finished[row // nb].append((scores[row] / (n + 1), beams[row]))
+                        finished[row // nb].append(((scores[row] + logp[row, END]) / (n + 1),
+                                                    beams[row]))
                 break
             v = logp.shape[1]
             total = (scores[:, None] + logp).reshape(b, nb * v)

@@ -29,6 +29,9 @@ class Prompt:
     input_ids: np.ndarray  # (seq,) int64
     embed_keep: np.ndarray  # (seq,) float32
     labels: np.ndarray  # (seq,) int64, IGNORE except the target run
+    # (seq,) int64: which history token (index into the concatenated history runs) a position holds,
+    # -1 for text and specials; training uses it to place straight-through keep decisions
+    keep_source: np.ndarray
 
 
 @dataclass
@@ -38,6 +41,7 @@ class PromptBatch:
     attention_mask: np.ndarray
     position_ids: np.ndarray  # pad-aware: 0 at the first real token
     labels: np.ndarray
+    keep_source: np.ndarray  # -1 at padding
 
 
 class PromptBuilder:
@@ -56,20 +60,26 @@ class PromptBuilder:
         keep (1) / drop (0) decision for each of them; target_codes: the training target's codes."""
         ids: list[np.ndarray] = []
         keep: list[np.ndarray] = []
+        source: list[np.ndarray] = []
 
         def add_text(segment: list[int]) -> None:
             ids.append(np.asarray(segment, dtype=np.int64))
             keep.append(np.ones(len(segment), dtype=np.float32))
+            source.append(np.full(len(segment), -1, dtype=np.int64))
 
         add_text(self._fixed[PREFIX])
+        offset = 0
         for codes, k in zip(history_codes, history_keep, strict=True):
             add_text(self._fixed[HISTORY_SEPARATOR])
             ids.append(np.asarray(codes, dtype=np.int64) + self.vocab.visual_offset)
             keep.append(np.asarray(k, dtype=np.float32))
+            source.append(np.arange(offset, offset + len(codes), dtype=np.int64))
+            offset += len(codes)
         add_text(self._fixed[INSTRUCTION] + self.text_ids(text))
         add_text(self._fixed[" "] + [self.vocab.emb] + self._fixed[RESPONSE] + [self.vocab.img_start])
         input_ids = np.concatenate(ids)
         embed_keep = np.concatenate(keep)
+        keep_source = np.concatenate(source)
         labels = np.full(len(input_ids), IGNORE, dtype=np.int64)
         if target_codes is not None:
             target = np.append(np.asarray(target_codes, dtype=np.int64) + self.vocab.visual_offset,
@@ -78,7 +88,19 @@ class PromptBuilder:
             embed_keep = np.concatenate([embed_keep, np.ones(len(target), dtype=np.float32)])
             # the logit at position j predicts token j+1; labels are stored unshifted as in HF
             labels = np.concatenate([labels, target])
-        return Prompt(input_ids, embed_keep, labels)
+            keep_source = np.concatenate([keep_source, np.full(len(target), -1, dtype=np.int64)])
+        return Prompt(input_ids, embed_keep, labels, keep_source)
+
+    def build_text_to_image(self, text: str, target_codes: np.ndarray) -> Prompt:
+        """Stage 0c (base LMM): "Instruction: " text "\nResponse: " <img> v_1..v_n </img>."""
+        prefix = np.asarray(self.tokenizer.encode(INSTRUCTION.lstrip("\n")) + self.text_ids(text)
+                            + self._fixed[RESPONSE] + [self.vocab.img_start], dtype=np.int64)
+        target = np.append(np.asarray(target_codes, dtype=np.int64) + self.vocab.visual_offset,
+                           self.vocab.img_end)
+        input_ids = np.concatenate([prefix, target])
+        labels = np.concatenate([np.full(len(prefix), IGNORE, dtype=np.int64), target])
+        return Prompt(input_ids, np.ones(len(input_ids), np.float32), labels,
+                      np.full(len(input_ids), -1, dtype=np.int64))
 
 
 def left_pad(prompts: list[Prompt]) -> PromptBatch:
@@ -89,11 +111,13 @@ def left_pad(prompts: list[Prompt]) -> PromptBatch:
     embed_keep = np.zeros((b, width), dtype=np.float32)
     attention_mask = np.zeros((b, width), dtype=np.int64)
     labels = np.full((b, width), IGNORE, dtype=np.int64)
+    keep_source = np.full((b, width), -1, dtype=np.int64)
     for i, p in enumerate(prompts):
         n = len(p.input_ids)
         input_ids[i, width - n:] = p.input_ids
         embed_keep[i, width - n:] = p.embed_keep
         attention_mask[i, width - n:] = 1
         labels[i, width - n:] = p.labels
+        keep_source[i, width - n:] = p.keep_source
     position_ids = np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None)
-    return PromptBatch(input_ids, embed_keep, attention_mask, position_ids, labels)
+    return PromptBatch(input_ids, embed_keep, attention_mask, position_ids, labels, keep_source)

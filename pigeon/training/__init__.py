@@ -1,0 +1,1 @@
+"""Training: losses (pure functions), what each stage trains and its objective."""

@@ -1,0 +1,65 @@
+"""The `pigeon` command as a user runs it: a real subprocess, JSON on stdout, errors on stderr."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from .conftest import emoji_like
+
+
+def pigeon(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run([sys.executable, "-m", "pigeon.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def pngs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("png")
+    paths = []
+    for i in range(4):
+        path = folder / f"img{i}.png"
+        Image.fromarray(emoji_like(i, alpha=i % 2 == 0), "RGBA" if i % 2 == 0 else "RGB").save(path)
+        paths.append(str(path))
+    return paths
+
+
+def test_init_generate_inspect(tmp_path, pngs):
+    ckpt = tmp_path / "ckpt"
+    res = pigeon("init", "--preset", "tiny", "--out", str(ckpt))
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["preset"] == "tiny"
+    out = tmp_path / "o.png"
+    res = pigeon("generate", "--checkpoint", str(ckpt), "--history", *pngs[:3], "--reference",
+                 pngs[3], "--text", "a smiling cat", "--out", str(out), "--steps", "3", "--seed", "1")
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["out"] == str(out) and summary["peak_rss_mib"] > 0
+    assert Image.open(out).size == (32, 32)
+    res = pigeon("checkpoint", "inspect", str(ckpt))
+    info = json.loads(res.stdout)
+    assert res.returncode == 0 and info["verified"] and "unet" in info["components"]
+    assert sum(c["parameters"] for c in info["components"].values()) == json.loads(
+        pigeon("init", "--out", str(tmp_path / "c2")).stdout)["parameters"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["init", "--preset", "huge", "--out", "x"], "unknown preset 'huge'"),
+    (["config", "show", "--set", "unet.depth=3"], "unknown key 'depth'"),
+    (["checkpoint", "inspect", "/nonexistent"], "no such directory"),
+])
+def test_errors_exit_non_zero_with_one_line(args, message):
+    res = pigeon(*args)
+    assert res.returncode == 2 and message in res.stderr and res.stdout == ""
+
+
+def test_generate_names_a_missing_image(tmp_path, pngs):
+    res = pigeon("generate", "--checkpoint", str(tmp_path), "--history", "missing.png",
+                 "--reference", pngs[0], "--text", "x", "--out", str(tmp_path / "o.png"))
+    assert res.returncode == 2 and "missing.png: file not found" in res.stderr
+    assert not (tmp_path / "o.png").exists()

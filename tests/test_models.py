@@ -1,0 +1,126 @@
+"""Per-component behaviour: shapes from the declarations, caches, masking, conditioning."""
+
+import numpy as np
+import pytest
+import torch
+
+from pigeon.config import preset
+from pigeon.inference.runners import TorchRunner
+from pigeon.models.export_wrappers import WRAPPERS, export_module
+from pigeon.specs import component_specs, sample_inputs
+
+from .conftest import make_model
+
+ODD = {"batch": 3}  # a shape that is none of min / opt / max
+
+
+def test_every_declared_component_has_a_wrapper(tiny_config):
+    assert set(component_specs(tiny_config)) == set(WRAPPERS)
+
+
+@pytest.mark.parametrize("name", list(WRAPPERS))
+@pytest.mark.parametrize("point", ["min", "opt", "max", "odd"])
+def test_outputs_have_the_declared_shapes_and_dtypes(tiny_model, tiny_config, name, point):
+    spec = component_specs(tiny_config)[name]
+    at = ODD if point == "odd" else point
+    feeds = sample_inputs(spec, tiny_config, at)
+    out = TorchRunner(tiny_model).run(name, feeds)
+    values = spec.point(at)
+    assert list(out) == spec.output_names
+    for t in spec.outputs:
+        assert out[t.name].shape == spec.shape_of(t, values), t.name
+        assert out[t.name].dtype == np.dtype(t.dtype), t.name
+        assert np.isfinite(out[t.name]).all(), t.name
+
+
+def test_small_preset_builds_and_runs_the_unet():
+    config = preset("small")
+    model = make_model(config)
+    spec = component_specs(config)["unet"]
+    out = TorchRunner(model).run("unet", sample_inputs(spec, config, "min"))
+    assert out["noise_pred"].shape == (1, 4, 16, 16)
+
+
+def test_history_encoder_is_deterministic_at_inference_and_keeps_a_token(tiny_model):
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    ids1, keep1 = tiny_model.history_encoder(images)
+    ids2, keep2 = tiny_model.history_encoder(images)
+    assert torch.equal(ids1, ids2) and torch.equal(keep1, keep2)
+    assert (keep1.sum(dim=1) >= 1).all()
+    assert ids1.min() >= 0 and ids1.max() < tiny_model.config.history_encoder.codebook_size
+
+
+def test_quantizer_picks_the_nearest_unit_code(tiny_model):
+    q = tiny_model.history_encoder.quantizer
+    x = torch.randn(2, 5, tiny_model.config.history_encoder.vit_width)
+    ids, z, z_q = q(x)
+    codebook = torch.nn.functional.normalize(q.codebook.weight, dim=-1)
+    brute = torch.cdist(z.reshape(-1, z.shape[-1]), codebook).argmin(dim=-1).view(2, 5)
+    assert torch.equal(ids, brute)
+    assert torch.allclose(z_q, codebook[ids])
+
+
+def test_condition_adapter_handles_a_fully_masked_reference(tiny_model, tiny_config):
+    p = tiny_config.history_encoder.num_patches
+    module = export_module(tiny_model, "condition_adapter")
+    ids = torch.randint(0, 64, (2, p))
+    with torch.no_grad():
+        prompt, pooled, reference = module(ids, torch.zeros(2, p, dtype=torch.long))
+    assert torch.isfinite(prompt).all() and torch.isfinite(pooled).all()
+    assert torch.allclose(reference, prompt.mean(dim=1))
+    # tokens that are not kept do not influence the result
+    with torch.no_grad():
+        keep = torch.zeros(2, p, dtype=torch.long)
+        keep[:, :5] = 1
+        a = module(ids, keep)[0]
+        ids2 = ids.clone()
+        ids2[:, 5:] = (ids2[:, 5:] + 7) % 64
+        b = module(ids2, keep)[0]
+    torch.testing.assert_close(a, b)
+
+
+def test_masked_history_tokens_embed_to_zero_and_emb_slot_is_the_adapter(tiny_model):
+    p = tiny_model.personalizer
+    v = tiny_model.vocab
+    ids = torch.tensor([[5, v.visual_offset + 3, v.visual_offset + 4, v.emb, v.img_start]])
+    keep = torch.tensor([[1.0, 0.0, 1.0, 1.0, 1.0]])
+    ref = torch.randn(1, tiny_model.config.condition_adapter.context_dim)
+    with torch.no_grad():
+        e = p.embed(ids, keep, ref)
+    assert torch.count_nonzero(e[0, 1]) == 0  # masked history token: zero vector, position kept
+    torch.testing.assert_close(e[0, 2], p.input_embeddings().weight[v.visual_offset + 4])
+    torch.testing.assert_close(e[0, 3], p.reference_adapter(ref)[0])
+
+
+def test_kv_cache_decode_equals_full_forward(tiny_model, tiny_config):
+    """Prefill + one-token steps through the export wrapper == one pass over the whole sequence."""
+    p = tiny_model.personalizer
+    wrapper = export_module(tiny_model, "personalizer")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, tiny_model.vocab.size, (2, 9), generator=g)
+    keep = torch.ones(2, 9)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :2] = 0  # left padding
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    ref = torch.randn(2, tiny_config.condition_adapter.context_dim, generator=g)
+    with torch.no_grad():
+        full, _ = p(ids, keep, ref, mask, pos)
+        heads, hd = tiny_config.personalizer.num_heads, 8
+        past = [torch.zeros(2, heads, 0, hd)] * (2 * p.num_layers)
+        out = wrapper(ids[:, :6], keep[:, :6], ref, mask[:, :6], pos[:, :6], *past)
+        steps = [out[0]]
+        for t in range(6, 9):
+            out = wrapper(ids[:, t:t + 1], keep[:, t:t + 1], ref, mask[:, :t + 1], pos[:, t:t + 1],
+                          *out[1:])
+            steps.append(out[0])
+    allowed = wrapper.allowed_ids
+    for j, t in enumerate(range(5, 9)):
+        torch.testing.assert_close(steps[j], full[:, t, allowed], atol=1e-5, rtol=1e-4)
+
+
+def test_lora_starts_as_identity_and_targets_q_and_v(tiny_model):
+    names = [n for n, _ in tiny_model.personalizer.llm.named_parameters() if "lora_" in n]
+    assert names and all(("q_proj" in n or "v_proj" in n) for n in names)
+    for n, param in tiny_model.personalizer.llm.named_parameters():
+        if "lora_B" in n:
+            assert torch.count_nonzero(param) == 0

@@ -1,0 +1,157 @@
+"""Losses against references, and which parameters each stage may change."""
+
+import copy
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pigeon.config import MaskGeneratorConfig, preset
+from pigeon.diffusion.scheduler import alphas_cumprod
+from pigeon.serving.prompt import IGNORE, PromptBuilder
+from pigeon.training import losses
+from pigeon.training import objectives as O
+
+from .conftest import make_model
+
+
+def test_lm_loss_matches_cross_entropy_on_labelled_positions():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 11, generator=g)
+    labels = torch.full((2, 6), IGNORE)
+    labels[0, 3:] = torch.tensor([1, 2, 3])
+    labels[1, 5] = 7
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1),
+                               ignore_index=IGNORE)
+    torch.testing.assert_close(losses.lm_loss(logits, labels), expected)
+
+
+def test_sequence_logprob_sums_the_labelled_tokens():
+    logits = torch.zeros(1, 4, 5)  # uniform: log p = -log 5 per token
+    labels = torch.tensor([[IGNORE, IGNORE, 2, 3]])
+    torch.testing.assert_close(losses.sequence_logprob(logits, labels),
+                               torch.tensor([-2 * math.log(5)]))
+
+
+def test_dpo_loss_invariants():
+    lp = torch.tensor([-3.0, -5.0])
+    # policy == reference: log 2
+    torch.testing.assert_close(losses.dpo_loss(lp, lp, lp, lp), torch.tensor(math.log(2)))
+    # gradient raises the chosen and lowers the rejected log-prob
+    chosen = torch.tensor([-3.0], requires_grad=True)
+    rejected = torch.tensor([-4.0], requires_grad=True)
+    losses.dpo_loss(chosen, rejected, torch.tensor([-3.0]), torch.tensor([-4.0])).backward()
+    assert chosen.grad < 0 < rejected.grad
+    # beta scales the margin: -log sigmoid(beta * margin)
+    pc, pr, rc, rr = (torch.tensor([v]) for v in (-1.0, -6.0, -2.0, -3.0))
+    for beta in (0.1, 0.5):
+        torch.testing.assert_close(losses.dpo_loss(pc, pr, rc, rr, beta),
+                                   -F.logsigmoid(torch.tensor(beta * 4.0)))
+
+
+def test_vae_loss_is_zero_for_perfect_reconstruction_and_standard_posterior():
+    x = torch.rand(2, 3, 4, 4)
+    zeros = torch.zeros(2, 4, 2, 2)
+    assert losses.vae_loss(x, x, zeros, zeros, 1.0) == 0
+
+
+@pytest.fixture(scope="module")
+def setup():
+    config = preset("tiny")
+    from pigeon.vocab import DEFAULT_CORPUS, TextTokenizer, train_text_tokenizer
+
+    tokenizer = TextTokenizer(train_text_tokenizer(DEFAULT_CORPUS, 320), 320)
+    return config, tokenizer
+
+
+def run_stage(model, tokenizer, stage):
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 32, 32, generator=g)
+    builder = PromptBuilder(tokenizer, model.vocab)
+    batch = O.PersonalizationBatch(torch.rand(2, 3, 3, 32, 32, generator=g), images, ["a", "b"])
+    if stage == "vae":
+        return O.vae_objective(model, images)
+    if stage == "image":
+        return O.image_objective(model, images, torch.from_numpy(alphas_cumprod(
+            model.config.scheduler)).float())
+    if stage == "lmm":
+        return O.lmm_objective(model, builder, images, ["a cat", "a dog"])
+    if stage == "sft":
+        return O.sft_objective(model, builder, batch, random.Random(0))
+    reference = copy.deepcopy(model.personalizer).eval()
+    return O.dpo_objective(model, reference, builder, batch, [np.array([1, 2, 3]), np.array([4])],
+                           [np.array([7, 8]), np.array([9, 9, 9])])
+
+
+@pytest.mark.parametrize("stage", O.STAGES)
+def test_a_stage_changes_exactly_its_own_parameters(setup, stage):
+    config, tokenizer = setup
+    model = make_model(config).train()
+    if stage == "dpo":  # DPO starts from a stage-1 LoRA: make B non-zero so both A and B get gradients
+        with torch.no_grad():
+            for p in model.personalizer.lora_parameters():
+                p.normal_(0, 0.1)
+    trainable = O.set_trainable(model, stage)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss = run_stage(model, tokenizer, stage)
+    assert torch.isfinite(loss)
+    loss.backward()
+    for name, p in model.named_parameters():
+        if name not in trainable:
+            assert p.grad is None, f"{stage}: frozen {name} got a gradient"
+    with_grad = {n for n, p in trainable.items() if p.grad is not None and p.grad.abs().sum() > 0}
+    groups = {n.split(".")[0] + ("/lora" if "lora_" in n else "") for n in trainable}
+    reached = {n.split(".")[0] + ("/lora" if "lora_" in n else "") for n in with_grad}
+    assert reached == groups, f"{stage}: no gradient reached {groups - reached}"
+    torch.optim.SGD(trainable.values(), lr=0.1).step()
+    for name, p in model.named_parameters():
+        if name not in trainable:
+            assert torch.equal(p, before[name]), f"{stage}: frozen {name} changed"
+
+
+def test_stage_parameter_groups(setup):
+    config, _ = setup
+    model = make_model(config)
+    names = lambda stage: set(O.stage_parameters(model, stage))  # noqa: E731
+    assert all("lora_" in n for n in names("dpo")) and names("dpo")
+    assert names("dpo") < names("sft")
+    assert any(n.startswith("mask_generator.") for n in names("sft"))
+    assert not any("lora_" in n for n in names("lmm"))
+    assert not names("vae") & names("image")
+    with pytest.raises(ValueError, match="unknown stage 'rl'"):
+        O.stage_parameters(model, "rl")
+
+
+def test_frozen_mask_generator_gets_no_gradient_as_in_the_official_code(setup):
+    config, tokenizer = setup
+    import dataclasses
+
+    frozen = dataclasses.replace(config, mask_generator=MaskGeneratorConfig(training="frozen"))
+    model = make_model(frozen).train()
+    trainable = O.set_trainable(model, "sft")
+    assert not any(n.startswith("mask_generator.") for n in trainable)
+    run_stage(model, tokenizer, "sft").backward()
+    assert all(p.grad is None for p in model.mask_generator.parameters())
+
+
+def test_sft_labels_cover_only_the_target_run_and_end(setup):
+    config, tokenizer = setup
+    model = make_model(config)
+    builder = PromptBuilder(tokenizer, model.vocab)
+    g = torch.Generator().manual_seed(0)
+    batch = O.PersonalizationBatch(torch.rand(2, 2, 3, 32, 32, generator=g),
+                                   torch.rand(2, 3, 32, 32, generator=g), ["a", "bb"])
+    context, keep = O.sample_context(model, builder, batch, reference_ratio=0.5)
+    inputs = O.with_target(model, context, context.target_codes)
+    v = model.vocab
+    for row, codes in enumerate(context.target_codes):
+        labelled = inputs["labels"][row][inputs["labels"][row] != IGNORE].tolist()
+        assert labelled == [c + v.visual_offset for c in codes.tolist()] + [v.img_end]
+        start = inputs["input_ids"][row].tolist().index(v.img_start)
+        assert inputs["labels"][row, : start + 1].eq(IGNORE).all()
+    # masked history tokens enter with embed_keep 0, kept ones with 1
+    hist = inputs["embed_keep"][inputs["input_ids"] >= v.visual_offset]
+    assert set(hist.unique().tolist()) <= {0.0, 1.0} and (hist == 0).any()
