@@ -31,9 +31,13 @@ from pigeon.vocab import TextTokenizer
 INDEX = "pipeline.json"
 CONFIG_ONLY = ("scheduler", "generation")
 CONFIG_CLASSES = {
-    "history_encoder": cfg.HistoryEncoderConfig, "mask_generator": cfg.MaskGeneratorConfig,
-    "personalizer": cfg.PersonalizerConfig, "condition_adapter": cfg.ConditionAdapterConfig,
-    "unet": cfg.UNetConfig, "vae": cfg.VAEConfig, "scheduler": cfg.SchedulerConfig,
+    "history_encoder": cfg.HistoryEncoderConfig,
+    "mask_generator": cfg.MaskGeneratorConfig,
+    "personalizer": cfg.PersonalizerConfig,
+    "condition_adapter": cfg.ConditionAdapterConfig,
+    "unet": cfg.UNetConfig,
+    "vae": cfg.VAEConfig,
+    "scheduler": cfg.SchedulerConfig,
     "generation": cfg.GenerationConfig,
 }
 
@@ -70,8 +74,14 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
             return module
 
 
-def save_checkpoint(model: PigeonModel, tokenizer: TextTokenizer, path: str | Path,
-                    *, overwrite: bool = False, extra: dict | None = None) -> Path:
+def save_checkpoint(
+    model: PigeonModel,
+    tokenizer: TextTokenizer,
+    path: str | Path,
+    *,
+    overwrite: bool = False,
+    extra: dict | None = None,
+) -> Path:
     """Write `model` and `tokenizer` to `path` atomically; returns the path."""
     path = Path(path)
     model = unwrap(model)
@@ -89,8 +99,10 @@ def save_checkpoint(model: PigeonModel, tokenizer: TextTokenizer, path: str | Pa
             cfg.save_json(component_config, staging / name / "config.json")
             files[f"{name}/config.json"] = ""
             if name in COMPONENT_MODULES:
-                state = {k: v.detach().contiguous().cpu()
-                         for k, v in getattr(model, name).state_dict().items()}
+                state = {
+                    k: v.detach().contiguous().cpu()
+                    for k, v in getattr(model, name).state_dict().items()
+                }
                 metadata = {"config": json.dumps(cfg.to_dict(component_config))}
                 save_file(state, staging / name / "model.safetensors", metadata=metadata)
                 files[f"{name}/model.safetensors"] = ""
@@ -98,8 +110,10 @@ def save_checkpoint(model: PigeonModel, tokenizer: TextTokenizer, path: str | Pa
         tokenizer.save(staging / "tokenizer" / "tokenizer.json")
         files["tokenizer/tokenizer.json"] = ""
         index = {
-            "_class": "PigeonCheckpoint", "_format": cfg.CONFIG_FORMAT,
-            "preset": config.preset, "image_size": config.image_size,
+            "_class": "PigeonCheckpoint",
+            "_format": cfg.CONFIG_FORMAT,
+            "preset": config.preset,
+            "image_size": config.image_size,
             "files": {rel: sha256_file(staging / rel) for rel in sorted(files)},
             **({"extra": extra} if extra else {}),
         }
@@ -148,8 +162,10 @@ def verify_files(path: Path, index: dict) -> None:
 def load_config(path: str | Path) -> cfg.PipelineConfig:
     path = Path(path)
     index = read_index(path)
-    parts = {name: cfg.load_json(cls, path / name / "config.json")
-             for name, cls in CONFIG_CLASSES.items()}
+    parts = {
+        name: cfg.load_json(cls, path / name / "config.json")
+        for name, cls in CONFIG_CLASSES.items()
+    }
     try:
         return cfg.PipelineConfig(preset=index["preset"], image_size=index["image_size"], **parts)
     except cfg.ConfigError as exc:
@@ -174,6 +190,7 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
             getattr(model, name).load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise CheckpointError(f"{file}: weights do not fit the config ({exc})") from None
-    tokenizer = TextTokenizer.load(path / "tokenizer" / "tokenizer.json",
-                                   config.personalizer.text_vocab_size)
+    tokenizer = TextTokenizer.load(
+        path / "tokenizer" / "tokenizer.json", config.personalizer.text_vocab_size
+    )
     return Checkpoint(config, model.eval(), tokenizer, path, sha256_file(path / INDEX))

@@ -2,6 +2,7 @@
 
     pigeon init --preset tiny --out runs/tiny
     pigeon generate --checkpoint runs/tiny --history a.png b.png --reference r.png --text "a cat" --out o.png
+    pigeon data procedural --out data/shapes --users 8
     pigeon checkpoint inspect runs/tiny
     pigeon config show --preset small --set personalizer.num_layers=6
 
@@ -36,8 +37,13 @@ def run_init(args: argparse.Namespace) -> dict:
     model = PigeonModel(config)
     vocab_size = config.personalizer.text_vocab_size
     tokenizer = TextTokenizer(train_text_tokenizer(DEFAULT_CORPUS, vocab_size), vocab_size)
-    path = save_checkpoint(model, tokenizer, args.out, overwrite=args.overwrite,
-                           extra={"created_by": "pigeon init", "seed": args.seed})
+    path = save_checkpoint(
+        model,
+        tokenizer,
+        args.out,
+        overwrite=args.overwrite,
+        extra={"created_by": "pigeon init", "seed": args.seed},
+    )
     params = sum(p.numel() for p in model.parameters())
     log.info("initialised %s preset (%.2fM parameters) at %s", config.preset, params / 1e6, path)
     return {"checkpoint": str(path), "preset": config.preset, "parameters": params}
@@ -53,8 +59,13 @@ def run_generate(args: argparse.Namespace) -> dict:
     pipe = PigeonPipeline.from_checkpoint(args.checkpoint)
     load_s = time.perf_counter() - start
     request = GenerationRequest(
-        history=history, reference=reference, text=args.text, seed=args.seed, steps=args.steps,
-        guidance=args.guidance, reference_mask_ratio=args.reference_mask_ratio,
+        history=history,
+        reference=reference,
+        text=args.text,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        reference_mask_ratio=args.reference_mask_ratio,
         sampler=args.sampler,
     )
     result = pipe(request)[0]
@@ -63,7 +74,9 @@ def run_generate(args: argparse.Namespace) -> dict:
     save_png(result.image, out)
     log.info("wrote %s (%d visual tokens, %.2fs)", out, len(result.tokens), result.timings["total"])
     return {
-        "out": str(out), "tokens": len(result.tokens), "load_s": round(load_s, 4),
+        "out": str(out),
+        "tokens": len(result.tokens),
+        "load_s": round(load_s, 4),
         "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
@@ -84,8 +97,50 @@ def run_inspect(args: argparse.Namespace) -> dict:
             with safe_open(str(path / rel), "np") as f:
                 count = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
             components[rel.split("/")[0]] = {"parameters": count, "sha256": index["files"][rel]}
-    return {"checkpoint": str(path), "preset": config.preset, "image_size": config.image_size,
-            "verified": True, "components": components}
+    return {
+        "checkpoint": str(path),
+        "preset": config.preset,
+        "image_size": config.image_size,
+        "verified": True,
+        "components": components,
+    }
+
+
+def run_data_procedural(args: argparse.Namespace) -> dict:
+    """Synthetic users from the procedural shapes set: one folder of PNGs per user + users.jsonl."""
+    import numpy as np
+
+    from pigeon.data.procedural import render, sample_user
+    from pigeon.serving.images import save_png
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(args.seed)
+    rows = []
+    for u in range(args.users):
+        user = sample_user(rng, args.history_length, args.noise_ratio)
+        folder = out / f"user{u}"
+        folder.mkdir(exist_ok=True)
+        history = []
+        for i, (concept, style) in enumerate(user.history):
+            save_png(render(concept, style, args.size), folder / f"history_{i}.png")
+            history.append(f"user{u}/history_{i}.png")
+        save_png(render(*user.reference, args.size), folder / "reference.png")
+        save_png(render(*user.target, args.size), folder / "target.png")
+        (folder / "text.txt").write_text(user.text + "\n")
+        rows.append(
+            {
+                "user": f"user{u}",
+                "style": user.style,
+                "history": history,
+                "reference": f"user{u}/reference.png",
+                "target": f"user{u}/target.png",
+                "text": user.text,
+            }
+        )
+    (out / "users.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    log.info("wrote %d procedural users to %s", len(rows), out)
+    return {"out": str(out), "users": len(rows)}
 
 
 def run_config_show(args: argparse.Namespace) -> dict:
@@ -123,6 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=["ddim", "dpmpp_2m"], default=None)
     p.set_defaults(func=run_generate)
 
+    p = sub.add_parser("data", help="datasets", formatter_class=fmt)
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    q = dsub.add_parser("procedural", help="synthetic users from drawn shapes", formatter_class=fmt)
+    q.add_argument("--out", required=True)
+    q.add_argument("--users", type=int, default=8)
+    q.add_argument("--size", type=int, default=32)
+    q.add_argument("--history-length", type=int, default=5)
+    q.add_argument("--noise-ratio", type=float, default=0.2)
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=run_data_procedural)
+
     p = sub.add_parser("checkpoint", help="checkpoint tools", formatter_class=fmt)
     csub = p.add_subparsers(dest="checkpoint_command", required=True)
     q = csub.add_parser("inspect", help="verify and summarise a checkpoint", formatter_class=fmt)
@@ -141,8 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
     from pigeon.checkpoint import CheckpointError
     from pigeon.config import ConfigError
     from pigeon.inference.pipeline import RequestError

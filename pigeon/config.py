@@ -258,21 +258,37 @@ def _small() -> PipelineConfig:
         preset="small",
         image_size=64,
         history_encoder=HistoryEncoderConfig(
-            image_size=64, patch_size=8, vit_width=128, vit_layers=4, vit_heads=4,
-            merger_layers=2, merger_heads=4, codebook_size=1024, code_dim=16,
+            image_size=64,
+            patch_size=8,
+            vit_width=128,
+            vit_layers=4,
+            vit_heads=4,
+            merger_layers=2,
+            merger_heads=4,
+            codebook_size=1024,
+            code_dim=16,
         ),
         mask_generator=MaskGeneratorConfig(num_heads=4, ff_dim=512),
         personalizer=PersonalizerConfig(
-            text_vocab_size=1024, hidden_size=256, num_layers=4, num_heads=4,
-            intermediate_size=1024, max_positions=1024, lora_rank=8, lora_alpha=16,
+            text_vocab_size=1024,
+            hidden_size=256,
+            num_layers=4,
+            num_heads=4,
+            intermediate_size=1024,
+            max_positions=1024,
+            lora_rank=8,
+            lora_alpha=16,
             adapter_hidden=128,
         ),
         condition_adapter=ConditionAdapterConfig(
             width=128, num_layers=2, num_heads=4, num_queries=16, context_dim=128, pooled_dim=64
         ),
         unet=UNetConfig(
-            block_out_channels=(64, 128, 128), layers_per_block=1, attention_head_dim=32,
-            addition_time_embed_dim=16, norm_num_groups=32,
+            block_out_channels=(64, 128, 128),
+            layers_per_block=1,
+            attention_head_dim=32,
+            addition_time_embed_dim=16,
+            norm_num_groups=32,
         ),
         vae=VAEConfig(block_out_channels=(32, 64, 128), latent_channels=4, norm_num_groups=32),
         scheduler=SchedulerConfig(num_inference_steps=25, guidance_scale=7.0),
@@ -284,25 +300,44 @@ def _base() -> PipelineConfig:
         preset="base",
         image_size=256,
         history_encoder=HistoryEncoderConfig(
-            image_size=224, patch_size=14, vit_width=768, vit_layers=12, vit_heads=12,
-            merger_layers=6, merger_heads=12, codebook_size=16384, code_dim=32,
+            image_size=224,
+            patch_size=14,
+            vit_width=768,
+            vit_layers=12,
+            vit_heads=12,
+            merger_layers=6,
+            merger_heads=12,
+            codebook_size=16384,
+            code_dim=32,
         ),
         mask_generator=MaskGeneratorConfig(num_heads=4, ff_dim=2048),
         personalizer=PersonalizerConfig(
-            text_vocab_size=32000, hidden_size=2048, num_layers=16, num_heads=16,
-            intermediate_size=5632, max_positions=4096, lora_rank=8, lora_alpha=16,
+            text_vocab_size=32000,
+            hidden_size=2048,
+            num_layers=16,
+            num_heads=16,
+            intermediate_size=5632,
+            max_positions=4096,
+            lora_rank=8,
+            lora_alpha=16,
             adapter_hidden=512,
         ),
         condition_adapter=ConditionAdapterConfig(
             width=768, num_layers=6, num_heads=12, num_queries=77, context_dim=1024, pooled_dim=640
         ),
         unet=UNetConfig(
-            block_out_channels=(320, 640, 1280), layers_per_block=2, attention_head_dim=64,
-            addition_time_embed_dim=256, norm_num_groups=32,
+            block_out_channels=(320, 640, 1280),
+            layers_per_block=2,
+            attention_head_dim=64,
+            addition_time_embed_dim=256,
+            norm_num_groups=32,
         ),
         vae=VAEConfig(
-            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-            norm_num_groups=32, scaling_factor=0.13025,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            norm_num_groups=32,
+            scaling_factor=0.13025,
         ),
         scheduler=SchedulerConfig(num_inference_steps=25, guidance_scale=7.0),
     )
@@ -331,8 +366,10 @@ def _plain(config: Any) -> dict[str, Any]:
     out = {}
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        out[f.name] = _plain(value) if dataclasses.is_dataclass(value) else (
-            list(value) if isinstance(value, tuple) else value
+        out[f.name] = (
+            _plain(value)
+            if dataclasses.is_dataclass(value)
+            else (list(value) if isinstance(value, tuple) else value)
         )
     return out
 
@@ -348,7 +385,9 @@ def from_dict(cls: type, data: dict[str, Any], *, where: str = "config") -> Any:
     if "_format" in data:
         fmt = data.pop("_format")
         if fmt != CONFIG_FORMAT:
-            raise ConfigError(f"{where}: _format={fmt!r} is not supported (expected {CONFIG_FORMAT})")
+            raise ConfigError(
+                f"{where}: _format={fmt!r} is not supported (expected {CONFIG_FORMAT})"
+            )
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)

@@ -96,7 +96,10 @@ class ComponentSpec:
 
 
 def sample_inputs(
-    spec: ComponentSpec, config: PipelineConfig, point: Point | dict[str, int] = "opt", seed: int = 0
+    spec: ComponentSpec,
+    config: PipelineConfig,
+    point: Point | dict[str, int] = "opt",
+    seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """Seeded inputs of the declared shapes, with values valid for each tensor's meaning."""
     rng = np.random.default_rng(seed)
@@ -106,11 +109,15 @@ def sample_inputs(
         shape = spec.shape_of(t, values)
         feeds[t.name] = _sample_tensor(t.name, shape, config, rng)
     if spec.name == "mask_generator":  # 1-based positions within each image
-        feeds["position_ids"] = (np.indices(feeds["position_ids"].shape)[1] % 17 + 1).astype(np.int64)
+        feeds["position_ids"] = (np.indices(feeds["position_ids"].shape)[1] % 17 + 1).astype(
+            np.int64
+        )
     if spec.name == "personalizer":  # the step's positions continue after the cache
         seq = values["seq"]
-        feeds["position_ids"] = np.tile(np.arange(values["past_len"], values["past_len"] + seq),
-                                        (feeds["input_ids"].shape[0], 1)).astype(np.int64)
+        feeds["position_ids"] = np.tile(
+            np.arange(values["past_len"], values["past_len"] + seq),
+            (feeds["input_ids"].shape[0], 1),
+        ).astype(np.int64)
     if "attention_mask" in feeds:  # left padding: a prefix of zeros in some rows
         mask = feeds["attention_mask"]
         for b in range(1, mask.shape[0], 2):
@@ -118,8 +125,9 @@ def sample_inputs(
     return feeds
 
 
-def _sample_tensor(name: str, shape: tuple[int, ...], config: PipelineConfig,
-                   rng: np.random.Generator) -> np.ndarray:
+def _sample_tensor(
+    name: str, shape: tuple[int, ...], config: PipelineConfig, rng: np.random.Generator
+) -> np.ndarray:
     codebook = config.history_encoder.codebook_size
     if name == "images":
         return rng.random(shape, dtype=np.float32)
@@ -131,12 +139,13 @@ def _sample_tensor(name: str, shape: tuple[int, ...], config: PipelineConfig,
         return keep
     if name == "type_ids":
         types = np.ones(shape, dtype=np.int64)
-        types[:, shape[1] // 2:] = 2
+        types[:, shape[1] // 2 :] = 2
         types[1::2, -1] = 0
         return types
     if name == "input_ids":
-        return rng.integers(0, config.personalizer.text_vocab_size + 3 + codebook, shape,
-                            dtype=np.int64)
+        return rng.integers(
+            0, config.personalizer.text_vocab_size + 3 + codebook, shape, dtype=np.int64
+        )
     if name == "embed_keep":
         return (rng.random(shape) < 0.8).astype(np.float32)
     if name == "attention_mask":
@@ -165,17 +174,25 @@ def component_specs(config: PipelineConfig) -> dict[str, ComponentSpec]:
     s_enc, s_out = he.image_size, config.image_size
     heads, head_dim = pz.num_heads, pz.hidden_size // pz.num_heads
     batch = DimRange(1, 2, 16)
-    kv = [TensorSpec(f"{kind}_{i}", "float32", ("batch", heads, "past_len", head_dim))
-          for i in range(pz.num_layers) for kind in ("past_key", "past_value")]
-    present = [TensorSpec(f"{kind}_{i}", "float32", ("batch", heads, "past_len+seq", head_dim))
-               for i in range(pz.num_layers) for kind in ("present_key", "present_value")]
+    kv = [
+        TensorSpec(f"{kind}_{i}", "float32", ("batch", heads, "past_len", head_dim))
+        for i in range(pz.num_layers)
+        for kind in ("past_key", "past_value")
+    ]
+    present = [
+        TensorSpec(f"{kind}_{i}", "float32", ("batch", heads, "past_len+seq", head_dim))
+        for i in range(pz.num_layers)
+        for kind in ("present_key", "present_value")
+    ]
     max_seq = pz.max_positions
     specs = [
         ComponentSpec(
             "history_encoder",
             inputs=(TensorSpec("images", "float32", ("batch", 3, s_enc, s_enc)),),
-            outputs=(TensorSpec("token_ids", "int64", ("batch", p)),
-                     TensorSpec("token_keep", "int64", ("batch", p))),
+            outputs=(
+                TensorSpec("token_ids", "int64", ("batch", p)),
+                TensorSpec("token_keep", "int64", ("batch", p)),
+            ),
             dims={"batch": DimRange(1, n_img, 16 * n_img)},
             tolerance={"fp32": IDS, "fp16": IDS},
         ),
@@ -196,22 +213,30 @@ def component_specs(config: PipelineConfig) -> dict[str, ComponentSpec]:
                 TensorSpec("position_ids", "int64", ("batch", "seq")),
                 *kv,
             ),
-            outputs=(TensorSpec("visual_logits", "float32", ("batch", 1 + he.codebook_size)),
-                     *present),
+            outputs=(
+                TensorSpec("visual_logits", "float32", ("batch", 1 + he.codebook_size)),
+                *present,
+            ),
             dims={
                 "batch": batch,
                 "seq": DimRange(1, min(max_seq // 2, (pz.max_history * p) // 2 + 16), max_seq // 2),
-                "past_len": DimRange(0, min(max_seq // 2, (pz.max_history * p) // 2 + 16), max_seq // 2),
+                "past_len": DimRange(
+                    0, min(max_seq // 2, (pz.max_history * p) // 2 + 16), max_seq // 2
+                ),
             },
             tolerance={"fp32": FP32, "fp16": FP16},
         ),
         ComponentSpec(
             "condition_adapter",
-            inputs=(TensorSpec("token_ids", "int64", ("batch", p)),
-                    TensorSpec("token_keep", "int64", ("batch", p))),
-            outputs=(TensorSpec("prompt_embeds", "float32", ("batch", ca.num_queries, ca.context_dim)),
-                     TensorSpec("pooled_embeds", "float32", ("batch", ca.pooled_dim)),
-                     TensorSpec("reference_embedding", "float32", ("batch", ca.context_dim))),
+            inputs=(
+                TensorSpec("token_ids", "int64", ("batch", p)),
+                TensorSpec("token_keep", "int64", ("batch", p)),
+            ),
+            outputs=(
+                TensorSpec("prompt_embeds", "float32", ("batch", ca.num_queries, ca.context_dim)),
+                TensorSpec("pooled_embeds", "float32", ("batch", ca.pooled_dim)),
+                TensorSpec("reference_embedding", "float32", ("batch", ca.context_dim)),
+            ),
             dims={"batch": batch},
             tolerance={"fp32": FP32, "fp16": FP16},
         ),

@@ -61,7 +61,7 @@ class VocabLayout:
     def allowed_after_img(self) -> np.ndarray:
         """Boolean (size,) mask of the ids image generation may emit: visual codes and </img>."""
         allowed = np.zeros(self.size, dtype=bool)
-        allowed[self.visual_offset:] = True
+        allowed[self.visual_offset :] = True
         allowed[self.img_end] = True
         return allowed
 
@@ -72,8 +72,10 @@ def train_text_tokenizer(texts: list[str] | tuple[str, ...], vocab_size: int) ->
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(TEXT_SPECIALS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=list(TEXT_SPECIALS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tokenizer.train_from_iterator(list(texts), trainer=trainer)
     if tokenizer.get_vocab_size() > vocab_size:  # pragma: no cover - BpeTrainer respects the cap

@@ -43,10 +43,15 @@ def emoji_like(seed: int, size: int = 40, alpha: bool = False) -> np.ndarray:
     """A small coloured shape on white (or transparent) background, like an EmojiPrefs image."""
     rng = np.random.default_rng(seed)
     channels = 4 if alpha else 3
-    img = np.zeros((size, size, channels), np.uint8) if alpha else np.full((size, size, 3), 255,
-                                                                            np.uint8)
+    img = (
+        np.zeros((size, size, channels), np.uint8)
+        if alpha
+        else np.full((size, size, 3), 255, np.uint8)
+    )
     y, x = np.mgrid[:size, :size]
-    cy, cx, r = rng.integers(size // 3, 2 * size // 3, 2).tolist() + [int(rng.integers(6, size // 3))]
+    cy, cx, r = rng.integers(size // 3, 2 * size // 3, 2).tolist() + [
+        int(rng.integers(6, size // 3))
+    ]
     disk = (y - cy) ** 2 + (x - cx) ** 2 < r * r
     img[disk, :3] = rng.integers(0, 255, 3)
     if alpha:

@@ -26,7 +26,9 @@ def test_round_trip_gives_identical_outputs_for_every_component(checkpoint_dir, 
 def test_layout_index_and_self_describing_weights(checkpoint_dir):
     index = json.loads((checkpoint_dir / "pipeline.json").read_text())
     assert index["_format"] == 1 and index["preset"] == "tiny"
-    assert "unet/model.safetensors" in index["files"] and "tokenizer/tokenizer.json" in index["files"]
+    assert (
+        "unet/model.safetensors" in index["files"] and "tokenizer/tokenizer.json" in index["files"]
+    )
     with safe_open(str(checkpoint_dir / "unet" / "model.safetensors"), "np") as f:
         meta = json.loads(f.metadata()["config"])
     assert meta["_class"] == "UNetConfig"
@@ -78,8 +80,9 @@ def test_not_a_checkpoint(tmp_path):
         load_checkpoint(tmp_path)
 
 
-def test_save_refuses_to_overwrite_and_replaces_atomically(checkpoint_dir, tiny_config, tokenizer,
-                                                            tmp_path):
+def test_save_refuses_to_overwrite_and_replaces_atomically(
+    checkpoint_dir, tiny_config, tokenizer, tmp_path
+):
     target = tmp_path / "ck"
     save_checkpoint(make_model(tiny_config, seed=1), tokenizer, target)
     with pytest.raises(CheckpointError, match="already exists"):

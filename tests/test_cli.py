@@ -14,8 +14,13 @@ from .conftest import emoji_like
 
 def pigeon(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    return subprocess.run([sys.executable, "-m", "pigeon.cli", *args], capture_output=True,
-                          text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "pigeon.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +40,23 @@ def test_init_generate_inspect(tmp_path, pngs):
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["preset"] == "tiny"
     out = tmp_path / "o.png"
-    res = pigeon("generate", "--checkpoint", str(ckpt), "--history", *pngs[:3], "--reference",
-                 pngs[3], "--text", "a smiling cat", "--out", str(out), "--steps", "3", "--seed", "1")
+    res = pigeon(
+        "generate",
+        "--checkpoint",
+        str(ckpt),
+        "--history",
+        *pngs[:3],
+        "--reference",
+        pngs[3],
+        "--text",
+        "a smiling cat",
+        "--out",
+        str(out),
+        "--steps",
+        "3",
+        "--seed",
+        "1",
+    )
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
     assert summary["out"] == str(out) and summary["peak_rss_mib"] > 0
@@ -44,22 +64,38 @@ def test_init_generate_inspect(tmp_path, pngs):
     res = pigeon("checkpoint", "inspect", str(ckpt))
     info = json.loads(res.stdout)
     assert res.returncode == 0 and info["verified"] and "unet" in info["components"]
-    assert sum(c["parameters"] for c in info["components"].values()) == json.loads(
-        pigeon("init", "--out", str(tmp_path / "c2")).stdout)["parameters"]
+    assert (
+        sum(c["parameters"] for c in info["components"].values())
+        == json.loads(pigeon("init", "--out", str(tmp_path / "c2")).stdout)["parameters"]
+    )
 
 
-@pytest.mark.parametrize("args,message", [
-    (["init", "--preset", "huge", "--out", "x"], "unknown preset 'huge'"),
-    (["config", "show", "--set", "unet.depth=3"], "unknown key 'depth'"),
-    (["checkpoint", "inspect", "/nonexistent"], "no such directory"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["init", "--preset", "huge", "--out", "x"], "unknown preset 'huge'"),
+        (["config", "show", "--set", "unet.depth=3"], "unknown key 'depth'"),
+        (["checkpoint", "inspect", "/nonexistent"], "no such directory"),
+    ],
+)
 def test_errors_exit_non_zero_with_one_line(args, message):
     res = pigeon(*args)
     assert res.returncode == 2 and message in res.stderr and res.stdout == ""
 
 
 def test_generate_names_a_missing_image(tmp_path, pngs):
-    res = pigeon("generate", "--checkpoint", str(tmp_path), "--history", "missing.png",
-                 "--reference", pngs[0], "--text", "x", "--out", str(tmp_path / "o.png"))
+    res = pigeon(
+        "generate",
+        "--checkpoint",
+        str(tmp_path),
+        "--history",
+        "missing.png",
+        "--reference",
+        pngs[0],
+        "--text",
+        "x",
+        "--out",
+        str(tmp_path / "o.png"),
+    )
     assert res.returncode == 2 and "missing.png: file not found" in res.stderr
     assert not (tmp_path / "o.png").exists()

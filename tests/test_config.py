@@ -59,13 +59,16 @@ def test_wrong_format_and_class_are_rejected():
 def test_literal_fields_are_checked():
     data = cfg.to_dict(cfg.SchedulerConfig())
     data["sampler"] = "euler"
-    with pytest.raises(cfg.ConfigError, match=r"sampler='euler' is not one of \['ddim', 'dpmpp_2m'\]"):
+    with pytest.raises(
+        cfg.ConfigError, match=r"sampler='euler' is not one of \['ddim', 'dpmpp_2m'\]"
+    ):
         cfg.from_dict(cfg.SchedulerConfig, data)
 
 
 def test_overrides_are_typed_and_strict():
-    config = cfg.apply_overrides(cfg.preset("tiny"), ["personalizer.num_layers=3",
-                                                      "scheduler.sampler=dpmpp_2m"])
+    config = cfg.apply_overrides(
+        cfg.preset("tiny"), ["personalizer.num_layers=3", "scheduler.sampler=dpmpp_2m"]
+    )
     assert config.personalizer.num_layers == 3 and config.scheduler.sampler == "dpmpp_2m"
     with pytest.raises(cfg.ConfigError, match="unknown key 'num_layer'"):
         cfg.apply_overrides(config, ["personalizer.num_layer=3"])

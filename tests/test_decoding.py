@@ -15,8 +15,13 @@ from pigeon.serving.prompt import PromptBuilder, left_pad
 def setup(model, tokenizer, texts=("a cat", "a very small green dog")):
     runner = TorchRunner(model)
     c = model.config.personalizer
-    decoder = Decoder(lambda f: runner.run("personalizer", f), model.vocab, c.num_layers,
-                      c.num_heads, c.hidden_size // c.num_heads)
+    decoder = Decoder(
+        lambda f: runner.run("personalizer", f),
+        model.vocab,
+        c.num_layers,
+        c.num_heads,
+        c.hidden_size // c.num_heads,
+    )
     builder = PromptBuilder(tokenizer, model.vocab)
     rng = np.random.default_rng(0)
     prompts = []
@@ -25,7 +30,8 @@ def setup(model, tokenizer, texts=("a cat", "a very small green dog")):
         prompts.append(builder.build(text, hist, [np.ones(len(h)) for h in hist]))
     batch = left_pad(prompts)
     ref = rng.standard_normal((len(texts), model.config.condition_adapter.context_dim)).astype(
-        np.float32)
+        np.float32
+    )
     return decoder, batch, ref
 
 
@@ -44,8 +50,13 @@ def test_greedy_with_cache_equals_argmax_of_full_forward(tiny_model, tokenizer):
         for code in generated:  # recompute each step from scratch, no cache
             mask = torch.ones_like(ids)
             with torch.no_grad():
-                logits, _ = tiny_model.personalizer(ids, torch.ones(ids.shape), torch.from_numpy(
-                    ref[row:row + 1]), mask, (mask.cumsum(1) - 1))
+                logits, _ = tiny_model.personalizer(
+                    ids,
+                    torch.ones(ids.shape),
+                    torch.from_numpy(ref[row : row + 1]),
+                    mask,
+                    (mask.cumsum(1) - 1),
+                )
             step = logits[0, -1, allowed]
             step[0] = -float("inf")  # min_new_tokens covers every step here
             assert int(step.argmax()) - 1 == code
@@ -83,8 +94,10 @@ def test_top_k_one_and_single_beam_equal_greedy(tiny_model, tokenizer):
     decoder, batch, ref = setup(tiny_model, tokenizer)
     greedy = decoder.generate(batch, ref, GenerationConfig(), 16, rngs(2))
     top1 = decoder.generate(batch, ref, GenerationConfig(strategy="top_k", top_k=1), 16, rngs(2))
-    beam1 = decoder.generate(batch, ref, GenerationConfig(strategy="beam", num_beams=1), 16, rngs(2))
-    for a, b, c in zip(greedy, top1, beam1):
+    beam1 = decoder.generate(
+        batch, ref, GenerationConfig(strategy="beam", num_beams=1), 16, rngs(2)
+    )
+    for a, b, c in zip(greedy, top1, beam1, strict=False):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(a, c)
 
@@ -95,8 +108,8 @@ def test_sampling_is_seeded_per_request(tiny_model, tokenizer):
     a = decoder.generate(batch, ref, config, 16, rngs(2, seed=5))
     b = decoder.generate(batch, ref, config, 16, rngs(2, seed=5))
     c = decoder.generate(batch, ref, config, 16, rngs(2, seed=6))
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=False))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=False))
 
 
 def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy(tiny_model, tokenizer):
@@ -105,16 +118,18 @@ def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy(tiny_model, t
     decoder, batch, ref = setup(tiny_model, tokenizer, texts=("a cat",))
     config = GenerationConfig(min_new_tokens=4)
     greedy = decoder.generate(batch, ref, config, 4, rngs(1))[0]
-    beam = decoder.generate(batch, ref, dataclasses.replace(config, strategy="beam", num_beams=4),
-                            4, rngs(1))[0]
+    beam = decoder.generate(
+        batch, ref, dataclasses.replace(config, strategy="beam", num_beams=4), 4, rngs(1)
+    )[0]
     v = tiny_model.vocab
 
     def logprob(codes):
         ids = torch.from_numpy(np.concatenate([batch.input_ids[0], codes + v.visual_offset]))[None]
         mask = torch.ones_like(ids)
         with torch.no_grad():
-            logits, _ = tiny_model.personalizer(ids, torch.ones(ids.shape), torch.from_numpy(ref),
-                                                mask, mask.cumsum(1) - 1)
+            logits, _ = tiny_model.personalizer(
+                ids, torch.ones(ids.shape), torch.from_numpy(ref), mask, mask.cumsum(1) - 1
+            )
         allowed = torch.arange(v.visual_offset, v.size)
         logp = torch.log_softmax(logits[0, :, torch.cat([torch.tensor([v.img_end]), allowed])], -1)
         n = batch.input_ids.shape[1]

@@ -57,8 +57,9 @@ def test_errors_name_the_file(tmp_path):
 
 
 def test_truncated_image_is_refused():
-    data = png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3),
-                                                                       dtype=np.uint8)))
+    data = png_bytes(
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    )
     with pytest.raises(im.ImageError, match="truncated or corrupt|not a readable image"):
         im.load_image(data[: len(data) // 2])
 
@@ -71,7 +72,11 @@ def test_decompression_bomb_is_refused_from_the_header():
 
 
 def test_one_pixel_image_works():
-    assert im.to_model_input(im.load_image(png_bytes(Image.new("RGB", (1, 1)))), 8).shape == (3, 8, 8)
+    assert im.to_model_input(im.load_image(png_bytes(Image.new("RGB", (1, 1)))), 8).shape == (
+        3,
+        8,
+        8,
+    )
 
 
 def test_png_round_trip(tmp_path):

@@ -8,8 +8,9 @@ from pigeon.models import mask_generator as mg
 from pigeon.serving import masking
 
 
-@pytest.mark.parametrize("n,r,k", [(10, 0.2, 8), (10, 0.0, 10), (10, 1.0, 1), (3, 0.9, 1),
-                                   (7, 0.5, 3), (257, 0.2, 205)])
+@pytest.mark.parametrize(
+    "n,r,k", [(10, 0.2, 8), (10, 0.0, 10), (10, 1.0, 1), (3, 0.9, 1), (7, 0.5, 3), (257, 0.2, 205)]
+)
 def test_k_formula(n, r, k):
     assert masking.num_kept(n, r) == k == max(1, int(n * (1 - r)))
 
@@ -40,8 +41,9 @@ def test_reference_keep_probability_flips_between_training_and_inference():
     _, _, types = sequence((3,), 6)
     scores = np.array([[0, 0, 0, 0.9, 0.8, 0.7, 0.1, 0.0, -0.5]])
     infer = masking.select_keep(scores, types[None], history_ratio=0.0, reference_ratio=0.5)
-    train = masking.select_keep(scores, types[None], history_ratio=0.0, reference_ratio=0.5,
-                                training=True)
+    train = masking.select_keep(
+        scores, types[None], history_ratio=0.0, reference_ratio=0.5, training=True
+    )
     # inference keeps the highest-scoring reference tokens, training the lowest
     assert infer[0, 3:].tolist() == [1, 1, 1, 0, 0, 0]
     assert train[0, 3:].tolist() == [0, 0, 0, 1, 1, 1]
@@ -53,8 +55,9 @@ def test_padding_is_never_kept_and_rows_are_independent():
     scores = np.random.default_rng(0).standard_normal(types.shape)
     keep = masking.select_keep(scores, types, history_ratio=0.2, reference_ratio=0.3)
     assert not keep[types == 0].any()
-    alone = masking.select_keep(scores[1:, : len(b[2])], types[1:, : len(b[2])],
-                                history_ratio=0.2, reference_ratio=0.3)
+    alone = masking.select_keep(
+        scores[1:, : len(b[2])], types[1:, : len(b[2])], history_ratio=0.2, reference_ratio=0.3
+    )
     np.testing.assert_array_equal(keep[1, : len(b[2])], alone[0])
 
 
@@ -65,19 +68,32 @@ def test_torch_and_numpy_selections_agree(training):
     scores = rng.uniform(-1, 1, (2, len(types)))
     noise = masking.gumbel_noise(rng, scores.shape)
     types2 = np.stack([types, types])
-    ours = masking.select_keep(scores, types2, history_ratio=0.2, reference_ratio=0.4,
-                               training=training, gumbel=noise)
-    theirs = mg.select_keep(torch.from_numpy(scores), torch.from_numpy(types2), history_ratio=0.2,
-                            reference_ratio=0.4, training=training, gumbel=torch.from_numpy(noise))
+    ours = masking.select_keep(
+        scores, types2, history_ratio=0.2, reference_ratio=0.4, training=training, gumbel=noise
+    )
+    theirs = mg.select_keep(
+        torch.from_numpy(scores),
+        torch.from_numpy(types2),
+        history_ratio=0.2,
+        reference_ratio=0.4,
+        training=training,
+        gumbel=torch.from_numpy(noise),
+    )
     np.testing.assert_array_equal(ours, theirs.numpy())
 
 
 def test_straight_through_is_hard_forward_with_gradient_to_scores():
     _, _, types = sequence()
     scores = torch.randn(1, len(types), requires_grad=True)
-    keep = mg.select_keep(scores, torch.from_numpy(types)[None], history_ratio=0.2,
-                          reference_ratio=0.5, training=True, straight_through=True,
-                          gumbel=torch.zeros(1, len(types)))
+    keep = mg.select_keep(
+        scores,
+        torch.from_numpy(types)[None],
+        history_ratio=0.2,
+        reference_ratio=0.5,
+        training=True,
+        straight_through=True,
+        gumbel=torch.zeros(1, len(types)),
+    )
     assert set(keep.detach().unique().tolist()) <= {0.0, 1.0}
     (keep * torch.arange(len(types))).sum().backward()
     assert scores.grad is not None and scores.grad.abs().sum() > 0
@@ -91,15 +107,19 @@ def test_scores_ignore_padding(tiny_model):
     types = torch.tensor([[1, 1, 1, 2, 2, 2]])
     with torch.no_grad():
         s = gen(embeds, pos, types)
-        padded = gen(torch.cat([embeds, torch.randn(1, 3, d)], 1),
-                     torch.cat([pos, torch.zeros(1, 3, dtype=torch.long)], 1),
-                     torch.cat([types, torch.zeros(1, 3, dtype=torch.long)], 1))
+        padded = gen(
+            torch.cat([embeds, torch.randn(1, 3, d)], 1),
+            torch.cat([pos, torch.zeros(1, 3, dtype=torch.long)], 1),
+            torch.cat([types, torch.zeros(1, 3, dtype=torch.long)], 1),
+        )
     torch.testing.assert_close(s, padded[:, :6], atol=1e-5, rtol=1e-5)
     assert (s.abs() <= 1 + 1e-6).all()  # cosine scores
 
 
 def test_random_mask_type_masks_ceil_n_r_reference_tokens():
     _, _, types = sequence((3,), 10)
-    keep = mg.random_reference_keep(torch.from_numpy(types)[None], 0.25, torch.Generator().manual_seed(0))
+    keep = mg.random_reference_keep(
+        torch.from_numpy(types)[None], 0.25, torch.Generator().manual_seed(0)
+    )
     assert keep[0, :3].sum() == 3  # history untouched
     assert keep[0, 3:].sum() == 10 - 3  # ceil(10 * 0.25) = 3 masked

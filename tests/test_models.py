@@ -110,8 +110,14 @@ def test_kv_cache_decode_equals_full_forward(tiny_model, tiny_config):
         out = wrapper(ids[:, :6], keep[:, :6], ref, mask[:, :6], pos[:, :6], *past)
         steps = [out[0]]
         for t in range(6, 9):
-            out = wrapper(ids[:, t:t + 1], keep[:, t:t + 1], ref, mask[:, :t + 1], pos[:, t:t + 1],
-                          *out[1:])
+            out = wrapper(
+                ids[:, t : t + 1],
+                keep[:, t : t + 1],
+                ref,
+                mask[:, : t + 1],
+                pos[:, t : t + 1],
+                *out[1:],
+            )
             steps.append(out[0])
     allowed = wrapper.allowed_ids
     for j, t in enumerate(range(5, 9)):

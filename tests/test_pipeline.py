@@ -25,8 +25,15 @@ def request(images, **kw):
 def test_output_image_shape_and_timings(pipe, images):
     result = pipe(request(images))[0]
     assert result.image.shape == (32, 32, 3) and result.image.dtype == np.uint8
-    assert set(result.timings) == {"preprocess", "history_encoder", "personalize", "condition",
-                                   "denoise", "vae_decoder", "total"}
+    assert set(result.timings) == {
+        "preprocess",
+        "history_encoder",
+        "personalize",
+        "condition",
+        "denoise",
+        "vae_decoder",
+        "total",
+    }
     assert 0 < len(result.tokens) <= 16
 
 
@@ -54,57 +61,74 @@ def test_guidance_one_equals_the_conditional_branch(pipe, images):
     x = np.random.default_rng(0).standard_normal((1, 4, 16, 16), dtype=np.float32)
     time_ids = np.array([[32, 32, 0, 0, 32, 32]], np.float32)
     for i, t in enumerate(sampler.timesteps):
-        eps = pipe.runner.run("unet", {"latents": x, "timestep": np.array([t], np.float32),
-                                       "prompt_embeds": cond["prompt_embeds"],
-                                       "pooled_embeds": cond["pooled_embeds"],
-                                       "time_ids": time_ids})["noise_pred"]
+        eps = pipe.runner.run(
+            "unet",
+            {
+                "latents": x,
+                "timestep": np.array([t], np.float32),
+                "prompt_embeds": cond["prompt_embeds"],
+                "pooled_embeds": cond["pooled_embeds"],
+                "time_ids": time_ids,
+            },
+        )["noise_pred"]
         x = sampler.step(eps, i, x)
     np.testing.assert_allclose(latents, x, atol=1e-6)
 
 
 def test_both_samplers_and_the_request_overrides_run(pipe, images):
     for sampler in ("ddim", "dpmpp_2m"):
-        out = pipe(request(images, steps=3, guidance=2.0, sampler=sampler,
-                           reference_mask_ratio=0.5))[0]
+        out = pipe(
+            request(images, steps=3, guidance=2.0, sampler=sampler, reference_mask_ratio=0.5)
+        )[0]
         assert out.image.shape == (32, 32, 3)
 
 
 def test_any_image_mode_and_size_is_accepted(pipe):
-    history = [emoji_like(0, size=50, alpha=True), np.full((1, 1, 3), 128, np.uint8),
-               np.zeros((20, 64, 3), np.uint8)]
+    history = [
+        emoji_like(0, size=50, alpha=True),
+        np.full((1, 1, 3), 128, np.uint8),
+        np.zeros((20, 64, 3), np.uint8),
+    ]
     out = pipe(GenerationRequest(history=history, reference=emoji_like(1, 33), text="x"))[0]
     assert out.image.shape == (32, 32, 3)
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"history": []}, "history is empty"),
-    ({"history": "six"}, "history is empty"),
-    ({"text": "  "}, "text is empty"),
-    ({"text": "x" * 1001}, "text has 1001 characters"),
-    ({"steps": 0}, r"steps=0 must be an integer in \[1, 1000\]"),
-    ({"steps": 2.5}, r"steps=2.5"),
-    ({"guidance": float("nan")}, "guidance=nan must be a finite number"),
-    ({"guidance": -1.0}, "guidance=-1.0"),
-    ({"reference_mask_ratio": 1.5}, r"reference_mask_ratio=1.5 must be in \[0, 1\]"),
-    ({"seed": -1}, "seed=-1"),
-    ({"sampler": "euler"}, "sampler='euler'"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"history": []}, "history is empty"),
+        ({"history": "six"}, "history is empty"),
+        ({"text": "  "}, "text is empty"),
+        ({"text": "x" * 1001}, "text has 1001 characters"),
+        ({"steps": 0}, r"steps=0 must be an integer in \[1, 1000\]"),
+        ({"steps": 2.5}, r"steps=2.5"),
+        ({"guidance": float("nan")}, "guidance=nan must be a finite number"),
+        ({"guidance": -1.0}, "guidance=-1.0"),
+        ({"reference_mask_ratio": 1.5}, r"reference_mask_ratio=1.5 must be in \[0, 1\]"),
+        ({"seed": -1}, "seed=-1"),
+        ({"sampler": "euler"}, "sampler='euler'"),
+    ],
+)
 def test_bad_requests_name_the_problem(pipe, images, change, message):
     with pytest.raises(RequestError, match=message):
         pipe(dataclasses.replace(request(images), **change))
 
 
 def test_too_many_history_images(pipe, images):
-    with pytest.raises(RequestError, match="history has 6 images, more than the configured "
-                                           "maximum of 5"):
+    with pytest.raises(
+        RequestError, match="history has 6 images, more than the configured maximum of 5"
+    ):
         pipe(GenerationRequest(history=images, reference=images[0], text="x"))
 
 
-@pytest.mark.parametrize("bad,message", [
-    (np.zeros((8, 8, 3), np.float32), "expected a uint8 array, got float32"),
-    (np.zeros((8, 8), np.uint8), r"expected shape \(H, W, 3\) or \(H, W, 4\), got \(8, 8\)"),
-    (np.zeros((0, 8, 3), np.uint8), r"expected shape .* got \(0, 8, 3\)"),
-])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (np.zeros((8, 8, 3), np.float32), "expected a uint8 array, got float32"),
+        (np.zeros((8, 8), np.uint8), r"expected shape \(H, W, 3\) or \(H, W, 4\), got \(8, 8\)"),
+        (np.zeros((0, 8, 3), np.uint8), r"expected shape .* got \(0, 8, 3\)"),
+    ],
+)
 def test_bad_image_arrays_are_named(pipe, images, bad, message):
     with pytest.raises(ImageError, match=r"history\[1\]: " + message):
         pipe(GenerationRequest(history=[images[0], bad], reference=images[1], text="x"))

@@ -25,9 +25,14 @@ def run_both(ours, theirs, steps, seed=0):
 
 
 def diffusers_kwargs(c: SchedulerConfig) -> dict:
-    return dict(num_train_timesteps=c.num_train_timesteps, beta_start=c.beta_start,
-                beta_end=c.beta_end, beta_schedule=c.beta_schedule,
-                prediction_type=c.prediction_type, timestep_spacing=c.timestep_spacing)
+    return dict(
+        num_train_timesteps=c.num_train_timesteps,
+        beta_start=c.beta_start,
+        beta_end=c.beta_end,
+        beta_schedule=c.beta_schedule,
+        prediction_type=c.prediction_type,
+        timestep_spacing=c.timestep_spacing,
+    )
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
@@ -48,8 +53,13 @@ def test_ddim_matches_diffusers(spacing, prediction, steps):
 def test_dpm_solver_pp_2m_matches_diffusers(prediction):
     config = SchedulerConfig(timestep_spacing="trailing", prediction_type=prediction)
     ref = DPMSolverMultistepScheduler(
-        **diffusers_kwargs(config), algorithm_type="dpmsolver++", solver_order=2,
-        solver_type="midpoint", lower_order_final=True, final_sigmas_type="zero")
+        **diffusers_kwargs(config),
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        solver_type="midpoint",
+        lower_order_final=True,
+        final_sigmas_type="zero",
+    )
     ref.set_timesteps(10)
     ours = make_sampler(config, 10, "dpmpp_2m")
     np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy())

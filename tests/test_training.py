@@ -24,16 +24,18 @@ def test_lm_loss_matches_cross_entropy_on_labelled_positions():
     labels = torch.full((2, 6), IGNORE)
     labels[0, 3:] = torch.tensor([1, 2, 3])
     labels[1, 5] = 7
-    expected = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1),
-                               ignore_index=IGNORE)
+    expected = F.cross_entropy(
+        logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=IGNORE
+    )
     torch.testing.assert_close(losses.lm_loss(logits, labels), expected)
 
 
 def test_sequence_logprob_sums_the_labelled_tokens():
     logits = torch.zeros(1, 4, 5)  # uniform: log p = -log 5 per token
     labels = torch.tensor([[IGNORE, IGNORE, 2, 3]])
-    torch.testing.assert_close(losses.sequence_logprob(logits, labels),
-                               torch.tensor([-2 * math.log(5)]))
+    torch.testing.assert_close(
+        losses.sequence_logprob(logits, labels), torch.tensor([-2 * math.log(5)])
+    )
 
 
 def test_dpo_loss_invariants():
@@ -48,8 +50,9 @@ def test_dpo_loss_invariants():
     # beta scales the margin: -log sigmoid(beta * margin)
     pc, pr, rc, rr = (torch.tensor([v]) for v in (-1.0, -6.0, -2.0, -3.0))
     for beta in (0.1, 0.5):
-        torch.testing.assert_close(losses.dpo_loss(pc, pr, rc, rr, beta),
-                                   -F.logsigmoid(torch.tensor(beta * 4.0)))
+        torch.testing.assert_close(
+            losses.dpo_loss(pc, pr, rc, rr, beta), -F.logsigmoid(torch.tensor(beta * 4.0))
+        )
 
 
 def test_vae_loss_is_zero_for_perfect_reconstruction_and_standard_posterior():
@@ -75,22 +78,31 @@ def run_stage(model, tokenizer, stage):
     if stage == "vae":
         return O.vae_objective(model, images)
     if stage == "image":
-        return O.image_objective(model, images, torch.from_numpy(alphas_cumprod(
-            model.config.scheduler)).float())
+        return O.image_objective(
+            model, images, torch.from_numpy(alphas_cumprod(model.config.scheduler)).float()
+        )
     if stage == "lmm":
         return O.lmm_objective(model, builder, images, ["a cat", "a dog"])
     if stage == "sft":
         return O.sft_objective(model, builder, batch, random.Random(0))
     reference = copy.deepcopy(model.personalizer).eval()
-    return O.dpo_objective(model, reference, builder, batch, [np.array([1, 2, 3]), np.array([4])],
-                           [np.array([7, 8]), np.array([9, 9, 9])])
+    return O.dpo_objective(
+        model,
+        reference,
+        builder,
+        batch,
+        [np.array([1, 2, 3]), np.array([4])],
+        [np.array([7, 8]), np.array([9, 9, 9])],
+    )
 
 
 @pytest.mark.parametrize("stage", O.STAGES)
 def test_a_stage_changes_exactly_its_own_parameters(setup, stage):
     config, tokenizer = setup
     model = make_model(config).train()
-    if stage == "dpo":  # DPO starts from a stage-1 LoRA: make B non-zero so both A and B get gradients
+    if (
+        stage == "dpo"
+    ):  # DPO starts from a stage-1 LoRA: make B non-zero so both A and B get gradients
         with torch.no_grad():
             for p in model.personalizer.lora_parameters():
                 p.normal_(0, 0.1)
@@ -142,8 +154,9 @@ def test_sft_labels_cover_only_the_target_run_and_end(setup):
     model = make_model(config)
     builder = PromptBuilder(tokenizer, model.vocab)
     g = torch.Generator().manual_seed(0)
-    batch = O.PersonalizationBatch(torch.rand(2, 2, 3, 32, 32, generator=g),
-                                   torch.rand(2, 3, 32, 32, generator=g), ["a", "bb"])
+    batch = O.PersonalizationBatch(
+        torch.rand(2, 2, 3, 32, 32, generator=g), torch.rand(2, 3, 32, 32, generator=g), ["a", "bb"]
+    )
     context, keep = O.sample_context(model, builder, batch, reference_ratio=0.5)
     inputs = O.with_target(model, context, context.target_codes)
     v = model.vocab

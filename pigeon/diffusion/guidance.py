@@ -18,13 +18,16 @@ def needs_unconditional(scale: float) -> bool:
     return scale != 1.0
 
 
-def cfg_batch(prompt_embeds: np.ndarray, pooled_embeds: np.ndarray,
-              scale: float) -> tuple[np.ndarray, np.ndarray]:
+def cfg_batch(
+    prompt_embeds: np.ndarray, pooled_embeds: np.ndarray, scale: float
+) -> tuple[np.ndarray, np.ndarray]:
     """[conditional; zero negatives] along the batch axis, or the conditional alone at scale 1."""
     if not needs_unconditional(scale):
         return prompt_embeds, pooled_embeds
-    return (np.concatenate([prompt_embeds, np.zeros_like(prompt_embeds)]),
-            np.concatenate([pooled_embeds, np.zeros_like(pooled_embeds)]))
+    return (
+        np.concatenate([prompt_embeds, np.zeros_like(prompt_embeds)]),
+        np.concatenate([pooled_embeds, np.zeros_like(pooled_embeds)]),
+    )
 
 
 def split_guidance(noise_pred: np.ndarray, scale: float) -> np.ndarray:

@@ -40,9 +40,7 @@ def alphas_cumprod(config: SchedulerConfig) -> np.ndarray:
 def make_timesteps(config: SchedulerConfig, num_steps: int) -> np.ndarray:
     """Descending integer timesteps (num_steps,), with diffusers' "leading" or "trailing" spacing."""
     if num_steps < 1 or num_steps > config.num_train_timesteps:
-        raise ValueError(
-            f"steps={num_steps} must be in [1, {config.num_train_timesteps}]"
-        )
+        raise ValueError(f"steps={num_steps} must be in [1, {config.num_train_timesteps}]")
     t = config.num_train_timesteps
     if config.timestep_spacing == "leading":
         return (np.arange(num_steps) * (t // num_steps))[::-1].astype(np.int64)
@@ -71,8 +69,9 @@ class Sampler:
     def prev_timestep(self, i: int) -> int:
         return int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else -1
 
-    def predict_x0_eps(self, model_output: np.ndarray, t: int,
-                       sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def predict_x0_eps(
+        self, model_output: np.ndarray, t: int, sample: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         a_t = self.a(t)
         if self.config.prediction_type == "epsilon":
             eps = model_output

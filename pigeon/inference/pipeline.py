@@ -72,8 +72,13 @@ class PigeonPipeline:
         self.prompts = PromptBuilder(tokenizer, self.vocab)
         self.specs = component_specs(config)
         pz = config.personalizer
-        self.decoder = Decoder(lambda feeds: runner.run("personalizer", feeds), self.vocab,
-                               pz.num_layers, pz.num_heads, pz.hidden_size // pz.num_heads)
+        self.decoder = Decoder(
+            lambda feeds: runner.run("personalizer", feeds),
+            self.vocab,
+            pz.num_layers,
+            pz.num_heads,
+            pz.hidden_size // pz.num_heads,
+        )
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> PigeonPipeline:
@@ -102,31 +107,52 @@ class PigeonPipeline:
             raise RequestError(f"{where}: text is empty")
         if len(request.text) > MAX_TEXT_CHARS:
             raise RequestError(
-                f"{where}: text has {len(request.text)} characters, more than {MAX_TEXT_CHARS}")
+                f"{where}: text has {len(request.text)} characters, more than {MAX_TEXT_CHARS}"
+            )
         sched = self.config.scheduler
         steps = sched.num_inference_steps if request.steps is None else request.steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or not (
-                1 <= steps <= sched.num_train_timesteps):
-            raise RequestError(f"{where}: steps={steps!r} must be an integer in "
-                               f"[1, {sched.num_train_timesteps}]")
+        if (
+            isinstance(steps, bool)
+            or not isinstance(steps, int)
+            or not (1 <= steps <= sched.num_train_timesteps)
+        ):
+            raise RequestError(
+                f"{where}: steps={steps!r} must be an integer in [1, {sched.num_train_timesteps}]"
+            )
         guidance = sched.guidance_scale if request.guidance is None else request.guidance
         if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
             raise RequestError(f"{where}: guidance={guidance!r} must be a finite number >= 0")
-        ratio = (self.config.generation.reference_mask_ratio if request.reference_mask_ratio is None
-                 else request.reference_mask_ratio)
+        ratio = (
+            self.config.generation.reference_mask_ratio
+            if request.reference_mask_ratio is None
+            else request.reference_mask_ratio
+        )
         if not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
             raise RequestError(f"{where}: reference_mask_ratio={ratio!r} must be in [0, 1]")
-        if isinstance(request.seed, bool) or not isinstance(request.seed, int) or not (
-                0 <= request.seed < 2**63):
+        if (
+            isinstance(request.seed, bool)
+            or not isinstance(request.seed, int)
+            or not (0 <= request.seed < 2**63)
+        ):
             raise RequestError(f"{where}: seed={request.seed!r} must be a non-negative integer")
         sampler = request.sampler or sched.sampler
         if sampler not in SAMPLERS:
             raise RequestError(f"{where}: sampler={sampler!r} is not one of {sorted(SAMPLERS)}")
-        return GenerationRequest(history, reference, request.text, request.seed, steps,
-                                 float(guidance), float(ratio), sampler)
+        return GenerationRequest(
+            history,
+            reference,
+            request.text,
+            request.seed,
+            steps,
+            float(guidance),
+            float(ratio),
+            sampler,
+        )
 
     # ----------------------------------------------------------------------------------------------
-    def __call__(self, requests: GenerationRequest | list[GenerationRequest]) -> list[GenerationResult]:
+    def __call__(
+        self, requests: GenerationRequest | list[GenerationRequest]
+    ) -> list[GenerationResult]:
         single = isinstance(requests, GenerationRequest)
         requests = [requests] if single else list(requests)
         if not requests:
@@ -135,8 +161,10 @@ class PigeonPipeline:
         first = requests[0]
         for i, r in enumerate(requests[1:], 1):
             if (r.steps, r.guidance, r.sampler) != (first.steps, first.guidance, first.sampler):
-                raise RequestError(f"request {i}: steps, guidance and sampler must match request 0 "
-                                   "within one batch")
+                raise RequestError(
+                    f"request {i}: steps, guidance and sampler must match request 0 "
+                    "within one batch"
+                )
         timings: dict[str, float] = {}
         streams = [np.random.SeedSequence(r.seed).spawn(3) for r in requests]
         mask_rngs = [np.random.default_rng(s[0]) for s in streams]
@@ -145,17 +173,26 @@ class PigeonPipeline:
 
         with _timer(timings, "preprocess"):
             size = self.config.history_encoder.image_size
-            images = [to_model_input(img, size) for r in requests for img in (*r.history, r.reference)]
+            images = [
+                to_model_input(img, size) for r in requests for img in (*r.history, r.reference)
+            ]
         with _timer(timings, "history_encoder"):
             encoded = self.runner.run("history_encoder", {"images": np.stack(images)})
         with _timer(timings, "personalize"):
-            codes = self.personalize(requests, encoded["token_ids"], encoded["token_keep"],
-                                     mask_rngs, token_rngs)
+            codes = self.personalize(
+                requests, encoded["token_ids"], encoded["token_keep"], mask_rngs, token_rngs
+            )
         with _timer(timings, "condition"):
             cond = self.condition(codes)
         with _timer(timings, "denoise"):
-            latents = self.denoise(cond["prompt_embeds"], cond["pooled_embeds"], first.steps,
-                                   first.guidance, first.sampler, latent_rngs)
+            latents = self.denoise(
+                cond["prompt_embeds"],
+                cond["pooled_embeds"],
+                first.steps,
+                first.guidance,
+                first.sampler,
+                latent_rngs,
+            )
         with _timer(timings, "vae_decoder"):
             pixels = self.runner.run("vae_decoder", {"latents": latents})["images"]
         out = to_uint8(pixels)
@@ -163,31 +200,42 @@ class PigeonPipeline:
         return [GenerationResult(out[i], codes[i], dict(timings)) for i in range(len(requests))]
 
     # ----------------------------------------------------------------------------------------------
-    def personalize(self, requests: list[GenerationRequest], token_ids: np.ndarray,
-                    token_keep: np.ndarray, mask_rngs: list[np.random.Generator],
-                    token_rngs: list[np.random.Generator]) -> list[np.ndarray]:
+    def personalize(
+        self,
+        requests: list[GenerationRequest],
+        token_ids: np.ndarray,
+        token_keep: np.ndarray,
+        mask_rngs: list[np.random.Generator],
+        token_rngs: list[np.random.Generator],
+    ) -> list[np.ndarray]:
         """Mask generator -> masked reference -> prompt -> generated codes, one array per request."""
         # 1. per request: kept tokens of each image, in raster order
         per_image = [token_ids[i][token_keep[i] > 0] for i in range(len(token_ids))]
         runs, start = [], 0
         for r in requests:
             n = len(r.history)
-            runs.append((per_image[start: start + n], per_image[start + n]))
+            runs.append((per_image[start : start + n], per_image[start + n]))
             start += n + 1
         # 2. mask generator scores, then Gumbel top-k keep decisions
         seqs = [mask_sequence(h, ref) for h, ref in runs]
         ids, pos, types = (pad_right([s[j] for s in seqs]) for j in range(3))
-        scores = self.runner.run("mask_generator",
-                                 {"token_ids": ids, "position_ids": pos, "type_ids": types})
+        scores = self.runner.run(
+            "mask_generator", {"token_ids": ids, "position_ids": pos, "type_ids": types}
+        )
         noise = np.stack([gumbel_noise(g, ids.shape[1:]) for g in mask_rngs])
         mg = self.config.mask_generator
-        keep = np.stack([
-            select_keep(scores["token_scores"][i: i + 1], types[i: i + 1],
-                        history_ratio=mg.history_mask_ratio if mg.mask_type == "mutual" else 0.0,
-                        reference_ratio=r.reference_mask_ratio if mg.mask_type != "none" else 0.0,
-                        gumbel=noise[i: i + 1])[0]
-            for i, r in enumerate(requests)
-        ])
+        keep = np.stack(
+            [
+                select_keep(
+                    scores["token_scores"][i : i + 1],
+                    types[i : i + 1],
+                    history_ratio=mg.history_mask_ratio if mg.mask_type == "mutual" else 0.0,
+                    reference_ratio=r.reference_mask_ratio if mg.mask_type != "none" else 0.0,
+                    gumbel=noise[i : i + 1],
+                )[0]
+                for i, r in enumerate(requests)
+            ]
+        )
         # 3. the masked reference through the condition adapter -> reference_embedding for <emb>
         p = self.config.history_encoder.num_patches
         ref_ids = np.zeros((len(requests), p), np.int64)
@@ -195,23 +243,29 @@ class PigeonPipeline:
         history_keep = []
         for i, (hist, ref) in enumerate(runs):
             n_hist = sum(len(h) for h in hist)
-            kept = keep[i, n_hist: n_hist + len(ref)] > 0
+            kept = keep[i, n_hist : n_hist + len(ref)] > 0
             ref_ids[i, : len(ref)] = ref
             ref_keep[i, : len(ref)] = kept
             bounds = np.cumsum([0] + [len(h) for h in hist])
-            history_keep.append([keep[i, a:b] for a, b in zip(bounds[:-1], bounds[1:])])
-        reference = self.runner.run("condition_adapter", {"token_ids": ref_ids,
-                                                          "token_keep": ref_keep})
+            history_keep.append([keep[i, a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=False)])
+        reference = self.runner.run(
+            "condition_adapter", {"token_ids": ref_ids, "token_keep": ref_keep}
+        )
         # 4. prompt and generation
-        prompts = [self.prompts.build(r.text, hist, hk)
-                   for r, (hist, _), hk in zip(requests, runs, history_keep)]
+        prompts = [
+            self.prompts.build(r.text, hist, hk)
+            for r, (hist, _), hk in zip(requests, runs, history_keep, strict=False)
+        ]
         batch = left_pad(prompts)
         seq_max = self.specs["personalizer"].dims["seq"].max
         if batch.input_ids.shape[1] > seq_max:
-            raise RequestError(f"prompt has {batch.input_ids.shape[1]} tokens, more than the "
-                               f"personalizer's maximum of {seq_max}; shorten the text")
-        return self.decoder.generate(batch, reference["reference_embedding"],
-                                     self.config.generation, p, token_rngs)
+            raise RequestError(
+                f"prompt has {batch.input_ids.shape[1]} tokens, more than the "
+                f"personalizer's maximum of {seq_max}; shorten the text"
+            )
+        return self.decoder.generate(
+            batch, reference["reference_embedding"], self.config.generation, p, token_rngs
+        )
 
     def condition(self, codes: list[np.ndarray]) -> dict[str, np.ndarray]:
         """Generated codes -> UNet conditioning (prompt_embeds, pooled_embeds)."""
@@ -223,9 +277,15 @@ class PigeonPipeline:
             keep[i, : len(c)] = 1
         return self.runner.run("condition_adapter", {"token_ids": ids, "token_keep": keep})
 
-    def denoise(self, prompt_embeds: np.ndarray, pooled_embeds: np.ndarray, steps: int,
-                guidance: float, sampler_name: str,
-                rngs: list[np.random.Generator]) -> np.ndarray:
+    def denoise(
+        self,
+        prompt_embeds: np.ndarray,
+        pooled_embeds: np.ndarray,
+        steps: int,
+        guidance: float,
+        sampler_name: str,
+        rngs: list[np.random.Generator],
+    ) -> np.ndarray:
         """The visible denoising loop: sampler + classifier-free guidance over the UNet."""
         c, h = self.config.vae.latent_channels, self.config.latent_size
         sampler = make_sampler(self.config.scheduler, steps, sampler_name)
@@ -236,11 +296,16 @@ class PigeonPipeline:
         time_ids = np.tile(np.array([s, s, 0, 0, s, s], np.float32), (len(context), 1))
         for i, t in enumerate(sampler.timesteps):
             model_input = np.concatenate([latents] * (len(context) // len(latents)))
-            noise_pred = self.runner.run("unet", {
-                "latents": model_input,
-                "timestep": np.full(len(model_input), t, np.float32),
-                "prompt_embeds": context, "pooled_embeds": pooled, "time_ids": time_ids,
-            })["noise_pred"]
+            noise_pred = self.runner.run(
+                "unet",
+                {
+                    "latents": model_input,
+                    "timestep": np.full(len(model_input), t, np.float32),
+                    "prompt_embeds": context,
+                    "pooled_embeds": pooled,
+                    "time_ids": time_ids,
+                },
+            )["noise_pred"]
             latents = sampler.step(split_guidance(noise_pred, guidance), i, latents)
         return latents
 

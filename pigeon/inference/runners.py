@@ -36,8 +36,10 @@ class TorchRunner:
         missing = [n for n in spec.input_names if n not in feeds]
         if missing:
             raise KeyError(f"{component}: missing input {missing[0]!r}")
-        args = [torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device)
-                for n in spec.input_names]
+        args = [
+            torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device)
+            for n in spec.input_names
+        ]
         with torch.inference_mode():
             outputs = self.modules[component](*args)
         return {n: o.cpu().numpy() for n, o in zip(spec.output_names, outputs, strict=True)}

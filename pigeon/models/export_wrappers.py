@@ -31,8 +31,9 @@ class MaskGeneratorForExport(nn.Module):
         self.embeddings = model.personalizer.input_embeddings()
         self.visual_offset = model.vocab.visual_offset
 
-    def forward(self, token_ids: torch.Tensor, position_ids: torch.Tensor,
-                type_ids: torch.Tensor) -> tuple[torch.Tensor]:
+    def forward(
+        self, token_ids: torch.Tensor, position_ids: torch.Tensor, type_ids: torch.Tensor
+    ) -> tuple[torch.Tensor]:
         embeds = self.embeddings(token_ids + self.visual_offset)
         return (self.mask_generator(embeds, position_ids, type_ids),)
 
@@ -48,13 +49,20 @@ class PersonalizerForExport(nn.Module):
         super().__init__()
         self.personalizer = model.personalizer
         vocab = model.vocab
-        allowed = torch.cat([torch.tensor([vocab.img_end]),
-                             torch.arange(vocab.visual_offset, vocab.size)])
+        allowed = torch.cat(
+            [torch.tensor([vocab.img_end]), torch.arange(vocab.visual_offset, vocab.size)]
+        )
         self.register_buffer("allowed_ids", allowed, persistent=False)
 
-    def forward(self, input_ids: torch.Tensor, embed_keep: torch.Tensor,
-                reference_embedding: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor, *past_flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        embed_keep: torch.Tensor,
+        reference_embedding: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        *past_flat: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
         p = self.personalizer
         past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(p.num_layers)]
         hidden, present = p.transformer(
@@ -74,7 +82,9 @@ class ConditionAdapterForExport(nn.Module):
         self.quantizer = model.history_encoder.quantizer
         self.adapter = model.condition_adapter
 
-    def forward(self, token_ids: torch.Tensor, token_keep: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self, token_ids: torch.Tensor, token_keep: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         return self.adapter(self.quantizer.code_vectors(token_ids), token_keep)
 
 
@@ -83,10 +93,18 @@ class UNetForExport(nn.Module):
         super().__init__()
         self.unet = model.unet
 
-    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor,
-                pooled_embeds: torch.Tensor, time_ids: torch.Tensor) -> tuple[torch.Tensor]:
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled_embeds: torch.Tensor,
+        time_ids: torch.Tensor,
+    ) -> tuple[torch.Tensor]:
         noise_pred = self.unet(
-            latents, timestep, encoder_hidden_states=prompt_embeds,
+            latents,
+            timestep,
+            encoder_hidden_states=prompt_embeds,
             added_cond_kwargs={"text_embeds": pooled_embeds, "time_ids": time_ids},
             return_dict=False,
         )[0]

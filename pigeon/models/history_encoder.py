@@ -34,8 +34,10 @@ class TokenSelector(nn.Module):
         super().__init__()
         self.inp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
         self.out = nn.Sequential(
-            nn.Linear(dim, dim // 2), nn.GELU(),
-            nn.Linear(dim // 2, dim // 4), nn.GELU(),
+            nn.Linear(dim, dim // 2),
+            nn.GELU(),
+            nn.Linear(dim // 2, dim // 4),
+            nn.GELU(),
             nn.Linear(dim // 4, 2),
         )
 
@@ -96,7 +98,9 @@ class CausalFuserBlock(nn.Module):
         x = x + self.self_attn(self.norm1(x), self.norm1(x), self_weight)
         context = torch.cat([self.null_key.expand(b, 1, -1), dropped], dim=1)  # (batch, 1+P, D)
         cross_weight = torch.cat([torch.ones_like(keep[:, :1]), 1 - keep], dim=1)
-        x = x + self.cross_attn(self.norm2(x), context, cross_weight[:, None, :].expand(b, p, p + 1))
+        x = x + self.cross_attn(
+            self.norm2(x), context, cross_weight[:, None, :].expand(b, p, p + 1)
+        )
         return x + self.mlp(self.norm3(x))
 
 
@@ -135,11 +139,17 @@ class HistoryEncoder(nn.Module):
         super().__init__()
         self.config = config
         d = config.vit_width
-        self.vit = CLIPVisionModel(CLIPVisionConfig(
-            image_size=config.image_size, patch_size=config.patch_size, hidden_size=d,
-            num_hidden_layers=config.vit_layers, num_attention_heads=config.vit_heads,
-            intermediate_size=int(d * config.mlp_ratio), num_channels=3,
-        ))
+        self.vit = CLIPVisionModel(
+            CLIPVisionConfig(
+                image_size=config.image_size,
+                patch_size=config.patch_size,
+                hidden_size=d,
+                num_hidden_layers=config.vit_layers,
+                num_attention_heads=config.vit_heads,
+                intermediate_size=int(d * config.mlp_ratio),
+                num_channels=3,
+            )
+        )
         self.selector = TokenSelector(d)
         self.dropped_norm = nn.LayerNorm(d)
         self.merger = nn.ModuleList(
@@ -169,7 +179,9 @@ class HistoryEncoder(nn.Module):
 
     def tokenize(self, images: torch.Tensor) -> TokenizerOutput:
         """images in [0, 1], (batch, 3, S, S) -> TokenizerOutput."""
-        features = self.vit(pixel_values=self.normalize(images)).last_hidden_state[:, 1:]  # (b, P, D)
+        features = self.vit(pixel_values=self.normalize(images)).last_hidden_state[
+            :, 1:
+        ]  # (b, P, D)
         log_probs = self.selector(features)
         keep = self.select(log_probs)
         dropped = self.dropped_norm(features)

@@ -24,8 +24,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(
-        self, x: torch.Tensor, context: torch.Tensor | None = None,
-        key_keep: torch.Tensor | None = None, causal: bool = False,
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        key_keep: torch.Tensor | None = None,
+        causal: bool = False,
     ) -> torch.Tensor:
         context = x if context is None else context
         b, n, d = x.shape
@@ -37,7 +40,9 @@ class Attention(nn.Module):
         mask = None
         if key_keep is not None:
             mask = key_keep.bool()[:, None, None, :]  # (batch, 1, 1, keys)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal and mask is None
+        )
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 

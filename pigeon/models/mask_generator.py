@@ -31,13 +31,18 @@ class MaskGenerator(nn.Module):
     def __init__(self, config: MaskGeneratorConfig, embed_dim: int) -> None:
         super().__init__()
         self.config = config
-        self.register_buffer("position_table", sinusoid_table(config.max_position, embed_dim), persistent=False)
+        self.register_buffer(
+            "position_table", sinusoid_table(config.max_position, embed_dim), persistent=False
+        )
         self.type_embed = nn.Embedding(3, embed_dim)
         self.norm = nn.LayerNorm(embed_dim)  # shared by input and output, as in the official code
         self.embed_dropout = nn.Dropout(config.embed_dropout)
         layer = nn.TransformerEncoderLayer(
-            embed_dim, config.num_heads, dim_feedforward=config.ff_dim,
-            dropout=config.encoder_dropout, batch_first=True,
+            embed_dim,
+            config.num_heads,
+            dim_feedforward=config.ff_dim,
+            dropout=config.encoder_dropout,
+            batch_first=True,
         )
         self.encoder = nn.TransformerEncoder(layer, config.num_layers, enable_nested_tensor=False)
         self.head = nn.Linear(embed_dim, embed_dim)
@@ -56,8 +61,13 @@ class MaskGenerator(nn.Module):
         return F.cosine_similarity(token_embeds, out, dim=-1)
 
 
-def _gumbel_topk(logits: torch.Tensor, member: torch.Tensor, k: torch.Tensor,
-                 gumbel: torch.Tensor | None, straight_through: bool) -> torch.Tensor:
+def _gumbel_topk(
+    logits: torch.Tensor,
+    member: torch.Tensor,
+    k: torch.Tensor,
+    gumbel: torch.Tensor | None,
+    straight_through: bool,
+) -> torch.Tensor:
     """Keep the k[b] members of row b with the largest logits + Gumbel noise (batch, L)."""
     y = logits + (gumbel if gumbel is not None else 0.0)
     y = y.masked_fill(~member, -math.inf)
@@ -70,8 +80,13 @@ def _gumbel_topk(logits: torch.Tensor, member: torch.Tensor, k: torch.Tensor,
 
 
 def select_keep(
-    scores: torch.Tensor, type_ids: torch.Tensor, *, history_ratio: float,
-    reference_ratio: float, training: bool, gumbel: torch.Tensor | None = None,
+    scores: torch.Tensor,
+    type_ids: torch.Tensor,
+    *,
+    history_ratio: float,
+    reference_ratio: float,
+    training: bool,
+    gumbel: torch.Tensor | None = None,
     straight_through: bool = False,
 ) -> torch.Tensor:
     """Keep decisions (batch, L): 1 for a kept history or reference token, 0 for masked or pad.
@@ -94,7 +109,9 @@ def select_keep(
     return keep
 
 
-def random_reference_keep(type_ids: torch.Tensor, ratio: float, generator: torch.Generator) -> torch.Tensor:
+def random_reference_keep(
+    type_ids: torch.Tensor, ratio: float, generator: torch.Generator
+) -> torch.Tensor:
     """The `mask_type="random"` ablation: ceil(n r) uniformly random reference tokens masked,
     history unmasked."""
     keep = (type_ids == HISTORY_TYPE).float()

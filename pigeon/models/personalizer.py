@@ -30,8 +30,11 @@ class ReferenceAdapter(nn.Module):
     def __init__(self, context_dim: int, hidden: int, out_dim: int, dropout: float) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(context_dim, hidden), nn.Dropout(dropout),
-            nn.Linear(hidden, out_dim), nn.Tanh(), nn.Dropout(dropout),
+            nn.Linear(context_dim, hidden),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, out_dim),
+            nn.Tanh(),
+            nn.Dropout(dropout),
         )
 
     def forward(self, reference_embedding: torch.Tensor) -> torch.Tensor:
@@ -43,17 +46,31 @@ class Personalizer(nn.Module):
         super().__init__()
         self.config = config
         self.vocab = vocab
-        llm = LlamaForCausalLM(LlamaConfig(
-            vocab_size=vocab.size, hidden_size=config.hidden_size,
-            intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
-            num_attention_heads=config.num_heads, num_key_value_heads=config.num_heads,
-            max_position_embeddings=config.max_positions, tie_word_embeddings=False,
-            pad_token_id=PAD_ID, bos_token_id=vocab.img_start, eos_token_id=vocab.img_end,
-        ))
-        self.llm = inject_adapter_in_model(LoraConfig(
-            r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-            target_modules=list(LORA_TARGETS), bias="none",
-        ), llm)
+        llm = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=vocab.size,
+                hidden_size=config.hidden_size,
+                intermediate_size=config.intermediate_size,
+                num_hidden_layers=config.num_layers,
+                num_attention_heads=config.num_heads,
+                num_key_value_heads=config.num_heads,
+                max_position_embeddings=config.max_positions,
+                tie_word_embeddings=False,
+                pad_token_id=PAD_ID,
+                bos_token_id=vocab.img_start,
+                eos_token_id=vocab.img_end,
+            )
+        )
+        self.llm = inject_adapter_in_model(
+            LoraConfig(
+                r=config.lora_rank,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout,
+                target_modules=list(LORA_TARGETS),
+                bias="none",
+            ),
+            llm,
+        )
         self.reference_adapter = ReferenceAdapter(
             context_dim, config.adapter_hidden, config.hidden_size, config.adapter_dropout
         )
@@ -79,8 +96,12 @@ class Personalizer(nn.Module):
         return torch.where((input_ids == self.vocab.emb)[..., None], slot, embeds)
 
     def transformer(
-        self, input_ids: torch.Tensor, embed_keep: torch.Tensor, reference_embedding: torch.Tensor,
-        attention_mask: torch.Tensor, position_ids: torch.Tensor,
+        self,
+        input_ids: torch.Tensor,
+        embed_keep: torch.Tensor,
+        reference_embedding: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
         past: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """One prefill or decode step of the decoder stack.
@@ -91,15 +112,21 @@ class Personalizer(nn.Module):
         """
         out = self.llm.model(
             inputs_embeds=self.embed(input_ids, embed_keep, reference_embedding),
-            attention_mask=attention_mask, position_ids=position_ids,
-            cache=DynamicCache(ddp_cache_data=past) if past else DynamicCache(), use_cache=True,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=DynamicCache(ddp_cache_data=past) if past else DynamicCache(),
+            use_cache=True,
         )
         present = [(layer.keys, layer.values) for layer in out.cache.layers]
         return out.last_hidden_state, present
 
     def forward(
-        self, input_ids: torch.Tensor, embed_keep: torch.Tensor, reference_embedding: torch.Tensor,
-        attention_mask: torch.Tensor, position_ids: torch.Tensor,
+        self,
+        input_ids: torch.Tensor,
+        embed_keep: torch.Tensor,
+        reference_embedding: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
         past: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """Like `transformer`, with logits over the whole vocabulary (batch, seq, vocab)."""

@@ -15,7 +15,12 @@ from pigeon.vocab import VocabLayout
 
 # The order in which checkpoints store and list the components.
 COMPONENT_MODULES = (
-    "history_encoder", "mask_generator", "personalizer", "condition_adapter", "unet", "vae",
+    "history_encoder",
+    "mask_generator",
+    "personalizer",
+    "condition_adapter",
+    "unet",
+    "vae",
 )
 
 
@@ -34,7 +39,8 @@ class PigeonModel(nn.Module):
             config.personalizer, self.vocab, config.condition_adapter.context_dim
         )
         self.condition_adapter = ConditionAdapter(
-            config.condition_adapter, config.history_encoder.code_dim,
+            config.condition_adapter,
+            config.history_encoder.code_dim,
             config.history_encoder.num_patches,
         )
         self.unet = build_unet(config)

@@ -21,18 +21,28 @@ END = 0  # column of </img> in visual_logits
 
 
 class Decoder:
-    def __init__(self, step: StepFn, vocab: VocabLayout, num_layers: int, num_heads: int,
-                 head_dim: int) -> None:
+    def __init__(
+        self, step: StepFn, vocab: VocabLayout, num_layers: int, num_heads: int, head_dim: int
+    ) -> None:
         self.step = step
         self.vocab = vocab
         self.num_layers = num_layers
         self.kv_shape = (num_heads, head_dim)
 
-    def _feeds(self, input_ids, embed_keep, reference_embedding, attention_mask, position_ids,
-               past: list[np.ndarray]) -> dict[str, np.ndarray]:
+    def _feeds(
+        self,
+        input_ids,
+        embed_keep,
+        reference_embedding,
+        attention_mask,
+        position_ids,
+        past: list[np.ndarray],
+    ) -> dict[str, np.ndarray]:
         feeds = {
-            "input_ids": input_ids, "embed_keep": embed_keep,
-            "reference_embedding": reference_embedding, "attention_mask": attention_mask,
+            "input_ids": input_ids,
+            "embed_keep": embed_keep,
+            "reference_embedding": reference_embedding,
+            "attention_mask": attention_mask,
             "position_ids": position_ids,
         }
         for i in range(self.num_layers):
@@ -46,28 +56,51 @@ class Decoder:
             present += [out[f"present_key_{i}"], out[f"present_value_{i}"]]
         return out["visual_logits"].astype(np.float64), present
 
-    def _next_feeds(self, columns: np.ndarray, reference_embedding: np.ndarray,
-                    attention_mask: np.ndarray, position_ids: np.ndarray,
-                    past: list[np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    def _next_feeds(
+        self,
+        columns: np.ndarray,
+        reference_embedding: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        past: list[np.ndarray],
+    ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
         token = np.where(columns == END, self.vocab.img_end, columns - 1 + self.vocab.visual_offset)
         b = len(columns)
         attention_mask = np.concatenate([attention_mask, np.ones((b, 1), np.int64)], axis=1)
         position_ids = position_ids[:, -1:] + 1
-        feeds = self._feeds(token[:, None].astype(np.int64), np.ones((b, 1), np.float32),
-                            reference_embedding, attention_mask, position_ids, past)
+        feeds = self._feeds(
+            token[:, None].astype(np.int64),
+            np.ones((b, 1), np.float32),
+            reference_embedding,
+            attention_mask,
+            position_ids,
+            past,
+        )
         return feeds, attention_mask, position_ids
 
-    def generate(self, prompt: PromptBatch, reference_embedding: np.ndarray,
-                 config: GenerationConfig, max_codes: int,
-                 rngs: list[np.random.Generator]) -> list[np.ndarray]:
+    def generate(
+        self,
+        prompt: PromptBatch,
+        reference_embedding: np.ndarray,
+        config: GenerationConfig,
+        max_codes: int,
+        rngs: list[np.random.Generator],
+    ) -> list[np.ndarray]:
         """Codes (each a 1-D int64 array of length <= max_codes) for every prompt row."""
         if config.strategy == "beam":
             return self._beam(prompt, reference_embedding, config, max_codes)
         b = prompt.input_ids.shape[0]
         empty = [np.zeros((b, *self.kv_shape[:1], 0, self.kv_shape[1]), np.float32)] * (
-            2 * self.num_layers)
-        feeds = self._feeds(prompt.input_ids, prompt.embed_keep, reference_embedding,
-                            prompt.attention_mask, prompt.position_ids, empty)
+            2 * self.num_layers
+        )
+        feeds = self._feeds(
+            prompt.input_ids,
+            prompt.embed_keep,
+            reference_embedding,
+            prompt.attention_mask,
+            prompt.position_ids,
+            empty,
+        )
         attention_mask, position_ids = prompt.attention_mask, prompt.position_ids
         codes: list[list[int]] = [[] for _ in range(b)]
         done = np.zeros(b, dtype=bool)
@@ -86,7 +119,8 @@ class Decoder:
             if done.all():
                 break
             feeds, attention_mask, position_ids = self._next_feeds(
-                columns, reference_embedding, attention_mask, position_ids, past)
+                columns, reference_embedding, attention_mask, position_ids, past
+            )
         return [np.asarray(c, dtype=np.int64) for c in codes]
 
     @staticmethod
@@ -99,8 +133,13 @@ class Decoder:
         p = np.exp(logits[top] - logits[top].max())
         return int(top[rng.choice(k, p=p / p.sum())])
 
-    def _beam(self, prompt: PromptBatch, reference_embedding: np.ndarray,
-              config: GenerationConfig, max_codes: int) -> list[np.ndarray]:
+    def _beam(
+        self,
+        prompt: PromptBatch,
+        reference_embedding: np.ndarray,
+        config: GenerationConfig,
+        max_codes: int,
+    ) -> list[np.ndarray]:
         """Beam search with HF's length normalisation (sum log p / length)."""
         nb = config.num_beams
         b = prompt.input_ids.shape[0]
@@ -111,9 +150,16 @@ class Decoder:
         attention_mask, position_ids = expand(prompt.attention_mask), expand(prompt.position_ids)
         ref = expand(reference_embedding)
         empty = [np.zeros((b * nb, self.kv_shape[0], 0, self.kv_shape[1]), np.float32)] * (
-            2 * self.num_layers)
-        feeds = self._feeds(expand(prompt.input_ids), expand(prompt.embed_keep), ref,
-                            attention_mask, position_ids, empty)
+            2 * self.num_layers
+        )
+        feeds = self._feeds(
+            expand(prompt.input_ids),
+            expand(prompt.embed_keep),
+            ref,
+            attention_mask,
+            position_ids,
+            empty,
+        )
         scores = np.tile(np.array([0.0] + [-np.inf] * (nb - 1)), b)  # (b * nb,)
         beams: list[list[int]] = [[] for _ in range(b * nb)]
         finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(b)]
@@ -125,8 +171,9 @@ class Decoder:
             if n == max_codes:  # length limit: every live beam ends here, paying for </img>
                 for row in range(b * nb):
                     if np.isfinite(scores[row]):
-                        finished[row // nb].append(((scores[row] + logp[row, END]) / (n + 1),
-                                                    beams[row]))
+                        finished[row // nb].append(
+                            ((scores[row] + logp[row, END]) / (n + 1), beams[row])
+                        )
                 break
             v = logp.shape[1]
             total = (scores[:, None] + logp).reshape(b, nb * v)
@@ -153,7 +200,7 @@ class Decoder:
                     new_scores.append(-np.inf)
                     chosen += 1
             rows = np.array(new_rows)
-            beams = [beams[r] + [int(c) - 1] for r, c in zip(rows, new_cols)]
+            beams = [beams[r] + [int(c) - 1] for r, c in zip(rows, new_cols, strict=False)]
             scores = np.array(new_scores)
             past = [p[rows] for p in past]
             attention_mask, position_ids = attention_mask[rows], position_ids[rows]
@@ -162,5 +209,6 @@ class Decoder:
                 if all(max(s for s, _ in finished[i]) >= best_alive[i] for i in range(b)):
                     break
             feeds, attention_mask, position_ids = self._next_feeds(
-                np.array(new_cols), ref, attention_mask, position_ids, past)
+                np.array(new_cols), ref, attention_mask, position_ids, past
+            )
         return [np.asarray(max(f, key=lambda h: h[0])[1], dtype=np.int64) for f in finished]

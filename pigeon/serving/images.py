@@ -85,7 +85,7 @@ def to_model_input(image: np.ndarray, size: int) -> np.ndarray:
     if h != w:
         square = np.full((side, side, 3), 255, dtype=np.uint8)
         top, left = (side - h) // 2, (side - w) // 2
-        square[top: top + h, left: left + w] = image
+        square[top : top + h, left : left + w] = image
         image = square
     if side != size:
         image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))

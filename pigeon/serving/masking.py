@@ -16,8 +16,9 @@ def num_kept(n: int, mask_ratio: float) -> int:
     return max(1, int(n * (1.0 - mask_ratio)))
 
 
-def mask_sequence(history: list[np.ndarray], reference: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def mask_sequence(
+    history: list[np.ndarray], reference: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Kept code ids per history image and for the reference -> token_ids, position_ids, type_ids (L,)."""
     runs = [(h, HISTORY_TYPE) for h in history] + [(reference, REFERENCE_TYPE)]
     ids = np.concatenate([r for r, _ in runs]).astype(np.int64)
@@ -42,9 +43,15 @@ def _log_softmax_masked(scores: np.ndarray, member: np.ndarray) -> np.ndarray:
         return x - m - np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True))
 
 
-def select_keep(scores: np.ndarray, type_ids: np.ndarray, *, history_ratio: float,
-                reference_ratio: float, training: bool = False,
-                gumbel: np.ndarray | None = None) -> np.ndarray:
+def select_keep(
+    scores: np.ndarray,
+    type_ids: np.ndarray,
+    *,
+    history_ratio: float,
+    reference_ratio: float,
+    training: bool = False,
+    gumbel: np.ndarray | None = None,
+) -> np.ndarray:
     """Keep decisions (batch, L) in {0, 1}: joint history Gumbel top-k and reference Gumbel top-k,
     high scores kept at inference (masked in training)."""
     keep = np.zeros(scores.shape, dtype=np.float32)

@@ -48,14 +48,20 @@ class PromptBuilder:
     def __init__(self, tokenizer: TextTokenizer, vocab: VocabLayout) -> None:
         self.vocab = vocab
         self.tokenizer = tokenizer
-        self._fixed = {s: tokenizer.encode(s) for s in (PREFIX, HISTORY_SEPARATOR, INSTRUCTION,
-                                                           RESPONSE, " ")}
+        self._fixed = {
+            s: tokenizer.encode(s) for s in (PREFIX, HISTORY_SEPARATOR, INSTRUCTION, RESPONSE, " ")
+        }
 
     def text_ids(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
-    def build(self, text: str, history_codes: list[np.ndarray], history_keep: list[np.ndarray],
-              target_codes: np.ndarray | None = None) -> Prompt:
+    def build(
+        self,
+        text: str,
+        history_codes: list[np.ndarray],
+        history_keep: list[np.ndarray],
+        target_codes: np.ndarray | None = None,
+    ) -> Prompt:
         """history_codes[i]: kept code ids of history image i; history_keep[i]: the mask generator's
         keep (1) / drop (0) decision for each of them; target_codes: the training target's codes."""
         ids: list[np.ndarray] = []
@@ -76,14 +82,18 @@ class PromptBuilder:
             source.append(np.arange(offset, offset + len(codes), dtype=np.int64))
             offset += len(codes)
         add_text(self._fixed[INSTRUCTION] + self.text_ids(text))
-        add_text(self._fixed[" "] + [self.vocab.emb] + self._fixed[RESPONSE] + [self.vocab.img_start])
+        add_text(
+            self._fixed[" "] + [self.vocab.emb] + self._fixed[RESPONSE] + [self.vocab.img_start]
+        )
         input_ids = np.concatenate(ids)
         embed_keep = np.concatenate(keep)
         keep_source = np.concatenate(source)
         labels = np.full(len(input_ids), IGNORE, dtype=np.int64)
         if target_codes is not None:
-            target = np.append(np.asarray(target_codes, dtype=np.int64) + self.vocab.visual_offset,
-                               self.vocab.img_end)
+            target = np.append(
+                np.asarray(target_codes, dtype=np.int64) + self.vocab.visual_offset,
+                self.vocab.img_end,
+            )
             input_ids = np.concatenate([input_ids, target])
             embed_keep = np.concatenate([embed_keep, np.ones(len(target), dtype=np.float32)])
             # the logit at position j predicts token j+1; labels are stored unshifted as in HF
@@ -93,14 +103,24 @@ class PromptBuilder:
 
     def build_text_to_image(self, text: str, target_codes: np.ndarray) -> Prompt:
         """Stage 0c (base LMM): "Instruction: " text "\nResponse: " <img> v_1..v_n </img>."""
-        prefix = np.asarray(self.tokenizer.encode(INSTRUCTION.lstrip("\n")) + self.text_ids(text)
-                            + self._fixed[RESPONSE] + [self.vocab.img_start], dtype=np.int64)
-        target = np.append(np.asarray(target_codes, dtype=np.int64) + self.vocab.visual_offset,
-                           self.vocab.img_end)
+        prefix = np.asarray(
+            self.tokenizer.encode(INSTRUCTION.lstrip("\n"))
+            + self.text_ids(text)
+            + self._fixed[RESPONSE]
+            + [self.vocab.img_start],
+            dtype=np.int64,
+        )
+        target = np.append(
+            np.asarray(target_codes, dtype=np.int64) + self.vocab.visual_offset, self.vocab.img_end
+        )
         input_ids = np.concatenate([prefix, target])
         labels = np.concatenate([np.full(len(prefix), IGNORE, dtype=np.int64), target])
-        return Prompt(input_ids, np.ones(len(input_ids), np.float32), labels,
-                      np.full(len(input_ids), -1, dtype=np.int64))
+        return Prompt(
+            input_ids,
+            np.ones(len(input_ids), np.float32),
+            labels,
+            np.full(len(input_ids), -1, dtype=np.int64),
+        )
 
 
 def left_pad(prompts: list[Prompt]) -> PromptBatch:
@@ -114,10 +134,10 @@ def left_pad(prompts: list[Prompt]) -> PromptBatch:
     keep_source = np.full((b, width), -1, dtype=np.int64)
     for i, p in enumerate(prompts):
         n = len(p.input_ids)
-        input_ids[i, width - n:] = p.input_ids
-        embed_keep[i, width - n:] = p.embed_keep
-        attention_mask[i, width - n:] = 1
-        labels[i, width - n:] = p.labels
-        keep_source[i, width - n:] = p.keep_source
+        input_ids[i, width - n :] = p.input_ids
+        embed_keep[i, width - n :] = p.embed_keep
+        attention_mask[i, width - n :] = 1
+        labels[i, width - n :] = p.labels
+        keep_source[i, width - n :] = p.keep_source
     position_ids = np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None)
     return PromptBatch(input_ids, embed_keep, attention_mask, position_ids, labels, keep_source)

@@ -1,9 +1,9 @@
 """Losses as pure functions (architecture.md §3; pigeon-method.md §6-7). Tested on their own.
 
-    L_diff = || eps_hat - eps ||^2                                    (or v-target)
-    L_VAE  = || x_hat - x ||_1 + w_kl KL(q(z|x) || N(0, I))
-    L_LM   = -1/|T| sum_{t in T} log p(y_t | y_<t)                   T: the labelled positions
-    L_DPO  = -log sigma(beta [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))])
+L_diff = || eps_hat - eps ||^2                                    (or v-target)
+L_VAE  = || x_hat - x ||_1 + w_kl KL(q(z|x) || N(0, I))
+L_LM   = -1/|T| sum_{t in T} log p(y_t | y_<t)                   T: the labelled positions
+L_DPO  = -log sigma(beta [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))])
 """
 
 from __future__ import annotations
@@ -18,8 +18,13 @@ def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return F.mse_loss(prediction.float(), target.float())
 
 
-def vae_loss(reconstruction: torch.Tensor, images: torch.Tensor, mean: torch.Tensor,
-             logvar: torch.Tensor, kl_weight: float) -> torch.Tensor:
+def vae_loss(
+    reconstruction: torch.Tensor,
+    images: torch.Tensor,
+    mean: torch.Tensor,
+    logvar: torch.Tensor,
+    kl_weight: float,
+) -> torch.Tensor:
     """L1 reconstruction + weighted KL of a diagonal Gaussian posterior to N(0, I), per element."""
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
     return F.l1_loss(reconstruction, images) + kl_weight * kl
@@ -48,11 +53,17 @@ def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return token_logprobs(logits, labels)[0].sum(dim=-1)
 
 
-def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
-             reference_chosen: torch.Tensor, reference_rejected: torch.Tensor,
-             beta: float = 0.1) -> torch.Tensor:
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    beta: float = 0.1,
+) -> torch.Tensor:
     """Sigmoid DPO (Rafailov et al. 2023, eq. 7) on sequence log-probs, averaged over the batch.
 
     The reference log-probs carry no gradient."""
-    margin = (policy_chosen - reference_chosen.detach()) - (policy_rejected - reference_rejected.detach())
+    margin = (policy_chosen - reference_chosen.detach()) - (
+        policy_rejected - reference_rejected.detach()
+    )
     return -F.logsigmoid(beta * margin).mean()

@@ -1,12 +1,13 @@
 """What each training stage trains and the loss it minimises (architecture.md §3).
 
-| stage | trains                                        | loss                                        |
-|-------|-----------------------------------------------|---------------------------------------------|
-| vae   | VAE                                           | L1 reconstruction + KL                      |
-| image | history encoder, condition adapter, UNet      | diffusion on images conditioned on their own tokens + VQ + token budget |
-| lmm   | LLM base weights                              | next-token loss on [text, <img>, codes, </img>] |
-| sft   | LoRA, reference adapter, mask generator (switch) | masked preference reconstruction (L_MPR)  |
-| dpo   | LoRA                                          | sigmoid DPO, beta 0.1, same sampled context for policy and reference |
+    stage  trains                                            loss
+    vae    VAE                                               L1 reconstruction + KL
+    image  history encoder, condition adapter, UNet          diffusion on images conditioned on their
+                                                             own tokens + VQ + token budget
+    lmm    LLM base weights                                  next-token loss on [text, <img>, codes, </img>]
+    sft    LoRA, reference adapter, mask generator (switch)  masked preference reconstruction (L_MPR)
+    dpo    LoRA                                              sigmoid DPO, beta 0.1, policy and reference
+                                                             on the same sampled context
 
 `set_trainable(model, stage)` freezes everything else, so a stage can only change its own parameters.
 """
@@ -38,15 +39,21 @@ def stage_parameters(model: PigeonModel, stage: str) -> dict[str, torch.nn.Param
         "vae": ("vae.",),
         "image": ("history_encoder.", "condition_adapter.", "unet."),
         "lmm": ("personalizer.llm.",),
-        "sft": ("personalizer.reference_adapter.",) + (
-            ("mask_generator.",) if model.config.mask_generator.training == "straight_through" else ()),
+        "sft": ("personalizer.reference_adapter.",)
+        + (
+            ("mask_generator.",)
+            if model.config.mask_generator.training == "straight_through"
+            else ()
+        ),
         "dpo": (),
     }[stage]
     chosen = {n: p for n, p in named.items() if n.startswith(prefixes)}
     if stage == "lmm":
         chosen = {n: p for n, p in chosen.items() if "lora_" not in n}
     if stage in ("sft", "dpo"):
-        chosen.update({n: p for n, p in named.items() if n.startswith("personalizer.") and "lora_" in n})
+        chosen.update(
+            {n: p for n, p in named.items() if n.startswith("personalizer.") and "lora_" in n}
+        )
     return chosen
 
 
@@ -82,7 +89,9 @@ def time_ids_for(model: PigeonModel, batch: int, device: torch.device) -> torch.
 # Stage 0a and 0b
 
 
-def vae_objective(model: PigeonModel, images: torch.Tensor, kl_weight: float = 1e-6) -> torch.Tensor:
+def vae_objective(
+    model: PigeonModel, images: torch.Tensor, kl_weight: float = 1e-6
+) -> torch.Tensor:
     """images in [0, 1] (batch, 3, H, W)."""
     x = images * 2 - 1
     posterior = model.vae.encode(x).latent_dist
@@ -90,9 +99,14 @@ def vae_objective(model: PigeonModel, images: torch.Tensor, kl_weight: float = 1
     return losses.vae_loss(reconstruction, x, posterior.mean, posterior.logvar, kl_weight)
 
 
-def image_objective(model: PigeonModel, images: torch.Tensor, alphas_cumprod: torch.Tensor,
-                    uncond_prob: float = 0.1, keep_target: float = 0.6,
-                    budget_weight: float = 1.0) -> torch.Tensor:
+def image_objective(
+    model: PigeonModel,
+    images: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    uncond_prob: float = 0.1,
+    keep_target: float = 0.6,
+    budget_weight: float = 1.0,
+) -> torch.Tensor:
     """LaVIT's tokenizer + diffusion decoder: denoise the image's latents conditioned on its own tokens.
 
     alphas_cumprod: (T,) from `pigeon.diffusion.scheduler.alphas_cumprod`.
@@ -104,14 +118,22 @@ def image_objective(model: PigeonModel, images: torch.Tensor, alphas_cumprod: to
     prompt_embeds = prompt_embeds * (1 - drop)[:, None, None]  # CFG: zero negatives
     pooled = pooled * (1 - drop)[:, None]
     with torch.no_grad():
-        latents = model.vae.encode(images * 2 - 1).latent_dist.mean * model.config.vae.scaling_factor
+        latents = (
+            model.vae.encode(images * 2 - 1).latent_dist.mean * model.config.vae.scaling_factor
+        )
     noise = torch.randn_like(latents)
     t = torch.randint(0, len(alphas_cumprod), (b,), device=images.device)
     a_t = alphas_cumprod.to(latents)[t].view(b, 1, 1, 1)
     noisy = a_t.sqrt() * latents + (1 - a_t).sqrt() * noise
-    pred = model.unet(noisy, t, encoder_hidden_states=prompt_embeds,
-                      added_cond_kwargs={"text_embeds": pooled,
-                                         "time_ids": time_ids_for(model, b, images.device)}).sample
+    pred = model.unet(
+        noisy,
+        t,
+        encoder_hidden_states=prompt_embeds,
+        added_cond_kwargs={
+            "text_embeds": pooled,
+            "time_ids": time_ids_for(model, b, images.device),
+        },
+    ).sample
     if model.config.scheduler.prediction_type == "v_prediction":
         target = a_t.sqrt() * noise - (1 - a_t).sqrt() * latents
     else:
@@ -124,25 +146,35 @@ def image_objective(model: PigeonModel, images: torch.Tensor, alphas_cumprod: to
 # Stage 0c
 
 
-def lmm_objective(model: PigeonModel, builder: PromptBuilder, images: torch.Tensor,
-                  texts: list[str]) -> torch.Tensor:
+def lmm_objective(
+    model: PigeonModel, builder: PromptBuilder, images: torch.Tensor, texts: list[str]
+) -> torch.Tensor:
     """Next-token loss of the base text-to-image LMM on [text, <img>, codes, </img>]."""
     with torch.no_grad():
         ids, keep = model.history_encoder(encoder_input(model, images))
     codes = [ids[i][keep[i] > 0].cpu().numpy() for i in range(len(ids))]
-    batch = left_pad([builder.build_text_to_image(t, c) for t, c in zip(texts, codes)])
+    batch = left_pad([builder.build_text_to_image(t, c) for t, c in zip(texts, codes, strict=False)])
     t = _to_torch(batch, images.device)
     b = images.shape[0]
     ref = torch.zeros(b, model.config.condition_adapter.context_dim, device=images.device)
-    logits, _ = model.personalizer(t["input_ids"], t["embed_keep"], ref, t["attention_mask"],
-                                   t["position_ids"])
+    logits, _ = model.personalizer(
+        t["input_ids"], t["embed_keep"], ref, t["attention_mask"], t["position_ids"]
+    )
     return losses.lm_loss(logits, t["labels"])
 
 
 def _to_torch(batch: PromptBatch, device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(getattr(batch, k)).to(device)
-            for k in ("input_ids", "embed_keep", "attention_mask", "position_ids", "labels",
-                      "keep_source")}
+    return {
+        k: torch.from_numpy(getattr(batch, k)).to(device)
+        for k in (
+            "input_ids",
+            "embed_keep",
+            "attention_mask",
+            "position_ids",
+            "labels",
+            "keep_source",
+        )
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,9 +191,13 @@ class PersonalizationContext:
     target_codes: list[np.ndarray]
 
 
-def sample_context(model: PigeonModel, builder: PromptBuilder, batch: PersonalizationBatch,
-                   reference_ratio: float | None = None,
-                   generator: random.Random | None = None) -> tuple[PersonalizationContext, torch.Tensor]:
+def sample_context(
+    model: PigeonModel,
+    builder: PromptBuilder,
+    batch: PersonalizationBatch,
+    reference_ratio: float | None = None,
+    generator: random.Random | None = None,
+) -> tuple[PersonalizationContext, torch.Tensor]:
     """Tokenize, score, mask (r ~ U(0, 1) once per batch) and assemble; returns the context and the
     history keep decisions (straight-through when the mask generator trains)."""
     mg_config = model.config.mask_generator
@@ -171,21 +207,30 @@ def sample_context(model: PigeonModel, builder: PromptBuilder, batch: Personaliz
     with torch.no_grad():
         ids, keep = model.history_encoder(encoder_input(model, images))
     kept = [ids[i][keep[i] > 0].cpu().numpy() for i in range(len(ids))]
-    hist = [kept[i * n:(i + 1) * n] for i in range(b)]
-    targets = kept[b * n:]
+    hist = [kept[i * n : (i + 1) * n] for i in range(b)]
+    targets = kept[b * n :]
     r = (generator or random).uniform(0.0, 1.0) if reference_ratio is None else reference_ratio
-    seqs = [mask_sequence(h, t) for h, t in zip(hist, targets)]
-    tok, pos, types = (torch.from_numpy(pad_right([s[j] for s in seqs])).to(device) for j in range(3))
+    seqs = [mask_sequence(h, t) for h, t in zip(hist, targets, strict=False)]
+    tok, pos, types = (
+        torch.from_numpy(pad_right([s[j] for s in seqs])).to(device) for j in range(3)
+    )
     embeds = model.personalizer.input_embeddings()(tok + model.vocab.visual_offset)
     if mg_config.mask_type == "mutual":
         scores = model.mask_generator(embeds.detach(), pos, types)
         gumbel = -torch.log(-torch.log(torch.rand_like(scores).clamp(1e-20, 1.0)))
-        keep_all = select_keep(scores, types, history_ratio=mg_config.history_mask_ratio,
-                               reference_ratio=r, training=True, gumbel=gumbel,
-                               straight_through=mg_config.training == "straight_through")
+        keep_all = select_keep(
+            scores,
+            types,
+            history_ratio=mg_config.history_mask_ratio,
+            reference_ratio=r,
+            training=True,
+            gumbel=gumbel,
+            straight_through=mg_config.training == "straight_through",
+        )
     elif mg_config.mask_type == "random":
-        keep_all = random_reference_keep(types, r, torch.Generator().manual_seed(
-            (generator or random).randrange(2**31)))
+        keep_all = random_reference_keep(
+            types, r, torch.Generator().manual_seed((generator or random).randrange(2**31))
+        )
     else:
         keep_all = (types > 0).float()
     # reference: the masked target through the (frozen) condition adapter, mean-pooled
@@ -197,12 +242,14 @@ def sample_context(model: PigeonModel, builder: PromptBuilder, batch: Personaliz
         n_hist = sum(len(h) for h in hist[i])
         n_ref = len(targets[i])
         ref_ids[i, :n_ref] = torch.from_numpy(targets[i])
-        ref_keep[i, :n_ref] = (keep_all[i, n_hist:n_hist + n_ref] > 0.5).long()
+        ref_keep[i, :n_ref] = (keep_all[i, n_hist : n_hist + n_ref] > 0.5).long()
         hist_keep.append(keep_all[i, :n_hist])
     code_vectors = model.history_encoder.quantizer.code_vectors(ref_ids)
     reference_embedding = model.condition_adapter(code_vectors, ref_keep)[2]
-    prompts = [builder.build(text, h, [k.detach().cpu().numpy() for k in _split(hk, h)])
-               for text, h, hk in zip(batch.texts, hist, hist_keep)]
+    prompts = [
+        builder.build(text, h, [k.detach().cpu().numpy() for k in _split(hk, h)])
+        for text, h, hk in zip(batch.texts, hist, hist_keep, strict=False)
+    ]
     prompt = _to_torch(left_pad(prompts), device)
     # place the (straight-through) history keep values where the prompt holds history tokens
     src = prompt["keep_source"]
@@ -221,56 +268,79 @@ def pad_right_torch(rows: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([F.pad(r, (0, width - len(r)), value=1.0) for r in rows])
 
 
-def with_target(model: PigeonModel, context: PersonalizationContext,
-                target_codes: list[np.ndarray]) -> dict[str, torch.Tensor]:
+def with_target(
+    model: PigeonModel, context: PersonalizationContext, target_codes: list[np.ndarray]
+) -> dict[str, torch.Tensor]:
     """Append [v_1..v_n, </img>] after <img> to each (left-padded) prompt; labels on that run only."""
     vocab = model.vocab
     prompt = context.prompt
     device = prompt["input_ids"].device
-    runs = [torch.from_numpy(np.append(c + vocab.visual_offset, vocab.img_end)).to(device)
-            for c in target_codes]
+    runs = [
+        torch.from_numpy(np.append(c + vocab.visual_offset, vocab.img_end)).to(device)
+        for c in target_codes
+    ]
     width = max(len(r) for r in runs)
     b = len(runs)
     tail_ids = torch.zeros(b, width, dtype=torch.long, device=device)
     tail_mask = torch.zeros(b, width, dtype=torch.long, device=device)
     tail_labels = torch.full((b, width), losses.IGNORE, dtype=torch.long, device=device)
     for i, r in enumerate(runs):  # right-pad the target runs (the prompt is left-padded)
-        tail_ids[i, :len(r)] = r
-        tail_mask[i, :len(r)] = 1
-        tail_labels[i, :len(r)] = r
+        tail_ids[i, : len(r)] = r
+        tail_mask[i, : len(r)] = 1
+        tail_labels[i, : len(r)] = r
     input_ids = torch.cat([prompt["input_ids"], tail_ids], dim=1)
     attention_mask = torch.cat([prompt["attention_mask"], tail_mask], dim=1)
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     return {
         "input_ids": input_ids,
-        "embed_keep": torch.cat([prompt["embed_keep"], tail_mask.to(prompt["embed_keep"].dtype)], 1),
+        "embed_keep": torch.cat(
+            [prompt["embed_keep"], tail_mask.to(prompt["embed_keep"].dtype)], 1
+        ),
         "attention_mask": attention_mask,
         "position_ids": position_ids,
         "labels": torch.cat([prompt["labels"], tail_labels], dim=1),
     }
 
 
-def personalizer_logits(model: PigeonModel, context: PersonalizationContext,
-                        inputs: dict[str, torch.Tensor], personalizer=None) -> torch.Tensor:
+def personalizer_logits(
+    model: PigeonModel,
+    context: PersonalizationContext,
+    inputs: dict[str, torch.Tensor],
+    personalizer=None,
+) -> torch.Tensor:
     personalizer = personalizer or model.personalizer
-    logits, _ = personalizer(inputs["input_ids"], inputs["embed_keep"],
-                             context.reference_embedding, inputs["attention_mask"],
-                             inputs["position_ids"])
+    logits, _ = personalizer(
+        inputs["input_ids"],
+        inputs["embed_keep"],
+        context.reference_embedding,
+        inputs["attention_mask"],
+        inputs["position_ids"],
+    )
     return logits
 
 
-def sft_objective(model: PigeonModel, builder: PromptBuilder, batch: PersonalizationBatch,
-                  generator: random.Random | None = None) -> torch.Tensor:
+def sft_objective(
+    model: PigeonModel,
+    builder: PromptBuilder,
+    batch: PersonalizationBatch,
+    generator: random.Random | None = None,
+) -> torch.Tensor:
     """L_MPR: reconstruct the unmasked target's tokens from masked history + masked reference."""
     context, _ = sample_context(model, builder, batch, generator=generator)
     inputs = with_target(model, context, context.target_codes)
     return losses.lm_loss(personalizer_logits(model, context, inputs), inputs["labels"])
 
 
-def dpo_objective(model: PigeonModel, reference_personalizer: torch.nn.Module,
-                  builder: PromptBuilder, batch: PersonalizationBatch,
-                  chosen: list[np.ndarray], rejected: list[np.ndarray], beta: float = 0.1,
-                  generator: random.Random | None = None) -> torch.Tensor:
+def dpo_objective(
+    model: PigeonModel,
+    reference_personalizer: torch.nn.Module,
+    builder: PromptBuilder,
+    batch: PersonalizationBatch,
+    chosen: list[np.ndarray],
+    rejected: list[np.ndarray],
+    beta: float = 0.1,
+    generator: random.Random | None = None,
+) -> torch.Tensor:
     """Sigmoid DPO with policy and reference evaluated on the same sampled context."""
     with torch.no_grad():
         context, _ = sample_context(model, builder, batch, generator=generator)
@@ -278,9 +348,17 @@ def dpo_objective(model: PigeonModel, reference_personalizer: torch.nn.Module,
     for name, codes in (("chosen", chosen), ("rejected", rejected)):
         inputs = with_target(model, context, codes)
         logps[f"policy_{name}"] = losses.sequence_logprob(
-            personalizer_logits(model, context, inputs), inputs["labels"])
+            personalizer_logits(model, context, inputs), inputs["labels"]
+        )
         with torch.no_grad():
             logps[f"reference_{name}"] = losses.sequence_logprob(
-                personalizer_logits(model, context, inputs, reference_personalizer), inputs["labels"])
-    return losses.dpo_loss(logps["policy_chosen"], logps["policy_rejected"],
-                           logps["reference_chosen"], logps["reference_rejected"], beta)
+                personalizer_logits(model, context, inputs, reference_personalizer),
+                inputs["labels"],
+            )
+    return losses.dpo_loss(
+        logps["policy_chosen"],
+        logps["policy_rejected"],
+        logps["reference_chosen"],
+        logps["reference_rejected"],
+        beta,
+    )
