@@ -13,10 +13,8 @@ reader never sees half a checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pigeon import config as cfg
+from pigeon.files import replace_dir, sha256_file, staging_dir
 from pigeon.models.pigeon import COMPONENT_MODULES, PigeonModel
 from pigeon.vocab import TextTokenizer
 
@@ -55,14 +54,6 @@ class Checkpoint:
     digest: str  # SHA-256 of pipeline.json: identifies the exact checkpoint
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     """Strip DistributedDataParallel / torch.compile wrappers before saving."""
     while True:
@@ -87,9 +78,7 @@ def save_checkpoint(
     model = unwrap(model)
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path}: already exists (pass overwrite=True to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    staging.mkdir()
+    staging = staging_dir(path)
     try:
         config = model.config
         files: dict[str, str] = {}
@@ -118,13 +107,7 @@ def save_checkpoint(
             **({"extra": extra} if extra else {}),
         }
         (staging / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        if path.exists():
-            old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
-            path.rename(old)
-            staging.rename(path)
-            shutil.rmtree(old)
-        else:
-            staging.rename(path)
+        replace_dir(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -21,7 +21,9 @@ from typing import Literal
 import numpy as np
 
 from pigeon.config import PipelineConfig
-from pigeon.models.unet import TIME_IDS
+
+# SDXL micro-conditioning: (orig_h, orig_w, crop_top, crop_left, target_h, target_w)
+TIME_IDS = 6
 
 DType = Literal["float32", "int64"]
 Point = Literal["min", "opt", "max"]

@@ -66,6 +66,11 @@ class VocabLayout:
         return allowed
 
 
+def vocab_layout(config) -> VocabLayout:
+    """The layout for a `PipelineConfig`: text ids from the personalizer, codes from the tokenizer."""
+    return VocabLayout(config.personalizer.text_vocab_size, config.history_encoder.codebook_size)
+
+
 def train_text_tokenizer(texts: list[str] | tuple[str, ...], vocab_size: int) -> Tokenizer:
     """A byte-level BPE with exactly `vocab_size` ids (padded with unused merges if the corpus is small)."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))

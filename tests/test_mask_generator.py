@@ -123,3 +123,30 @@ def test_random_mask_type_masks_ceil_n_r_reference_tokens():
     )
     assert keep[0, :3].sum() == 3  # history untouched
     assert keep[0, 3:].sum() == 10 - 3  # ceil(10 * 0.25) = 3 masked
+
+
+def test_encoder_layer_matches_torch_transformer_encoder_layer():
+    """Our export-friendly layer computes what nn.TransformerEncoderLayer (the official code's) does."""
+    from torch import nn
+
+    from pigeon.models.layers import EncoderLayer
+
+    torch.manual_seed(0)
+    ref = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True).eval()
+    ours = EncoderLayer(16, 4, 32, 0.0).eval()
+    w, b = ref.self_attn.in_proj_weight, ref.self_attn.in_proj_bias
+    with torch.no_grad():
+        ours.self_attn.q.weight.copy_(w[:16])
+        ours.self_attn.q.bias.copy_(b[:16])
+        ours.self_attn.kv.weight.copy_(w[16:])
+        ours.self_attn.kv.bias.copy_(b[16:])
+        ours.self_attn.proj.load_state_dict(ref.self_attn.out_proj.state_dict())
+        for name in ("linear1", "linear2", "norm1", "norm2"):
+            getattr(ours, name).load_state_dict(getattr(ref, name).state_dict())
+        x = torch.randn(2, 7, 16)
+        keep = torch.ones(2, 7, dtype=torch.bool)
+        keep[1, 5:] = False
+        expected = ref(x, src_key_padding_mask=~keep)
+        got = ours(x, keep)
+    torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1, :5], expected[1, :5], atol=1e-5, rtol=1e-5)

@@ -30,13 +30,12 @@ from pigeon.config import PipelineConfig
 from pigeon.diffusion.guidance import cfg_batch, split_guidance
 from pigeon.diffusion.scheduler import SAMPLERS, make_sampler
 from pigeon.inference.runners import Runner
-from pigeon.models.pigeon import vocab_layout
 from pigeon.serving.decoding import Decoder
 from pigeon.serving.images import check_array, to_model_input, to_uint8
 from pigeon.serving.masking import gumbel_noise, mask_sequence, pad_right, select_keep
 from pigeon.serving.prompt import PromptBuilder, left_pad
 from pigeon.specs import component_specs
-from pigeon.vocab import TextTokenizer
+from pigeon.vocab import TextTokenizer, vocab_layout
 
 MAX_TEXT_CHARS = 1000
 

@@ -39,11 +39,32 @@ class Attention(nn.Module):
         v = v.view(b, -1, h, d // h).transpose(1, 2)
         mask = None
         if key_keep is not None:
-            mask = key_keep.bool()[:, None, None, :]  # (batch, 1, 1, keys)
+            # (batch, 1, n, keys): ONNX Attention on CPU does not broadcast the mask over queries
+            mask = key_keep.bool()[:, None, None, :].expand(b, 1, n, key_keep.shape[1])
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal and mask is None
         )
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class EncoderLayer(nn.Module):
+    """Post-norm Transformer encoder layer with ReLU, the semantics of `nn.TransformerEncoderLayer`
+    (the official mask generator's), written on `Attention` so that it exports with dynamic shapes:
+    x = LN1(x + Dropout(SelfAttn(x))); x = LN2(x + Dropout(W2 Dropout(ReLU(W1 x))))."""
+
+    def __init__(self, dim: int, num_heads: int, ff_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.self_attn = Attention(dim, num_heads)
+        self.linear1 = nn.Linear(dim, ff_dim)
+        self.linear2 = nn.Linear(ff_dim, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, key_keep: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(x + self.dropout(self.self_attn(x, key_keep=key_keep)))
+        ff = self.linear2(self.dropout(F.relu(self.linear1(x))))
+        return self.norm2(x + self.dropout(ff))
 
 
 class MLP(nn.Module):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pigeon.config import MaskGeneratorConfig
-from pigeon.models.layers import sinusoid_table
+from pigeon.models.layers import EncoderLayer, sinusoid_table
 from pigeon.serving.masking import HISTORY_TYPE, PAD_TYPE, REFERENCE_TYPE, num_kept
 
 
@@ -37,14 +37,10 @@ class MaskGenerator(nn.Module):
         self.type_embed = nn.Embedding(3, embed_dim)
         self.norm = nn.LayerNorm(embed_dim)  # shared by input and output, as in the official code
         self.embed_dropout = nn.Dropout(config.embed_dropout)
-        layer = nn.TransformerEncoderLayer(
-            embed_dim,
-            config.num_heads,
-            dim_feedforward=config.ff_dim,
-            dropout=config.encoder_dropout,
-            batch_first=True,
+        self.encoder = nn.ModuleList(
+            EncoderLayer(embed_dim, config.num_heads, config.ff_dim, config.encoder_dropout)
+            for _ in range(config.num_layers)
         )
-        self.encoder = nn.TransformerEncoder(layer, config.num_layers, enable_nested_tensor=False)
         self.head = nn.Linear(embed_dim, embed_dim)
 
     def forward(
@@ -54,9 +50,9 @@ class MaskGenerator(nn.Module):
         type_ids (batch, L) in {0 pad, 1 history, 2 reference} -> token_scores (batch, L)."""
         h = token_embeds + self.position_table[position_ids] + self.type_embed(type_ids)
         h = self.embed_dropout(self.norm(h))
-        padding = type_ids == PAD_TYPE
-        # a pad query attending to nothing would give NaN; let pads see themselves only
-        h = self.encoder(h, src_key_padding_mask=padding & ~padding.all(dim=1, keepdim=True))
+        key_keep = type_ids != PAD_TYPE
+        for layer in self.encoder:
+            h = layer(h, key_keep)
         out = self.embed_dropout(torch.tanh(self.head(self.norm(h))))
         return F.cosine_similarity(token_embeds, out, dim=-1)
 

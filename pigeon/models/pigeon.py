@@ -11,7 +11,7 @@ from pigeon.models.mask_generator import MaskGenerator
 from pigeon.models.personalizer import Personalizer
 from pigeon.models.unet import build_unet
 from pigeon.models.vae import build_vae
-from pigeon.vocab import VocabLayout
+from pigeon.vocab import vocab_layout
 
 # The order in which checkpoints store and list the components.
 COMPONENT_MODULES = (
@@ -22,10 +22,6 @@ COMPONENT_MODULES = (
     "unet",
     "vae",
 )
-
-
-def vocab_layout(config: PipelineConfig) -> VocabLayout:
-    return VocabLayout(config.personalizer.text_vocab_size, config.history_encoder.codebook_size)
 
 
 class PigeonModel(nn.Module):

@@ -10,8 +10,7 @@ from __future__ import annotations
 from diffusers import UNet2DConditionModel
 
 from pigeon.config import PipelineConfig
-
-TIME_IDS = 6
+from pigeon.specs import TIME_IDS
 
 
 def build_unet(config: PipelineConfig) -> UNet2DConditionModel:

@@ -1,0 +1,182 @@
+"""PyTorch -> ONNX, one file per declared component, validated before anything is written in place.
+
+Uses torch's own (dynamo) exporter. Dynamic axes come from the declarations in `pigeon.specs`: each
+symbol becomes a `torch.export.Dim` with the declared range, a sum such as `past_len+seq` is left for
+the exporter to derive, and the graph's dimension names are then rewritten to the declared ones.
+`--fused-attention` exports at opset 23, where SDPA becomes the standard ONNX `Attention` op (the
+GPU-side gain; ONNX Runtime also runs it on CPU). fp16 keeps fp32 inputs and outputs, so the interface
+does not change with precision.
+
+Layout of an artifact folder:
+
+    ART/manifest.json                 every component: file, SHA-256, opset, precision, measured errors
+    ART/<component>/model.onnx        (+ model.onnx.data when the graph would pass 2 GB)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch.export import Dim
+
+from pigeon.checkpoint import Checkpoint, load_checkpoint
+from pigeon.export.errors import ExportError
+from pigeon.export.manifest import MANIFEST, MANIFEST_FORMAT
+from pigeon.export.validate import check_graph_io, normalize_dim_names, validate
+from pigeon.files import replace_dir, sha256_file, staging_dir
+from pigeon.inference.runners import OrtRunner, TorchRunner
+from pigeon.models.export_wrappers import export_module
+from pigeon.specs import ComponentSpec, component_specs, sample_inputs
+
+log = logging.getLogger(__name__)
+FUSED_ATTENTION_OPSET = 23
+EXTERNAL_DATA_BYTES = 1_800_000_000  # below protobuf's 2 GB limit, with room for the graph
+PRECISIONS = ("fp32", "fp16")
+
+
+def dynamic_shapes(spec: ComponentSpec) -> tuple:
+    """torch.export dynamic shapes, in the wrapper's argument structure (KV tensors are *varargs)."""
+    dims = {s: Dim(s, min=r.min, max=r.max) for s, r in spec.dims.items()}
+    per_input = []
+    for t in spec.inputs:
+        axes = {}
+        for i, d in enumerate(t.shape):
+            if isinstance(d, str):
+                axes[i] = Dim.AUTO if "+" in d else dims[d]
+        per_input.append(axes or None)
+    if spec.name == "personalizer":  # forward(input_ids, ..., position_ids, *past_flat)
+        return (*per_input[:5], tuple(per_input[5:]))
+    return tuple(per_input)
+
+
+def to_onnx(model: torch.nn.Module, spec: ComponentSpec, config, opset: int) -> onnx.ModelProto:
+    """Trace one component's export wrapper at its opt shape; returns the ONNX model."""
+    wrapper = export_module(model, spec.name)
+    feeds = sample_inputs(spec, config, "opt")
+    args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            wrapper, args, input_names=spec.input_names, output_names=spec.output_names,
+            dynamic_shapes=dynamic_shapes(spec), opset_version=opset, dynamo=True, verbose=False,
+        )
+    proto = program.model_proto
+    normalize_dim_names(spec, proto)
+    return proto
+
+
+def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """fp16 weights and arithmetic, fp32 inputs and outputs (casts at the edges)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    proto = convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=True)
+    topological_sort(proto.graph)
+    return proto
+
+
+def topological_sort(graph: onnx.GraphProto) -> None:
+    """Reorder nodes so each comes after its inputs' producers (the fp16 converter appends its input
+    casts at the end, which the ONNX checker rejects)."""
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered = []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise ExportError(f"graph {graph.name!r} has a cycle or an undefined input")
+        for n in ready:
+            ordered.append(n)
+            available.update(n.output)
+        pending = [n for n in pending if all(n is not r for r in ready)]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def save_onnx(proto: onnx.ModelProto, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    large = proto.ByteSize() > EXTERNAL_DATA_BYTES
+    onnx.save_model(proto, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
+                    location=path.name + ".data" if large else None)
+    onnx.checker.check_model(str(path))
+
+
+def tool_versions() -> dict[str, str]:
+    import diffusers
+    import onnxruntime
+    import transformers
+
+    import pigeon
+
+    return {"pigeon": pigeon.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__,
+            "diffusers": diffusers.__version__}
+
+
+def export_onnx(checkpoint: str | Path | Checkpoint, out: str | Path, *, precision: str = "fp32",
+                fused_attention: bool = False, components: list[str] | None = None,
+                overwrite: bool = False, model_hook=None) -> dict:
+    """Export, validate and write an artifact folder atomically; returns the manifest.
+
+    model_hook(model) runs after tracing and before validation (tests use it to break an export on
+    purpose: validation must then reject it and nothing is written).
+    """
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision={precision!r} is not one of {list(PRECISIONS)}")
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out}: already exists (pass --overwrite to replace it)")
+    specs = component_specs(ckpt.config)
+    names = components or list(specs)
+    unknown = [n for n in names if n not in specs]
+    if unknown:
+        raise ExportError(f"unknown component {unknown[0]!r}; known: {list(specs)}")
+    staging = staging_dir(out)
+    try:
+        entries = {}
+        for name in names:
+            spec = specs[name]
+            opset = FUSED_ATTENTION_OPSET if fused_attention else spec.opset
+            start = time.perf_counter()
+            proto = to_onnx(ckpt.model, spec, ckpt.config, opset)
+            if precision == "fp16":
+                proto = to_fp16(proto)
+            check_graph_io(spec, proto)
+            path = staging / name / "model.onnx"
+            save_onnx(proto, path)
+            entries[name] = {"file": f"{name}/model.onnx", "opset": opset,
+                             "export_s": round(time.perf_counter() - start, 2)}
+            log.info("exported %s (opset %d, %s) in %.1fs", name, opset, precision,
+                     entries[name]["export_s"])
+        if model_hook is not None:
+            model_hook(ckpt.model)
+        reference = TorchRunner(ckpt.model)
+        artifact = OrtRunner.from_files({n: staging / e["file"] for n, e in entries.items()},
+                                        ckpt.config)
+        for name, entry in entries.items():
+            errors = validate(specs[name], ckpt.config, precision,
+                              lambda f, n=name: reference.run(n, f),
+                              lambda f, n=name: artifact.run(n, f))
+            entry["max_error"] = errors
+            entry["files"] = {p.name: sha256_file(p) for p in sorted((staging / name).iterdir())}
+            log.info("validated %s: worst error %.3g", name,
+                     max(v for e in errors.values() for v in e.values()))
+        manifest = {
+            "_class": "PigeonArtifacts", "_format": MANIFEST_FORMAT, "precision": precision,
+            "fused_attention": fused_attention, "checkpoint": str(ckpt.path),
+            "checkpoint_sha256": ckpt.digest, "preset": ckpt.config.preset,
+            "tools": tool_versions(), "components": entries,
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        replace_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
