@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -20,34 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-
-def percentiles(values: list[float]) -> dict[str, float]:
-    v = np.asarray(values)
-    return {
-        "p50": float(np.percentile(v, 50)),
-        "p90": float(np.percentile(v, 90)),
-        "min": float(v.min()),
-        "max": float(v.max()),
-        "n": len(v),
-    }
-
-
-def environment() -> dict:
-    import torch
-
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
-    return {
-        "commit": commit,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-    }
+from benchmarks.common import append_jsonl, environment, percentiles
 
 
 def cold_runs(checkpoint: Path, data: Path, runs: int) -> tuple[list[float], list[float]]:
@@ -128,9 +99,7 @@ def main() -> None:
         "warm_stage_s": warm,
         "bench_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as f:
-        f.write(json.dumps(result) + "\n")
+    append_jsonl(args.out, result)
     print(
         f"pigeon generate, preset {args.preset}, {args.runs} cold CLI runs, "
         f"{args.runs * 4} warm runs ({result['env']['cores']} cores)"

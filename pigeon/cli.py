@@ -3,6 +3,9 @@
     pigeon init --preset tiny --out runs/tiny
     pigeon generate --checkpoint runs/tiny --history a.png b.png --reference r.png --text "a cat" --out o.png
     pigeon data procedural --out data/shapes --users 8
+    pigeon export onnx --checkpoint runs/tiny --out artifacts/tiny
+    pigeon generate --backend onnxruntime --artifacts artifacts/tiny --checkpoint runs/tiny ...
+    pigeon export all --checkpoint runs/tiny --repository triton_models --version 2
     pigeon checkpoint inspect runs/tiny
     pigeon config show --preset small --set personalizer.num_layers=6
 
@@ -49,14 +52,41 @@ def run_init(args: argparse.Namespace) -> dict:
     return {"checkpoint": str(path), "preset": config.preset, "parameters": params}
 
 
+def make_pipeline(checkpoint: str, backend: str, artifacts: str | None):
+    """A pipeline on the chosen backend; the checkpoint always supplies configs and the tokenizer."""
+    from pigeon.inference.pipeline import PigeonPipeline
+
+    if backend == "pytorch":
+        return PigeonPipeline.from_checkpoint(checkpoint)
+    from pigeon.checkpoint import CheckpointError, load_checkpoint, load_config
+    from pigeon.export.manifest import read_manifest
+    from pigeon.inference.runners import OrtRunner
+    from pigeon.vocab import TextTokenizer
+
+    if not artifacts:
+        raise CheckpointError(f"--backend {backend} needs --artifacts (from `pigeon export onnx`)")
+    manifest = read_manifest(artifacts)
+    config = load_config(checkpoint)
+    digest = load_checkpoint(checkpoint, verify=True).digest
+    if manifest["checkpoint_sha256"] != digest:
+        raise CheckpointError(
+            f"{artifacts} was exported from another checkpoint ({manifest['checkpoint']}); "
+            f"re-export it from {checkpoint}"
+        )
+    tokenizer = TextTokenizer.load(
+        Path(checkpoint) / "tokenizer" / "tokenizer.json", config.personalizer.text_vocab_size
+    )
+    return PigeonPipeline(config, tokenizer, OrtRunner.from_artifacts(artifacts, config))
+
+
 def run_generate(args: argparse.Namespace) -> dict:
-    from pigeon.inference.pipeline import GenerationRequest, PigeonPipeline
+    from pigeon.inference.pipeline import GenerationRequest
     from pigeon.serving.images import load_image, save_png
 
     history = [load_image(p) for p in args.history]
     reference = load_image(args.reference)
     start = time.perf_counter()
-    pipe = PigeonPipeline.from_checkpoint(args.checkpoint)
+    pipe = make_pipeline(args.checkpoint, args.backend, args.artifacts)
     load_s = time.perf_counter() - start
     request = GenerationRequest(
         history=history,
@@ -75,6 +105,7 @@ def run_generate(args: argparse.Namespace) -> dict:
     log.info("wrote %s (%d visual tokens, %.2fs)", out, len(result.tokens), result.timings["total"])
     return {
         "out": str(out),
+        "backend": args.backend,
         "tokens": len(result.tokens),
         "load_s": round(load_s, 4),
         "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
@@ -143,6 +174,55 @@ def run_data_procedural(args: argparse.Namespace) -> dict:
     return {"out": str(out), "users": len(rows)}
 
 
+def run_export_onnx(args: argparse.Namespace) -> dict:
+    from pigeon.export.onnx_export import export_onnx
+
+    manifest = export_onnx(
+        args.checkpoint,
+        args.out,
+        precision=args.precision,
+        fused_attention=args.fused_attention,
+        components=args.components,
+        overwrite=args.overwrite,
+    )
+    return {
+        "artifacts": args.out,
+        "precision": manifest["precision"],
+        "components": {
+            n: {
+                "file": e["file"],
+                "opset": e["opset"],
+                "max_error": max(v for p in e["max_error"].values() for v in p.values()),
+            }
+            for n, e in manifest["components"].items()
+        },
+    }
+
+
+def run_export_tensorrt(args: argparse.Namespace) -> dict:
+    from pigeon.export.tensorrt import export_tensorrt
+
+    records = export_tensorrt(args.artifacts, precision=args.precision, cache_dir=args.cache_dir)
+    return {"artifacts": args.artifacts, "engines": records}
+
+
+def run_export_all(args: argparse.Namespace) -> dict:
+    from pigeon.export.publish import export_all
+
+    manifest = export_all(
+        args.checkpoint,
+        args.repository,
+        args.version,
+        precision=args.precision,
+        fused_attention=args.fused_attention,
+    )
+    return {
+        "repository": args.repository,
+        "version": args.version,
+        "components": list(manifest["components"]),
+    }
+
+
 def run_config_show(args: argparse.Namespace) -> dict:
     from pigeon.checkpoint import load_config
     from pigeon.config import apply_overrides, preset, to_dict
@@ -176,7 +256,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reference-mask-ratio", type=float, default=None)
     p.add_argument("--sampler", choices=["ddim", "dpmpp_2m"], default=None)
+    p.add_argument("--backend", choices=["pytorch", "onnxruntime"], default="pytorch")
+    p.add_argument("--artifacts", default=None, help="ONNX artifact folder (onnxruntime backend)")
     p.set_defaults(func=run_generate)
+
+    p = sub.add_parser("export", help="ONNX, TensorRT and model versions", formatter_class=fmt)
+    esub = p.add_subparsers(dest="export_command", required=True)
+    q = esub.add_parser("onnx", help="validated ONNX per component", formatter_class=fmt)
+    q.add_argument("--checkpoint", required=True)
+    q.add_argument("--out", required=True)
+    q.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    q.add_argument("--fused-attention", action="store_true", help="opset 23 ONNX Attention")
+    q.add_argument("--components", nargs="+", default=None, help="default: all")
+    q.add_argument("--overwrite", action="store_true")
+    q.set_defaults(func=run_export_onnx)
+    q = esub.add_parser("tensorrt", help="TensorRT engines (GPU + TensorRT)", formatter_class=fmt)
+    q.add_argument("--artifacts", required=True)
+    q.add_argument("--precision", choices=["fp32", "fp16"], default="fp16")
+    q.add_argument("--cache-dir", default=None, help="default: ARTIFACTS/.engine-cache")
+    q.set_defaults(func=run_export_tensorrt)
+    q = esub.add_parser(
+        "all", help="export, validate, publish a model version", formatter_class=fmt
+    )
+    q.add_argument("--checkpoint", required=True)
+    q.add_argument("--repository", required=True)
+    q.add_argument("--version", type=int, required=True)
+    q.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    q.add_argument("--fused-attention", action="store_true")
+    q.set_defaults(func=run_export_all)
 
     p = sub.add_parser("data", help="datasets", formatter_class=fmt)
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -214,12 +321,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     from pigeon.checkpoint import CheckpointError
     from pigeon.config import ConfigError
+    from pigeon.export.errors import ExportError
     from pigeon.inference.pipeline import RequestError
     from pigeon.serving.images import ImageError
 
     try:
         summary = args.func(args)
-    except (ConfigError, CheckpointError, ImageError, RequestError) as exc:
+    except (ConfigError, CheckpointError, ImageError, RequestError, ExportError) as exc:
         print(f"pigeon {args.command}: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))

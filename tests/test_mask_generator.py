@@ -132,7 +132,9 @@ def test_encoder_layer_matches_torch_transformer_encoder_layer():
     from pigeon.models.layers import EncoderLayer
 
     torch.manual_seed(0)
-    ref = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True).eval()
+    ref = nn.TransformerEncoderLayer(
+        16, 4, dim_feedforward=32, dropout=0.0, batch_first=True
+    ).eval()
     ours = EncoderLayer(16, 4, 32, 0.0).eval()
     w, b = ref.self_attn.in_proj_weight, ref.self_attn.in_proj_bias
     with torch.no_grad():

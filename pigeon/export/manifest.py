@@ -23,7 +23,9 @@ def read_manifest(artifacts: str | Path, verify: bool = True) -> dict:
     except json.JSONDecodeError as exc:
         raise ManifestError(f"{path}: not valid JSON ({exc})") from None
     if manifest.get("_format") != MANIFEST_FORMAT or "components" not in manifest:
-        raise ManifestError(f"{path}: not a supported manifest (format {manifest.get('_format')!r})")
+        raise ManifestError(
+            f"{path}: not a supported manifest (format {manifest.get('_format')!r})"
+        )
     if verify:
         for name, entry in manifest["components"].items():
             for file, digest in entry["files"].items():
@@ -31,5 +33,7 @@ def read_manifest(artifacts: str | Path, verify: bool = True) -> dict:
                 if not full.is_file():
                     raise ManifestError(f"{full}: missing from the artifacts")
                 if sha256_file(full) != digest:
-                    raise ManifestError(f"{full}: SHA-256 differs from {MANIFEST}; refusing to load")
+                    raise ManifestError(
+                        f"{full}: SHA-256 differs from {MANIFEST}; refusing to load"
+                    )
     return manifest

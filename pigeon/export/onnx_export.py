@@ -64,8 +64,14 @@ def to_onnx(model: torch.nn.Module, spec: ComponentSpec, config, opset: int) -> 
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            wrapper, args, input_names=spec.input_names, output_names=spec.output_names,
-            dynamic_shapes=dynamic_shapes(spec), opset_version=opset, dynamo=True, verbose=False,
+            wrapper,
+            args,
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_shapes=dynamic_shapes(spec),
+            opset_version=opset,
+            dynamo=True,
+            verbose=False,
         )
     proto = program.model_proto
     normalize_dim_names(spec, proto)
@@ -102,8 +108,13 @@ def topological_sort(graph: onnx.GraphProto) -> None:
 def save_onnx(proto: onnx.ModelProto, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     large = proto.ByteSize() > EXTERNAL_DATA_BYTES
-    onnx.save_model(proto, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
-                    location=path.name + ".data" if large else None)
+    onnx.save_model(
+        proto,
+        str(path),
+        save_as_external_data=large,
+        all_tensors_to_one_file=True,
+        location=path.name + ".data" if large else None,
+    )
     onnx.checker.check_model(str(path))
 
 
@@ -114,14 +125,26 @@ def tool_versions() -> dict[str, str]:
 
     import pigeon
 
-    return {"pigeon": pigeon.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__,
-            "diffusers": diffusers.__version__}
+    return {
+        "pigeon": pigeon.__version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "transformers": transformers.__version__,
+        "diffusers": diffusers.__version__,
+    }
 
 
-def export_onnx(checkpoint: str | Path | Checkpoint, out: str | Path, *, precision: str = "fp32",
-                fused_attention: bool = False, components: list[str] | None = None,
-                overwrite: bool = False, model_hook=None) -> dict:
+def export_onnx(
+    checkpoint: str | Path | Checkpoint,
+    out: str | Path,
+    *,
+    precision: str = "fp32",
+    fused_attention: bool = False,
+    components: list[str] | None = None,
+    overwrite: bool = False,
+    model_hook=None,
+) -> dict:
     """Export, validate and write an artifact folder atomically; returns the manifest.
 
     model_hook(model) runs after tracing and before validation (tests use it to break an export on
@@ -151,28 +174,49 @@ def export_onnx(checkpoint: str | Path | Checkpoint, out: str | Path, *, precisi
             check_graph_io(spec, proto)
             path = staging / name / "model.onnx"
             save_onnx(proto, path)
-            entries[name] = {"file": f"{name}/model.onnx", "opset": opset,
-                             "export_s": round(time.perf_counter() - start, 2)}
-            log.info("exported %s (opset %d, %s) in %.1fs", name, opset, precision,
-                     entries[name]["export_s"])
+            entries[name] = {
+                "file": f"{name}/model.onnx",
+                "opset": opset,
+                "export_s": round(time.perf_counter() - start, 2),
+            }
+            log.info(
+                "exported %s (opset %d, %s) in %.1fs",
+                name,
+                opset,
+                precision,
+                entries[name]["export_s"],
+            )
         if model_hook is not None:
             model_hook(ckpt.model)
         reference = TorchRunner(ckpt.model)
-        artifact = OrtRunner.from_files({n: staging / e["file"] for n, e in entries.items()},
-                                        ckpt.config)
+        artifact = OrtRunner.from_files(
+            {n: staging / e["file"] for n, e in entries.items()}, ckpt.config
+        )
         for name, entry in entries.items():
-            errors = validate(specs[name], ckpt.config, precision,
-                              lambda f, n=name: reference.run(n, f),
-                              lambda f, n=name: artifact.run(n, f))
+            errors = validate(
+                specs[name],
+                ckpt.config,
+                precision,
+                lambda f, n=name: reference.run(n, f),
+                lambda f, n=name: artifact.run(n, f),
+            )
             entry["max_error"] = errors
             entry["files"] = {p.name: sha256_file(p) for p in sorted((staging / name).iterdir())}
-            log.info("validated %s: worst error %.3g", name,
-                     max(v for e in errors.values() for v in e.values()))
+            log.info(
+                "validated %s: worst error %.3g",
+                name,
+                max(v for e in errors.values() for v in e.values()),
+            )
         manifest = {
-            "_class": "PigeonArtifacts", "_format": MANIFEST_FORMAT, "precision": precision,
-            "fused_attention": fused_attention, "checkpoint": str(ckpt.path),
-            "checkpoint_sha256": ckpt.digest, "preset": ckpt.config.preset,
-            "tools": tool_versions(), "components": entries,
+            "_class": "PigeonArtifacts",
+            "_format": MANIFEST_FORMAT,
+            "precision": precision,
+            "fused_attention": fused_attention,
+            "checkpoint": str(ckpt.path),
+            "checkpoint_sha256": ckpt.digest,
+            "preset": ckpt.config.preset,
+            "tools": tool_versions(),
+            "components": entries,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         replace_dir(staging, out)

@@ -20,7 +20,12 @@ from pigeon.specs import ComponentSpec, TensorSpec, Tolerance, sample_inputs
 
 ONNX_DTYPES = {"float32": onnx.TensorProto.FLOAT, "int64": onnx.TensorProto.INT64}
 ODD_POINT = {"batch": 3}
-POINTS: dict[str, str | dict[str, int]] = {"min": "min", "opt": "opt", "max": "max", "odd": ODD_POINT}
+POINTS: dict[str, str | dict[str, int]] = {
+    "min": "min",
+    "opt": "opt",
+    "max": "max",
+    "odd": ODD_POINT,
+}
 RunFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
@@ -35,16 +40,19 @@ def normalize_dim_names(spec: ComponentSpec, model: onnx.ModelProto) -> None:
         for value in values:
             if value.name not in declared:
                 continue
-            for dim, want in zip(value.type.tensor_type.shape.dim, declared[value.name].shape,
-                                 strict=False):
+            for dim, want in zip(
+                value.type.tensor_type.shape.dim, declared[value.name].shape, strict=False
+            ):
                 if isinstance(want, str):
                     dim.dim_param = want
 
 
 def check_graph_io(spec: ComponentSpec, model: onnx.ModelProto) -> None:
     """Names, order, dtypes and dimensions of the graph's inputs and outputs equal the declaration."""
-    for kind, values, tensors in (("input", model.graph.input, spec.inputs),
-                                  ("output", model.graph.output, spec.outputs)):
+    for kind, values, tensors in (
+        ("input", model.graph.input, spec.inputs),
+        ("output", model.graph.output, spec.outputs),
+    ):
         names = [v.name for v in values]
         want = [t.name for t in tensors]
         if names != want:
@@ -66,8 +74,14 @@ def _check_value(component: str, value: onnx.ValueInfoProto, t: TensorSpec) -> N
             raise ShapeError(f"{component}.{t.name}: dimensions {dims}, declared {list(t.shape)}")
 
 
-def compare(spec: ComponentSpec, tolerance: Tolerance, point: str, shape_values: dict[str, int],
-            expected: dict[str, np.ndarray], actual: dict[str, np.ndarray]) -> dict[str, float]:
+def compare(
+    spec: ComponentSpec,
+    tolerance: Tolerance,
+    point: str,
+    shape_values: dict[str, int],
+    expected: dict[str, np.ndarray],
+    actual: dict[str, np.ndarray],
+) -> dict[str, float]:
     """Check `actual` against `expected`; returns the max abs error (or mismatch share) per output."""
     errors = {}
     for t in spec.outputs:
@@ -82,8 +96,9 @@ def compare(spec: ComponentSpec, tolerance: Tolerance, point: str, shape_values:
         if t.dtype == "int64":
             share = float((a != e).mean()) if a.size else 0.0
             if share > tolerance.max_mismatch:
-                raise ToleranceError(f"{where}: {share:.2%} of values differ (allowed "
-                                     f"{tolerance.max_mismatch:.2%})")
+                raise ToleranceError(
+                    f"{where}: {share:.2%} of values differ (allowed {tolerance.max_mismatch:.2%})"
+                )
             errors[t.name] = share
             continue
         diff = np.abs(a.astype(np.float64) - e.astype(np.float64))
@@ -93,20 +108,28 @@ def compare(spec: ComponentSpec, tolerance: Tolerance, point: str, shape_values:
             raise ToleranceError(
                 f"{where}: max abs error {diff.max():.3g} exceeds atol {tolerance.atol:g} + rtol "
                 f"{tolerance.rtol:g} (worst at {tuple(int(x) for x in i)}: got {a[i]:.6g}, "
-                f"expected {e[i]:.6g})")
+                f"expected {e[i]:.6g})"
+            )
         errors[t.name] = float(diff.max()) if a.size else 0.0
     return errors
 
 
-def validate(spec: ComponentSpec, config: PipelineConfig, precision: str, run_reference: RunFn,
-             run_artifact: RunFn, points: dict[str, str | dict[str, int]] | None = None,
-             seed: int = 0) -> dict[str, dict[str, float]]:
+def validate(
+    spec: ComponentSpec,
+    config: PipelineConfig,
+    precision: str,
+    run_reference: RunFn,
+    run_artifact: RunFn,
+    points: dict[str, str | dict[str, int]] | None = None,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
     """Run both at every shape point; returns {point: {output: max error}} or raises."""
     tolerance = spec.tolerance[precision]
     measured = {}
     for name, point in (points or POINTS).items():
         feeds = sample_inputs(spec, config, point, seed=seed)
         values = spec.point(point)
-        measured[name] = compare(spec, tolerance, name, values, run_reference(feeds),
-                                 run_artifact(feeds))
+        measured[name] = compare(
+            spec, tolerance, name, values, run_reference(feeds), run_artifact(feeds)
+        )
     return measured

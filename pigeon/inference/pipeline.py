@@ -246,7 +246,9 @@ class PigeonPipeline:
             ref_ids[i, : len(ref)] = ref
             ref_keep[i, : len(ref)] = kept
             bounds = np.cumsum([0] + [len(h) for h in hist])
-            history_keep.append([keep[i, a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=False)])
+            history_keep.append(
+                [keep[i, a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=False)]
+            )
         reference = self.runner.run(
             "condition_adapter", {"token_ids": ref_ids, "token_keep": ref_keep}
         )

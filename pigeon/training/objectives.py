@@ -153,7 +153,9 @@ def lmm_objective(
     with torch.no_grad():
         ids, keep = model.history_encoder(encoder_input(model, images))
     codes = [ids[i][keep[i] > 0].cpu().numpy() for i in range(len(ids))]
-    batch = left_pad([builder.build_text_to_image(t, c) for t, c in zip(texts, codes, strict=False)])
+    batch = left_pad(
+        [builder.build_text_to_image(t, c) for t, c in zip(texts, codes, strict=False)]
+    )
     t = _to_torch(batch, images.device)
     b = images.shape[0]
     ref = torch.zeros(b, model.config.condition_adapter.context_dim, device=images.device)

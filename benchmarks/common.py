@@ -1,0 +1,108 @@
+"""Shared benchmark helpers: warm-up then timed runs, percentiles, environment, JSON lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    v = np.asarray(values)
+    return {
+        "p50": float(np.percentile(v, 50)),
+        "p90": float(np.percentile(v, 90)),
+        "p95": float(np.percentile(v, 95)),
+        "p99": float(np.percentile(v, 99)),
+        "min": float(v.min()),
+        "max": float(v.max()),
+        "n": len(v),
+    }
+
+
+def measure(fn: Callable[[], object], warmup: int, runs: int) -> dict[str, float]:
+    """Seconds per call after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return percentiles(times)
+
+
+def environment() -> dict:
+    import onnxruntime
+    import torch
+
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    return {
+        "commit": commit,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def append_jsonl(path: str | Path, record: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def timestamp() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def prepare(preset: str, workdir: str | Path, precision: str = "fp32") -> tuple[Path, Path]:
+    """A checkpoint of `preset` (random init unless one exists) and its ONNX artifacts, reused when
+    present. Returns (checkpoint, artifacts)."""
+    from pigeon.checkpoint import save_checkpoint
+    from pigeon.config import preset as make_preset
+    from pigeon.export.onnx_export import export_onnx
+    from pigeon.models.pigeon import PigeonModel
+    from pigeon.vocab import DEFAULT_CORPUS, TextTokenizer, train_text_tokenizer
+
+    workdir = Path(workdir)
+    checkpoint, artifacts = workdir / "checkpoint", workdir / f"onnx-{precision}"
+    if not (checkpoint / "pipeline.json").exists():
+        import torch
+
+        config = make_preset(preset)
+        torch.manual_seed(0)
+        size = config.personalizer.text_vocab_size
+        save_checkpoint(
+            PigeonModel(config),
+            TextTokenizer(train_text_tokenizer(DEFAULT_CORPUS, size), size),
+            checkpoint,
+        )
+    if not (artifacts / "manifest.json").exists():
+        export_onnx(checkpoint, artifacts, precision=precision)
+    return checkpoint, artifacts
+
+
+def procedural_request(size: int, steps: int | None = None):
+    """One user's request from the procedural shapes set (seeded)."""
+    from pigeon.data.procedural import render, sample_user
+    from pigeon.inference.pipeline import GenerationRequest
+
+    user = sample_user(np.random.default_rng(0))
+    return GenerationRequest(
+        history=[render(c, s, size) for c, s in user.history],
+        reference=render(*user.reference, size),
+        text=user.text,
+        steps=steps,
+    )

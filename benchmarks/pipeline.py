@@ -1,0 +1,83 @@
+"""End-to-end generation in process, PyTorch eager vs ONNX Runtime, with a per-stage breakdown.
+
+    python -m benchmarks.pipeline --preset small [--runs 10] [--steps 25]
+
+Same request, same seed, both backends in one run on the same machine. Warm-up first; medians and
+percentiles per stage; one JSON line per backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from benchmarks.common import (
+    append_jsonl,
+    environment,
+    percentiles,
+    prepare,
+    procedural_request,
+    timestamp,
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--out", default="benchmarks/results/pipeline.jsonl")
+    args = parser.parse_args()
+
+    from pigeon.checkpoint import load_checkpoint
+    from pigeon.inference.pipeline import PigeonPipeline
+    from pigeon.inference.runners import OrtRunner, TorchRunner
+
+    checkpoint, artifacts = prepare(args.preset, args.workdir or f"runs/bench-{args.preset}")
+    ckpt = load_checkpoint(checkpoint)
+    request = procedural_request(ckpt.config.image_size, args.steps)
+    pipes = {
+        "pytorch": PigeonPipeline(ckpt.config, ckpt.tokenizer, TorchRunner(ckpt.model)),
+        "onnxruntime": PigeonPipeline(
+            ckpt.config, ckpt.tokenizer, OrtRunner.from_artifacts(artifacts, ckpt.config)
+        ),
+    }
+    env = environment()
+    stages: dict[str, dict[str, dict]] = {}
+    for backend, pipe in pipes.items():
+        for _ in range(args.warmup):
+            pipe(request)
+        times: dict[str, list[float]] = {}
+        for _ in range(args.runs):
+            for stage, seconds in pipe(request)[0].timings.items():
+                times.setdefault(stage, []).append(seconds)
+        stages[backend] = {s: percentiles(v) for s, v in times.items()}
+        append_jsonl(
+            args.out,
+            {
+                "benchmark": "pipeline",
+                "time": timestamp(),
+                "env": env,
+                "preset": args.preset,
+                "backend": backend,
+                "precision": "fp32",
+                "steps": args.steps or ckpt.config.scheduler.num_inference_steps,
+                "stage_seconds": stages[backend],
+            },
+        )
+    steps = args.steps or ckpt.config.scheduler.num_inference_steps
+    print(
+        f"pipeline, preset {args.preset}, {steps} steps, {args.runs} runs after {args.warmup} "
+        f"warm-up ({env['cores']} cores)"
+    )
+    print(f"{'stage':<16}{'eager p50 ms':>14}{'ort p50 ms':>12}{'speed-up':>10}")
+    for stage in stages["pytorch"]:
+        eager, ort = stages["pytorch"][stage]["p50"], stages["onnxruntime"][stage]["p50"]
+        print(f"{stage:<16}{eager * 1e3:>14.1f}{ort * 1e3:>12.1f}{eager / ort:>9.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""ONNX -> TensorRT engines, with profiles from the declarations and a keyed engine cache.
+
+TensorRT is imported lazily: it exists on the target GPU (the NVIDIA Triton and TensorRT containers),
+not on the CPU development machines, where `pigeon export tensorrt` stops with a clear message. The key,
+profile and build-record logic below has no TensorRT dependency and is tested everywhere.
+
+An engine is reused only when its key matches: SHA-256 over the ONNX file hash, the precision, the
+optimisation profile, the TensorRT version and the GPU's compute capability. Each engine has a
+`build.json` beside it saying how it was built. An engine is validated against ONNX Runtime before it
+is written into the artifact folder.
+
+    ART/tensorrt/<component>/engine.plan, build.json
+    CACHE/<key>.plan, <key>.json, timing.cache
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pigeon.export.errors import ExportError
+from pigeon.export.manifest import read_manifest
+from pigeon.files import replace_dir, sha256_file, staging_dir
+from pigeon.specs import ComponentSpec, component_specs
+
+log = logging.getLogger(__name__)
+ENGINE_PRECISIONS = ("fp32", "fp16")
+Profile = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
+
+
+def trt_profile(spec: ComponentSpec) -> Profile:
+    """Input name -> (min, opt, max) shapes, from the declared ranges of every symbol."""
+    points = [spec.point(p) for p in ("min", "opt", "max")]
+    return {t.name: tuple(spec.shape_of(t, v) for v in points) for t in spec.inputs}
+
+
+def engine_key(
+    onnx_sha256: str,
+    precision: str,
+    profile: Profile,
+    trt_version: str,
+    compute_capability: tuple[int, int],
+) -> str:
+    """What an engine depends on; any change means a rebuild, never a stale engine."""
+    record = json.dumps(
+        {
+            "onnx": onnx_sha256,
+            "precision": precision,
+            "profile": {k: [list(s) for s in v] for k, v in sorted(profile.items())},
+            "tensorrt": trt_version,
+            "sm": list(compute_capability),
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(record.encode()).hexdigest()
+
+
+def build_record(
+    component: str,
+    key: str,
+    onnx_sha256: str,
+    precision: str,
+    profile: Profile,
+    trt_version: str,
+    compute_capability: tuple[int, int],
+    gpu_name: str,
+    build_s: float,
+) -> dict:
+    return {
+        "component": component,
+        "key": key,
+        "onnx_sha256": onnx_sha256,
+        "precision": precision,
+        "profile": {
+            k: {"min": list(v[0]), "opt": list(v[1]), "max": list(v[2])} for k, v in profile.items()
+        },
+        "tensorrt": trt_version,
+        "compute_capability": list(compute_capability),
+        "gpu": gpu_name,
+        "build_s": round(build_s, 2),
+    }
+
+
+def import_tensorrt() -> Any:
+    try:
+        import tensorrt
+    except ImportError as exc:
+        raise ExportError(
+            "TensorRT is not installed here (it needs NVIDIA's own index and a GPU); build engines in "
+            "the NVIDIA TensorRT or Triton container, e.g. with the project's Dockerfile"
+        ) from exc
+    return tensorrt
+
+
+def gpu_identity() -> tuple[tuple[int, int], str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ExportError("no CUDA device: TensorRT engines are built on the GPU that serves them")
+    return torch.cuda.get_device_capability(0), torch.cuda.get_device_name(0)
+
+
+def build_engine(onnx_path: Path, spec: ComponentSpec, precision: str, timing_cache: Path) -> bytes:
+    """Parse the ONNX file, add the declared profile, build a serialized engine."""
+    trt = import_tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ExportError(f"{spec.name}: TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    if precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in trt_profile(spec).items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    cache_bytes = timing_cache.read_bytes() if timing_cache.exists() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ExportError(f"{spec.name}: TensorRT failed to build an engine from {onnx_path}")
+    timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+    return bytes(serialized)
+
+
+class TrtRunner:
+    """Runs TensorRT engines with torch CUDA tensors as buffers (the same `run` as every runner)."""
+
+    name = "tensorrt"
+
+    def __init__(self, engines: dict[str, Path], config: Any) -> None:
+        import torch
+
+        trt = import_tensorrt()
+        self.torch = torch
+        self.specs = component_specs(config)
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engines = {
+            n: runtime.deserialize_cuda_engine(Path(p).read_bytes()) for n, p in engines.items()
+        }
+        self.contexts = {n: e.create_execution_context() for n, e in self.engines.items()}
+        self.stream = torch.cuda.Stream()
+
+    def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self.torch
+        spec = self.specs[component]
+        context = self.contexts[component]
+        inputs = {
+            n: torch.from_numpy(np.ascontiguousarray(feeds[n])).cuda() for n in spec.input_names
+        }
+        for name, tensor in inputs.items():
+            context.set_input_shape(name, tuple(tensor.shape))
+            context.set_tensor_address(name, tensor.data_ptr())
+        outputs = {}
+        for t in spec.outputs:
+            shape = tuple(context.get_tensor_shape(t.name))
+            dtype = torch.float32 if t.dtype == "float32" else torch.int64
+            outputs[t.name] = torch.empty(shape, dtype=dtype, device="cuda")
+            context.set_tensor_address(t.name, outputs[t.name].data_ptr())
+        if not context.execute_async_v3(self.stream.cuda_stream):
+            raise ExportError(f"{component}: TensorRT execution failed")
+        self.stream.synchronize()
+        return {n: o.cpu().numpy() for n, o in outputs.items()}
+
+
+def export_tensorrt(
+    artifacts: str | Path, *, precision: str = "fp16", cache_dir: str | Path | None = None
+) -> dict[str, dict]:
+    """Build (or reuse from the cache) one engine per component, validate each against ONNX Runtime,
+    then write them under ART/tensorrt/ atomically. Returns the build records."""
+    from pigeon.checkpoint import load_config
+    from pigeon.export.validate import validate
+    from pigeon.inference.runners import OrtRunner
+
+    if precision not in ENGINE_PRECISIONS:
+        raise ExportError(f"precision={precision!r} is not one of {list(ENGINE_PRECISIONS)}")
+    trt = import_tensorrt()
+    capability, gpu_name = gpu_identity()
+    artifacts = Path(artifacts)
+    manifest = read_manifest(artifacts)
+    config = load_config(manifest["checkpoint"])
+    specs = component_specs(config)
+    cache = Path(cache_dir or artifacts / ".engine-cache")
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = staging_dir(artifacts / "tensorrt")
+    records = {}
+    try:
+        engines = {}
+        for name, entry in manifest["components"].items():
+            onnx_path = artifacts / entry["file"]
+            onnx_sha = sha256_file(onnx_path)
+            profile = trt_profile(specs[name])
+            key = engine_key(onnx_sha, precision, profile, trt.__version__, capability)
+            cached = cache / f"{key}.plan"
+            start = time.perf_counter()
+            if cached.exists():
+                log.info("%s: engine cache hit %s", name, key[:12])
+            else:
+                plan = build_engine(onnx_path, specs[name], precision, cache / "timing.cache")
+                tmp = cached.with_suffix(".plan.tmp")
+                tmp.write_bytes(plan)
+                tmp.replace(cached)
+            record = build_record(
+                name,
+                key,
+                onnx_sha,
+                precision,
+                profile,
+                trt.__version__,
+                capability,
+                gpu_name,
+                time.perf_counter() - start,
+            )
+            (staging / name).mkdir()
+            shutil.copyfile(cached, staging / name / "engine.plan")
+            (staging / name / "build.json").write_text(json.dumps(record, indent=2) + "\n")
+            engines[name] = staging / name / "engine.plan"
+            records[name] = record
+        reference = OrtRunner.from_artifacts(artifacts, config)
+        engine_runner = TrtRunner(engines, config)
+        for name in engines:
+            records[name]["max_error"] = validate(
+                specs[name],
+                config,
+                precision,
+                lambda f, n=name: reference.run(n, f),
+                lambda f, n=name: engine_runner.run(n, f),
+            )
+            (staging / name / "build.json").write_text(json.dumps(records[name], indent=2) + "\n")
+        replace_dir(staging, artifacts / "tensorrt")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return records

@@ -1,0 +1,283 @@
+"""ONNX export on the tiny preset: declared interfaces, numeric validation, the ORT pipeline, publishing."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from pigeon.checkpoint import load_checkpoint
+from pigeon.export import tensorrt as trt_export
+from pigeon.export.errors import (
+    ExportError,
+    IONameError,
+    ManifestError,
+    NonFiniteError,
+    ShapeError,
+    ToleranceError,
+)
+from pigeon.export.manifest import read_manifest
+from pigeon.export.onnx_export import dynamic_shapes, export_onnx
+from pigeon.export.publish import export_all
+from pigeon.export.validate import check_graph_io, compare
+from pigeon.inference.pipeline import GenerationRequest, PigeonPipeline
+from pigeon.inference.runners import OrtRunner, TorchRunner
+from pigeon.specs import IDS, component_specs
+
+from .conftest import emoji_like
+
+
+@pytest.fixture(scope="module")
+def artifacts(checkpoint_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("art") / "fp32"
+    export_onnx(checkpoint_dir, out)
+    return out
+
+
+def test_manifest_records_every_component_with_measured_errors(artifacts, checkpoint_dir):
+    manifest = read_manifest(artifacts)
+    ckpt = load_checkpoint(checkpoint_dir)
+    assert manifest["checkpoint_sha256"] == ckpt.digest and manifest["precision"] == "fp32"
+    assert set(manifest["tools"]) >= {"torch", "onnx", "onnxruntime"}
+    assert list(manifest["components"]) == list(component_specs(ckpt.config))
+    for name, entry in manifest["components"].items():
+        assert set(entry["max_error"]) == {"min", "opt", "max", "odd"}, name
+        assert entry["files"] and entry["opset"] == 18
+
+
+def test_graphs_carry_the_declared_names_and_dimensions(artifacts, tiny_config):
+    for name, spec in component_specs(tiny_config).items():
+        model = onnx.load(str(artifacts / name / "model.onnx"))
+        check_graph_io(spec, model)  # raises on any difference
+        dims = {
+            v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in list(model.graph.input) + list(model.graph.output)
+        }
+        for t in spec.inputs + spec.outputs:
+            assert dims[t.name] == list(t.shape), f"{name}.{t.name}"
+
+
+def test_onnxruntime_pipeline_gives_the_pytorch_image(artifacts, checkpoint_dir):
+    ckpt = load_checkpoint(checkpoint_dir)
+    request = GenerationRequest(
+        history=[emoji_like(i) for i in range(4)],
+        reference=emoji_like(9),
+        text="a red circle",
+        seed=4,
+        steps=6,
+    )
+    torch_image = PigeonPipeline(ckpt.config, ckpt.tokenizer, TorchRunner(ckpt.model))(request)[0]
+    ort = OrtRunner.from_artifacts(artifacts, ckpt.config)
+    ort_image = PigeonPipeline(ckpt.config, ckpt.tokenizer, ort)(request)[0]
+    np.testing.assert_array_equal(torch_image.tokens, ort_image.tokens)
+    assert np.abs(torch_image.image.astype(int) - ort_image.image.astype(int)).max() <= 2
+
+
+def test_an_altered_artifact_is_refused(artifacts, tmp_path, tiny_config):
+    copy = tmp_path / "copy"
+    shutil.copytree(artifacts, copy)
+    path = copy / "unet" / "model.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match=r"unet/model.onnx: SHA-256 differs"):
+        OrtRunner.from_artifacts(copy, tiny_config)
+    (copy / "manifest.json").unlink()
+    with pytest.raises(ManifestError, match="manifest.json: missing"):
+        read_manifest(copy)
+
+
+def perturb_unet(model):
+    with torch.no_grad():
+        model.unet.conv_out.weight.add_(0.05)
+
+
+def test_a_broken_export_is_rejected_and_nothing_is_written(checkpoint_dir, tmp_path):
+    out = tmp_path / "broken"
+    with pytest.raises(ToleranceError, match=r"unet\.noise_pred at min .*max abs error"):
+        export_onnx(checkpoint_dir, out, components=["unet"], model_hook=perturb_unet)
+    assert list(tmp_path.iterdir()) == []  # no artifacts, no staging folder
+
+
+def test_validation_errors_are_typed(tiny_config, artifacts):
+    spec = component_specs(tiny_config)["vae_decoder"]
+    model = onnx.load(str(artifacts / "vae_decoder" / "model.onnx"))
+    model.graph.output[0].name = "pixels"
+    with pytest.raises(
+        IONameError,
+        match=r"vae_decoder: graph outputs are \['pixels'\], "
+        r"declared \['images'\]",
+    ):
+        check_graph_io(spec, model)
+    model = onnx.load(str(artifacts / "vae_decoder" / "model.onnx"))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "n"
+    with pytest.raises(ShapeError, match=r"vae_decoder.latents: dimensions \['n', 4, 16, 16\]"):
+        check_graph_io(spec, model)
+    values = spec.point("min")
+    good = {"images": np.zeros((1, 3, 32, 32), np.float32)}
+    with pytest.raises(NonFiniteError, match="1 NaN/Inf values"):
+        bad = good["images"].copy()
+        bad[0, 0, 0, 0] = np.nan
+        compare(spec, spec.tolerance["fp32"], "min", values, good, {"images": bad})
+    with pytest.raises(ShapeError, match=r"shape \(1, 3, 16, 16\), declared \(1, 3, 32, 32\)"):
+        compare(
+            spec,
+            spec.tolerance["fp32"],
+            "min",
+            values,
+            good,
+            {"images": np.zeros((1, 3, 16, 16), np.float32)},
+        )
+    ids_spec = component_specs(tiny_config)["history_encoder"]
+    ids = np.zeros((1, 16), np.int64)
+    flipped = ids.copy()
+    flipped[0, :2] = 1  # 12.5% of ids differ, more than the allowed share
+    with pytest.raises(ToleranceError, match="12.50% of values differ"):
+        compare(
+            ids_spec,
+            IDS,
+            "min",
+            ids_spec.point("min"),
+            {"token_ids": ids, "token_keep": ids},
+            {"token_ids": flipped, "token_keep": ids},
+        )
+
+
+def test_fused_attention_export_uses_the_onnx_attention_op(checkpoint_dir, tmp_path):
+    manifest = export_onnx(
+        checkpoint_dir,
+        tmp_path / "fused",
+        fused_attention=True,
+        components=["condition_adapter", "unet"],
+    )
+    for name in ("condition_adapter", "unet"):
+        graph = onnx.load(str(tmp_path / "fused" / name / "model.onnx")).graph
+        assert any(n.op_type == "Attention" for n in graph.node), name
+        assert manifest["components"][name]["opset"] == 23
+
+
+def test_fp16_export_keeps_fp32_io_and_validates(checkpoint_dir, tmp_path, tiny_config):
+    export_onnx(
+        checkpoint_dir,
+        tmp_path / "h",
+        precision="fp16",
+        components=["condition_adapter", "vae_decoder"],
+    )
+    model = onnx.load(str(tmp_path / "h" / "vae_decoder" / "model.onnx"))
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+    check_graph_io(component_specs(tiny_config)["vae_decoder"], model)  # inputs/outputs still f32
+
+
+def test_export_all_publishes_versions_atomically(checkpoint_dir, tmp_path):
+    repo = tmp_path / "repo"
+    parts = ["condition_adapter", "vae_decoder"]
+    export_all(checkpoint_dir, repo, 1, components=parts)
+    assert sorted(p.name for p in repo.iterdir()) == parts
+    v1 = {p: (repo / p / "1" / "model.onnx").read_bytes() for p in parts}
+    assert json.loads((repo / "vae_decoder" / "1" / "manifest.json").read_text())["components"]
+    with pytest.raises(ExportError, match="version 1 already exists"):
+        export_all(checkpoint_dir, repo, 1, components=parts)
+    with pytest.raises(ToleranceError):  # a failed validation publishes nothing
+        export_all(checkpoint_dir, repo, 2, components=["unet"], model_hook=perturb_unet)
+    assert sorted(p.name for p in repo.iterdir()) == parts
+    assert all((repo / p / "1" / "model.onnx").read_bytes() == v1[p] for p in parts)
+    assert not (repo / "unet").exists()
+
+
+def test_personalizer_dynamic_shapes_follow_the_varargs_structure(tiny_config):
+    shapes = dynamic_shapes(component_specs(tiny_config)["personalizer"])
+    assert len(shapes) == 6 and len(shapes[5]) == 2 * tiny_config.personalizer.num_layers
+
+
+def test_cli_generate_on_onnxruntime_and_a_mismatched_checkpoint(
+    artifacts, checkpoint_dir, tmp_path, capsys
+):
+    from PIL import Image
+
+    from pigeon.checkpoint import save_checkpoint
+    from pigeon.cli import main
+
+    from .conftest import make_model
+
+    png = tmp_path / "a.png"
+    Image.fromarray(emoji_like(0)).save(png)
+    args = [
+        "generate",
+        "--backend",
+        "onnxruntime",
+        "--artifacts",
+        str(artifacts),
+        "--history",
+        str(png),
+        "--reference",
+        str(png),
+        "--text",
+        "x",
+        "--steps",
+        "2",
+    ]
+    assert main([*args, "--checkpoint", str(checkpoint_dir), "--out", str(tmp_path / "o.png")]) == 0
+    assert json.loads(capsys.readouterr().out)["backend"] == "onnxruntime"
+    other = save_checkpoint(
+        make_model(load_checkpoint(checkpoint_dir).config, seed=5),
+        load_checkpoint(checkpoint_dir).tokenizer,
+        tmp_path / "other",
+    )
+    assert main([*args, "--checkpoint", str(other), "--out", str(tmp_path / "p.png")]) == 2
+    assert "was exported from another checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "p.png").exists()
+
+
+# --- TensorRT: the logic that needs no TensorRT -------------------------------------------------
+
+
+def test_trt_profiles_come_from_the_declared_ranges(tiny_config):
+    spec = component_specs(tiny_config)["personalizer"]
+    profile = trt_export.trt_profile(spec)
+    assert list(profile) == spec.input_names
+    lo, opt, hi = profile["attention_mask"]
+    assert lo == (1, 1) and hi == (16, 512)  # past_len + seq at min and max
+    assert profile["past_key_0"][0] == (1, 4, 0, 8)
+
+
+def test_engine_key_changes_with_everything_an_engine_depends_on(tiny_config):
+    profile = trt_export.trt_profile(component_specs(tiny_config)["unet"])
+    base = dict(
+        onnx_sha256="a" * 64,
+        precision="fp16",
+        profile=profile,
+        trt_version="10.9.0",
+        compute_capability=(9, 0),
+    )
+    key = trt_export.engine_key(**base)
+    assert key == trt_export.engine_key(**base)
+    wider = {**profile, "latents": (profile["latents"][0], profile["latents"][1], (64, 4, 16, 16))}
+    for change in (
+        {"onnx_sha256": "b" * 64},
+        {"precision": "fp32"},
+        {"profile": wider},
+        {"trt_version": "10.10.0"},
+        {"compute_capability": (8, 9)},
+    ):
+        assert trt_export.engine_key(**{**base, **change}) != key, change
+
+
+def test_tensorrt_export_explains_when_tensorrt_is_missing(artifacts):
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(ExportError, match="TensorRT is not installed here"):
+            trt_export.export_tensorrt(artifacts)
+    else:  # pragma: no cover - on a TensorRT machine the GPU test below runs instead
+        pytest.skip("TensorRT is installed; see test_tensorrt_engines_match_onnxruntime")
+
+
+@pytest.mark.trt
+def test_tensorrt_engines_match_onnxruntime(artifacts):  # pragma: no cover - GPU + TensorRT only
+    pytest.importorskip("tensorrt", reason="TensorRT is not installable on the CPU machines")
+    records = trt_export.export_tensorrt(artifacts, precision="fp16")
+    assert set(records) == set(read_manifest(artifacts)["components"])
+    again = trt_export.export_tensorrt(artifacts, precision="fp16")  # every engine from the cache
+    assert all(again[n]["key"] == records[n]["key"] for n in records)
