@@ -8,7 +8,8 @@
 
 Loading never unpickles, and checks every file against the index before using it: a missing or altered
 file is a `CheckpointError` that names it. Saving writes a sibling folder and renames it into place, so a
-reader never sees half a checkpoint.
+reader never sees half a checkpoint. Reading configs (`load_config`) needs no torch, so the Triton
+Python models can use it.
 """
 
 from __future__ import annotations
@@ -17,15 +18,21 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from typing import Any
 
 from pigeon import config as cfg
 from pigeon.files import replace_dir, sha256_file, staging_dir
-from pigeon.models.pigeon import COMPONENT_MODULES, PigeonModel
 from pigeon.vocab import TextTokenizer
+
+# the weight-carrying components, in the order checkpoints store them (pigeon.models.pigeon uses it)
+COMPONENT_MODULES = (
+    "history_encoder",
+    "mask_generator",
+    "personalizer",
+    "condition_adapter",
+    "unet",
+    "vae",
+)
 
 INDEX = "pipeline.json"
 CONFIG_ONLY = ("scheduler", "generation")
@@ -48,14 +55,16 @@ class CheckpointError(ValueError):
 @dataclass
 class Checkpoint:
     config: cfg.PipelineConfig
-    model: PigeonModel
+    model: Any  # PigeonModel
     tokenizer: TextTokenizer
     path: Path
     digest: str  # SHA-256 of pipeline.json: identifies the exact checkpoint
 
 
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+def unwrap(module: Any) -> Any:
     """Strip DistributedDataParallel / torch.compile wrappers before saving."""
+    import torch
+
     while True:
         if hasattr(module, "module") and isinstance(module.module, torch.nn.Module):
             module = module.module
@@ -66,7 +75,7 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def save_checkpoint(
-    model: PigeonModel,
+    model: Any,
     tokenizer: TextTokenizer,
     path: str | Path,
     *,
@@ -74,6 +83,8 @@ def save_checkpoint(
     extra: dict | None = None,
 ) -> Path:
     """Write `model` and `tokenizer` to `path` atomically; returns the path."""
+    from safetensors.torch import save_file
+
     path = Path(path)
     model = unwrap(model)
     if path.exists() and not overwrite:
@@ -157,6 +168,11 @@ def load_config(path: str | Path) -> cfg.PipelineConfig:
 
 def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
     """Load a checkpoint folder (verifying every file's hash first)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from pigeon.models.pigeon import PigeonModel
+
     path = Path(path)
     index = read_index(path)
     if verify:

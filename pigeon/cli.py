@@ -206,6 +206,12 @@ def run_export_tensorrt(args: argparse.Namespace) -> dict:
     return {"artifacts": args.artifacts, "engines": records}
 
 
+def load_serving(path: str | None):
+    from pigeon.config import ServingConfig, load_json
+
+    return load_json(ServingConfig, path) if path else ServingConfig()
+
+
 def run_export_all(args: argparse.Namespace) -> dict:
     from pigeon.export.publish import export_all
 
@@ -213,6 +219,8 @@ def run_export_all(args: argparse.Namespace) -> dict:
         args.checkpoint,
         args.repository,
         args.version,
+        target=args.target,
+        serving=load_serving(args.serving),
         precision=args.precision,
         fused_attention=args.fused_attention,
     )
@@ -221,6 +229,91 @@ def run_export_all(args: argparse.Namespace) -> dict:
         "version": args.version,
         "components": list(manifest["components"]),
     }
+
+
+def run_serve(args: argparse.Namespace) -> dict:
+    """Start tritonserver, print the endpoints, serve until SIGTERM/SIGINT, then stop cleanly."""
+    import signal
+
+    from pigeon.serving.server import TritonServer
+
+    server = TritonServer(
+        Path(args.repository) / args.target,
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        log_file=args.log_file,
+    )
+    stop = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.append(True))
+    server.start()
+    print(
+        json.dumps(
+            {
+                "http": server.http_url,
+                "grpc": server.grpc_url,
+                "metrics": server.metrics_url,
+                "pid": server.process.pid,
+            }
+        ),
+        flush=True,
+    )
+    log.info("serving %s; send SIGTERM or Ctrl-C to stop", server.repository)
+    while not stop and server.process.poll() is None:
+        time.sleep(0.2)
+    code = server.stop()
+    return {"stopped": True, "exit_code": code}
+
+
+def run_client_generate(args: argparse.Namespace) -> dict:
+    from pigeon.serving.client import PigeonClient
+
+    with PigeonClient(args.url, args.protocol, args.timeout) as client:
+        result = client.generate(
+            args.history,
+            args.reference,
+            args.text,
+            seed=args.seed,
+            steps=args.steps,
+            guidance=args.guidance,
+            reference_mask_ratio=args.reference_mask_ratio,
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_bytes(result.image_png)
+    tmp.replace(out)
+    return {"out": str(out), "latency_s": round(result.latency_s, 4), "timings_s": result.timings}
+
+
+def run_deploy(args: argparse.Namespace) -> dict:
+    from pigeon.checkpoint import CheckpointError
+    from pigeon.serving.client import deploy, rollback
+
+    repository = Path(args.repository) / args.target
+    if args.rollback:
+        return {"deployed": rollback(args.url, repository), "rollback": True}
+    if args.version is None:
+        raise CheckpointError("give --version N or --rollback")
+    return {"deployed": args.version, "models": deploy(args.url, repository, args.version)}
+
+
+def run_triton_configs(args: argparse.Namespace) -> dict:
+    """Regenerate config.pbtxt of every model for both targets (the committed repository)."""
+    from pigeon.checkpoint import load_config
+    from pigeon.config import preset
+    from pigeon.serving.repository import write_configs
+
+    config = load_config(args.checkpoint) if args.checkpoint else preset(args.preset)
+    serving = load_serving(args.serving)
+    written = []
+    for target in ("cpu", "gpu"):
+        written += [
+            str(p) for p in write_configs(Path(args.repository) / target, config, serving, target)
+        ]
+    return {"written": written}
 
 
 def run_config_show(args: argparse.Namespace) -> dict:
@@ -283,7 +376,54 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--version", type=int, required=True)
     q.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
     q.add_argument("--fused-attention", action="store_true")
+    q.add_argument("--target", choices=["cpu", "gpu"], default="cpu")
+    q.add_argument("--serving", default=None, help="serving.json (ServingConfig)")
     q.set_defaults(func=run_export_all)
+
+    p = sub.add_parser("serve", help="run tritonserver on the repository", formatter_class=fmt)
+    p.add_argument("--repository", default="triton_models")
+    p.add_argument("--target", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (put auth in front of it)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--log-file", default=None)
+    p.set_defaults(func=run_serve)
+
+    p = sub.add_parser(
+        "triton-configs", help="regenerate the repository's config.pbtxt files", formatter_class=fmt
+    )
+    p.add_argument("--repository", default="triton_models")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--checkpoint", default=None, help="take the sizes from a checkpoint instead")
+    p.add_argument("--serving", default=None, help="serving.json (ServingConfig)")
+    p.set_defaults(func=run_triton_configs)
+
+    p = sub.add_parser("client", help="talk to a served Pigeon", formatter_class=fmt)
+    csub = p.add_subparsers(dest="client_command", required=True)
+    q = csub.add_parser(
+        "generate", help="one request to the `pigeon` ensemble", formatter_class=fmt
+    )
+    q.add_argument("--url", default="127.0.0.1:8001")
+    q.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+    q.add_argument("--history", nargs="+", required=True, metavar="IMAGE")
+    q.add_argument("--reference", required=True, metavar="IMAGE")
+    q.add_argument("--text", required=True)
+    q.add_argument("--out", required=True)
+    q.add_argument("--seed", type=int, default=None)
+    q.add_argument("--steps", type=int, default=None)
+    q.add_argument("--guidance", type=float, default=None)
+    q.add_argument("--reference-mask-ratio", type=float, default=None)
+    q.add_argument("--timeout", type=float, default=120.0, help="seconds")
+    q.set_defaults(func=run_client_generate)
+
+    p = sub.add_parser("deploy", help="switch the served version", formatter_class=fmt)
+    p.add_argument("--url", default="127.0.0.1:8000", help="HTTP endpoint")
+    p.add_argument("--repository", default="triton_models")
+    p.add_argument("--target", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--version", type=int, default=None)
+    p.add_argument("--rollback", action="store_true")
+    p.set_defaults(func=run_deploy)
 
     p = sub.add_parser("data", help="datasets", formatter_class=fmt)
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -323,11 +463,22 @@ def main(argv: list[str] | None = None) -> int:
     from pigeon.config import ConfigError
     from pigeon.export.errors import ExportError
     from pigeon.inference.pipeline import RequestError
+    from pigeon.serving.client import ClientError
     from pigeon.serving.images import ImageError
+    from pigeon.serving.server import ServerError
 
     try:
         summary = args.func(args)
-    except (ConfigError, CheckpointError, ImageError, RequestError, ExportError) as exc:
+    except (
+        ConfigError,
+        CheckpointError,
+        ImageError,
+        RequestError,
+        ExportError,
+        ServerError,
+        ClientError,
+        OSError,
+    ) as exc:
         print(f"pigeon {args.command}: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))

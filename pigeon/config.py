@@ -240,6 +240,35 @@ class PipelineConfig:
         return self.image_size // self.vae.downsample
 
 
+@dataclass(frozen=True, kw_only=True)
+class ServingConfig:
+    """How the Triton model repository serves a checkpoint (`serving.json`; not part of a checkpoint)."""
+
+    max_batch_size: int = 8  # per component model; the declared batch maximum caps it
+    max_queue_size: int = 64  # requests waiting per model before Triton rejects new ones
+    instances: int = 1  # execution instances of every model but the UNet and the BLS loops
+    # personalize and denoise run one request per instance for its whole loop; several instances let
+    # concurrent users' UNet steps meet in the UNet's dynamic batcher
+    bls_instances: int = 4
+    unet_instances: int = 1
+    unet_dynamic_batching: bool = True  # merge concurrent requests' UNet steps into one execution
+    unet_batch_delay_us: int = 2000
+    history_cache: bool = True  # Triton response cache on history_encoder: returning users
+    ort_threads: int = 1  # ONNX Runtime intra-op threads per model instance (cpu target)
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_batch_size",
+            "max_queue_size",
+            "instances",
+            "bls_instances",
+            "unet_instances",
+            "ort_threads",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"serving.{name}={getattr(self, name)} must be >= 1")
+
+
 def _check_heads(name: str, width: int, heads: int) -> None:
     if heads < 1 or width % heads:
         raise ConfigError(f"{name}: width {width} is not divisible by num_heads={heads}")

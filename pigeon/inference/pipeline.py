@@ -57,10 +57,89 @@ class GenerationRequest:
 
 
 @dataclass
+class PersonalizeInput:
+    """One request's tokenized images and instruction, as the personalize stage needs them."""
+
+    history_ids: np.ndarray  # (N, P) code ids
+    history_keep: np.ndarray  # (N, P) tokenizer keep flags
+    reference_ids: np.ndarray  # (P,)
+    reference_keep: np.ndarray  # (P,)
+    text: str
+    reference_mask_ratio: float
+
+
+def request_streams(seed: int) -> tuple[np.random.Generator, ...]:
+    """Independent generators for the mask Gumbel noise, token sampling and the initial latents."""
+    return tuple(np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
+
+
+@dataclass
 class GenerationResult:
     image: np.ndarray  # uint8 (H, W, 3)
     tokens: np.ndarray  # generated visual codes
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, for the batch
+
+
+def check_request(
+    config: PipelineConfig, request: GenerationRequest, index: int = 0
+) -> GenerationRequest:
+    """Validate and normalise one request; errors name the field and its value."""
+    where = f"request {index}"
+    max_history = config.personalizer.max_history
+    if not isinstance(request.history, (list, tuple)) or len(request.history) == 0:
+        raise RequestError(f"{where}: history is empty; give 1 to {max_history} images")
+    if len(request.history) > max_history:
+        raise RequestError(
+            f"{where}: history has {len(request.history)} images, more than the configured "
+            f"maximum of {max_history}"
+        )
+    history = [check_array(h, f"{where}: history[{i}]") for i, h in enumerate(request.history)]
+    reference = check_array(request.reference, f"{where}: reference")
+    if not isinstance(request.text, str) or not request.text.strip():
+        raise RequestError(f"{where}: text is empty")
+    if len(request.text) > MAX_TEXT_CHARS:
+        raise RequestError(
+            f"{where}: text has {len(request.text)} characters, more than {MAX_TEXT_CHARS}"
+        )
+    sched = config.scheduler
+    steps = sched.num_inference_steps if request.steps is None else request.steps
+    if (
+        isinstance(steps, bool)
+        or not isinstance(steps, int)
+        or not (1 <= steps <= sched.num_train_timesteps)
+    ):
+        raise RequestError(
+            f"{where}: steps={steps!r} must be an integer in [1, {sched.num_train_timesteps}]"
+        )
+    guidance = sched.guidance_scale if request.guidance is None else request.guidance
+    if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
+        raise RequestError(f"{where}: guidance={guidance!r} must be a finite number >= 0")
+    ratio = (
+        config.generation.reference_mask_ratio
+        if request.reference_mask_ratio is None
+        else request.reference_mask_ratio
+    )
+    if not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
+        raise RequestError(f"{where}: reference_mask_ratio={ratio!r} must be in [0, 1]")
+    if (
+        isinstance(request.seed, bool)
+        or not isinstance(request.seed, int)
+        or not (0 <= request.seed < 2**63)
+    ):
+        raise RequestError(f"{where}: seed={request.seed!r} must be a non-negative integer")
+    sampler = request.sampler or sched.sampler
+    if sampler not in SAMPLERS:
+        raise RequestError(f"{where}: sampler={sampler!r} is not one of {sorted(SAMPLERS)}")
+    return GenerationRequest(
+        history,
+        reference,
+        request.text,
+        request.seed,
+        steps,
+        float(guidance),
+        float(ratio),
+        sampler,
+    )
 
 
 class PigeonPipeline:
@@ -90,63 +169,7 @@ class PigeonPipeline:
 
     # ----------------------------------------------------------------------------------------------
     def check_request(self, request: GenerationRequest, index: int = 0) -> GenerationRequest:
-        """Validate and normalise one request; errors name the field and its value."""
-        where = f"request {index}"
-        max_history = self.config.personalizer.max_history
-        if not isinstance(request.history, (list, tuple)) or len(request.history) == 0:
-            raise RequestError(f"{where}: history is empty; give 1 to {max_history} images")
-        if len(request.history) > max_history:
-            raise RequestError(
-                f"{where}: history has {len(request.history)} images, more than the configured "
-                f"maximum of {max_history}"
-            )
-        history = [check_array(h, f"{where}: history[{i}]") for i, h in enumerate(request.history)]
-        reference = check_array(request.reference, f"{where}: reference")
-        if not isinstance(request.text, str) or not request.text.strip():
-            raise RequestError(f"{where}: text is empty")
-        if len(request.text) > MAX_TEXT_CHARS:
-            raise RequestError(
-                f"{where}: text has {len(request.text)} characters, more than {MAX_TEXT_CHARS}"
-            )
-        sched = self.config.scheduler
-        steps = sched.num_inference_steps if request.steps is None else request.steps
-        if (
-            isinstance(steps, bool)
-            or not isinstance(steps, int)
-            or not (1 <= steps <= sched.num_train_timesteps)
-        ):
-            raise RequestError(
-                f"{where}: steps={steps!r} must be an integer in [1, {sched.num_train_timesteps}]"
-            )
-        guidance = sched.guidance_scale if request.guidance is None else request.guidance
-        if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
-            raise RequestError(f"{where}: guidance={guidance!r} must be a finite number >= 0")
-        ratio = (
-            self.config.generation.reference_mask_ratio
-            if request.reference_mask_ratio is None
-            else request.reference_mask_ratio
-        )
-        if not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
-            raise RequestError(f"{where}: reference_mask_ratio={ratio!r} must be in [0, 1]")
-        if (
-            isinstance(request.seed, bool)
-            or not isinstance(request.seed, int)
-            or not (0 <= request.seed < 2**63)
-        ):
-            raise RequestError(f"{where}: seed={request.seed!r} must be a non-negative integer")
-        sampler = request.sampler or sched.sampler
-        if sampler not in SAMPLERS:
-            raise RequestError(f"{where}: sampler={sampler!r} is not one of {sorted(SAMPLERS)}")
-        return GenerationRequest(
-            history,
-            reference,
-            request.text,
-            request.seed,
-            steps,
-            float(guidance),
-            float(ratio),
-            sampler,
-        )
+        return check_request(self.config, request, index)
 
     # ----------------------------------------------------------------------------------------------
     def __call__(
@@ -165,10 +188,8 @@ class PigeonPipeline:
                     "within one batch"
                 )
         timings: dict[str, float] = {}
-        streams = [np.random.SeedSequence(r.seed).spawn(3) for r in requests]
-        mask_rngs = [np.random.default_rng(s[0]) for s in streams]
-        token_rngs = [np.random.default_rng(s[1]) for s in streams]
-        latent_rngs = [np.random.default_rng(s[2]) for s in streams]
+        streams = [request_streams(r.seed) for r in requests]
+        mask_rngs, token_rngs, latent_rngs = (list(s) for s in zip(*streams, strict=True))
 
         with _timer(timings, "preprocess"):
             size = self.config.history_encoder.image_size
@@ -178,9 +199,22 @@ class PigeonPipeline:
         with _timer(timings, "history_encoder"):
             encoded = self.runner.run("history_encoder", {"images": np.stack(images)})
         with _timer(timings, "personalize"):
-            codes = self.personalize(
-                requests, encoded["token_ids"], encoded["token_keep"], mask_rngs, token_rngs
-            )
+            items, start = [], 0
+            ids, keep = encoded["token_ids"], encoded["token_keep"]
+            for r in requests:
+                n = len(r.history)
+                items.append(
+                    PersonalizeInput(
+                        ids[start : start + n],
+                        keep[start : start + n],
+                        ids[start + n],
+                        keep[start + n],
+                        r.text,
+                        r.reference_mask_ratio,
+                    )
+                )
+                start += n + 1
+            codes = self.personalize(items, mask_rngs, token_rngs)
         with _timer(timings, "condition"):
             cond = self.condition(codes)
         with _timer(timings, "denoise"):
@@ -201,20 +235,19 @@ class PigeonPipeline:
     # ----------------------------------------------------------------------------------------------
     def personalize(
         self,
-        requests: list[GenerationRequest],
-        token_ids: np.ndarray,
-        token_keep: np.ndarray,
+        items: list[PersonalizeInput],
         mask_rngs: list[np.random.Generator],
         token_rngs: list[np.random.Generator],
     ) -> list[np.ndarray]:
-        """Mask generator -> masked reference -> prompt -> generated codes, one array per request."""
-        # 1. per request: kept tokens of each image, in raster order
-        per_image = [token_ids[i][token_keep[i] > 0] for i in range(len(token_ids))]
-        runs, start = [], 0
-        for r in requests:
-            n = len(r.history)
-            runs.append((per_image[start : start + n], per_image[start + n]))
-            start += n + 1
+        """Mask generator -> masked reference -> prompt -> generated codes, one array per item."""
+        # 1. per item: kept tokens of each image, in raster order
+        runs = [
+            (
+                [h[k > 0] for h, k in zip(it.history_ids, it.history_keep, strict=True)],
+                it.reference_ids[it.reference_keep > 0],
+            )
+            for it in items
+        ]
         # 2. mask generator scores, then Gumbel top-k keep decisions
         seqs = [mask_sequence(h, ref) for h, ref in runs]
         ids, pos, types = (pad_right([s[j] for s in seqs]) for j in range(3))
@@ -232,13 +265,13 @@ class PigeonPipeline:
                     reference_ratio=r.reference_mask_ratio if mg.mask_type != "none" else 0.0,
                     gumbel=noise[i : i + 1],
                 )[0]
-                for i, r in enumerate(requests)
+                for i, r in enumerate(items)
             ]
         )
         # 3. the masked reference through the condition adapter -> reference_embedding for <emb>
         p = self.config.history_encoder.num_patches
-        ref_ids = np.zeros((len(requests), p), np.int64)
-        ref_keep = np.zeros((len(requests), p), np.int64)
+        ref_ids = np.zeros((len(items), p), np.int64)
+        ref_keep = np.zeros((len(items), p), np.int64)
         history_keep = []
         for i, (hist, ref) in enumerate(runs):
             n_hist = sum(len(h) for h in hist)
@@ -255,7 +288,7 @@ class PigeonPipeline:
         # 4. prompt and generation
         prompts = [
             self.prompts.build(r.text, hist, hk)
-            for r, (hist, _), hk in zip(requests, runs, history_keep, strict=False)
+            for r, (hist, _), hk in zip(items, runs, history_keep, strict=True)
         ]
         batch = left_pad(prompts)
         seq_max = self.specs["personalizer"].dims["seq"].max
@@ -270,12 +303,7 @@ class PigeonPipeline:
 
     def condition(self, codes: list[np.ndarray]) -> dict[str, np.ndarray]:
         """Generated codes -> UNet conditioning (prompt_embeds, pooled_embeds)."""
-        p = self.config.history_encoder.num_patches
-        ids = np.zeros((len(codes), p), np.int64)
-        keep = np.zeros((len(codes), p), np.int64)
-        for i, c in enumerate(codes):
-            ids[i, : len(c)] = c[:p]
-            keep[i, : len(c)] = 1
+        ids, keep = codes_to_tokens(codes, self.config.history_encoder.num_patches)
         return self.runner.run("condition_adapter", {"token_ids": ids, "token_keep": keep})
 
     def denoise(
@@ -309,6 +337,16 @@ class PigeonPipeline:
             )["noise_pred"]
             latents = sampler.step(split_guidance(noise_pred, guidance), i, latents)
         return latents
+
+
+def codes_to_tokens(codes: list[np.ndarray], p: int) -> tuple[np.ndarray, np.ndarray]:
+    """Generated codes -> token_ids, token_keep (batch, P): the first len(codes) slots kept."""
+    ids = np.zeros((len(codes), p), np.int64)
+    keep = np.zeros((len(codes), p), np.int64)
+    for i, c in enumerate(codes):
+        ids[i, : len(c)] = c[:p]
+        keep[i, : min(len(c), p)] = 1
+    return ids, keep
 
 
 class _timer:

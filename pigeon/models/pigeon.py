@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from pigeon.checkpoint import COMPONENT_MODULES
 from pigeon.config import PipelineConfig
 from pigeon.models.condition_adapter import ConditionAdapter
 from pigeon.models.history_encoder import HistoryEncoder
@@ -12,16 +13,6 @@ from pigeon.models.personalizer import Personalizer
 from pigeon.models.unet import build_unet
 from pigeon.models.vae import build_vae
 from pigeon.vocab import vocab_layout
-
-# The order in which checkpoints store and list the components.
-COMPONENT_MODULES = (
-    "history_encoder",
-    "mask_generator",
-    "personalizer",
-    "condition_adapter",
-    "unet",
-    "vae",
-)
 
 
 class PigeonModel(nn.Module):

@@ -1,0 +1,201 @@
+"""Client for a served Pigeon (`pigeon` ensemble), over gRPC or HTTP, and version deployment.
+
+    client = PigeonClient("127.0.0.1:8001", protocol="grpc", timeout_s=60)
+    result = client.generate(history=[b"...png", ...], reference=b"...", text="a cat", seed=0)
+    result.image_png, result.timings, result.latency_s
+
+    deploy(url, repository / "cpu", version=3)     # every model to version 3, no restart
+    rollback(url, repository / "cpu")               # back to the version deployed before
+
+A deployment loads each model's new version through Triton's model-control API, networks first; Triton
+swaps a model's version only once the new one is ready, so requests in flight finish on the old one and
+none is lost. The ensemble is not reloaded: its steps name no version (-1, the loaded one), and loading
+an ensemble makes Triton reload its steps from their on-disk configs, which would undo the switch.
+While the models switch one after another (seconds), a request can meet steps of both versions; a
+strictly atomic cut-over needs a second ensemble (blue/green). Deployed versions are recorded in
+`<repository>/.deployments.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pigeon.serving.triton_config import PYTHON_MODELS
+
+DEPLOYMENTS = ".deployments.json"
+
+
+class ClientError(RuntimeError):
+    """The server answered with an error, or did not answer in time; the message says which."""
+
+
+@dataclass
+class ServedResult:
+    image_png: bytes
+    timings: dict[str, float] = field(default_factory=dict)
+    latency_s: float = 0.0
+
+
+def _read(image: bytes | str | Path) -> bytes:
+    return image if isinstance(image, (bytes, bytearray)) else Path(image).read_bytes()
+
+
+class PigeonClient:
+    def __init__(self, url: str, protocol: str = "grpc", timeout_s: float = 120.0) -> None:
+        if protocol not in ("grpc", "http"):
+            raise ValueError(f"protocol={protocol!r} must be 'grpc' or 'http'")
+        self.protocol = protocol
+        self.timeout_s = timeout_s
+        if protocol == "grpc":
+            import tritonclient.grpc as tc
+        else:
+            import tritonclient.http as tc
+        self.tc = tc
+        kwargs = (
+            {}
+            if protocol == "grpc"
+            else {"connection_timeout": timeout_s, "network_timeout": timeout_s}
+        )
+        self.client = tc.InferenceServerClient(url, **kwargs)
+
+    def _input(self, name: str, value: np.ndarray, dtype: str):
+        tensor = self.tc.InferInput(name, list(value.shape), dtype)
+        tensor.set_data_from_numpy(value)
+        return tensor
+
+    def generate(
+        self,
+        history: list[bytes | str | Path],
+        reference: bytes | str | Path,
+        text: str,
+        seed: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        reference_mask_ratio: float | None = None,
+    ) -> ServedResult:
+        from tritonclient.utils import InferenceServerException
+
+        inputs = [
+            self._input(
+                "history_images", np.array([_read(h) for h in history], np.object_), "BYTES"
+            ),
+            self._input("reference_image", np.array([_read(reference)], np.object_), "BYTES"),
+            self._input("text", np.array([text.encode("utf-8")], np.object_), "BYTES"),
+        ]
+        for name, value, dtype, np_type in (
+            ("seed", seed, "INT64", np.int64),
+            ("steps", steps, "INT64", np.int64),
+            ("guidance", guidance, "FP32", np.float32),
+            ("reference_mask_ratio", reference_mask_ratio, "FP32", np.float32),
+        ):
+            if value is not None:
+                inputs.append(self._input(name, np.array([value], np_type), dtype))
+        outputs = [
+            self.tc.InferRequestedOutput("image_png"),
+            self.tc.InferRequestedOutput("timings"),
+        ]
+        start = time.perf_counter()
+        try:
+            if self.protocol == "grpc":
+                response = self.client.infer(
+                    "pigeon", inputs, outputs=outputs, client_timeout=self.timeout_s
+                )
+            else:
+                response = self.client.infer("pigeon", inputs, outputs=outputs)
+        except InferenceServerException as exc:
+            raise ClientError(exc.message()) from None
+        latency = time.perf_counter() - start
+        return ServedResult(
+            bytes(response.as_numpy("image_png")[0]),
+            json.loads(response.as_numpy("timings")[0]),
+            latency,
+        )
+
+    def statistics(self, model: str = "") -> dict:
+        stats = self.client.get_inference_statistics(
+            model_name=model, **({"as_json": True} if self.protocol == "grpc" else {})
+        )
+        return stats
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> PigeonClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --- versions ---------------------------------------------------------------------------------
+
+
+def _load_order(repository: Path) -> list[str]:
+    """Networks first, then the Python models that call them; never the ensemble (see above)."""
+    models = sorted(
+        p.name
+        for p in repository.iterdir()
+        if (p / "config.pbtxt").exists() and not p.name.startswith(".")
+    )
+    networks = [m for m in models if m not in PYTHON_MODELS and m != "pigeon"]
+    return networks + [m for m in PYTHON_MODELS if m in models]
+
+
+def _config_with_version(repository: Path, model: str, version: int) -> str:
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = text_format.Parse(
+        (repository / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+    )
+    config.version_policy.specific.versions[:] = [version]
+    return json_format.MessageToJson(config, preserving_proto_field_name=True)
+
+
+def history(repository: Path) -> list[int]:
+    path = repository / DEPLOYMENTS
+    return json.loads(path.read_text())["versions"] if path.exists() else []
+
+
+def deploy(url: str, repository: str | Path, version: int) -> list[str]:
+    """Switch every model of `repository` (one target's folder) to `version`, without a restart."""
+    import tritonclient.http as http
+    from tritonclient.utils import InferenceServerException
+
+    repository = Path(repository)
+    models = _load_order(repository)
+    missing = [m for m in models if not (repository / m / str(version)).is_dir()]
+    if missing:
+        raise ClientError(f"version {version} is not published for {missing[0]} in {repository}")
+    client = http.InferenceServerClient(url, network_timeout=300.0)
+    try:
+        for model in models:
+            client.load_model(model, config=_config_with_version(repository, model, version))
+    except InferenceServerException as exc:
+        raise ClientError(f"deploying version {version}: {exc.message()}") from None
+    finally:
+        client.close()
+    record = history(repository) + [version]
+    tmp = repository / (DEPLOYMENTS + ".tmp")
+    tmp.write_text(json.dumps({"versions": record}) + "\n")
+    tmp.replace(repository / DEPLOYMENTS)
+    return models
+
+
+def rollback(url: str, repository: str | Path) -> int:
+    """Redeploy the version that was serving before the current one; returns it."""
+    repository = Path(repository)
+    deployed = history(repository)
+    if len(deployed) < 2:
+        raise ClientError(f"no earlier deployment recorded in {repository / DEPLOYMENTS}")
+    previous = deployed[-2]
+    deploy(url, repository, previous)
+    tmp = repository / (DEPLOYMENTS + ".tmp")
+    tmp.write_text(json.dumps({"versions": deployed[:-1]}) + "\n")
+    tmp.replace(repository / DEPLOYMENTS)
+    return previous

@@ -1,0 +1,339 @@
+"""The Triton Python-backend models. Each version folder's `model.py` is one line that imports a class
+from here, so the serving logic is ordinary, tested package code:
+
+    OnnxModel         a network from its ONNX file on ONNX Runtime (cpu target); batches every queued
+                      request of equal shapes into one run (the UNet's dynamic batching)
+    PreprocessModel   decodes and validates the request (same checks as the in-process pipeline)
+    PersonalizeModel  BLS: PigeonPipeline.personalize over the mask_generator, condition_adapter and
+                      personalizer models
+    DenoiseModel      BLS: PigeonPipeline.denoise, the sampler loop with CFG over the unet model
+    PostprocessModel  PNG encoding and the stage timings
+
+Per-request failures become that request's error response, naming the problem; the model keeps serving.
+No torch is imported here (each Python model process stays small).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pigeon.checkpoint import load_config
+from pigeon.inference.pipeline import (
+    GenerationRequest,
+    PersonalizeInput,
+    PigeonPipeline,
+    RequestError,
+    check_request,
+    codes_to_tokens,
+    request_streams,
+)
+from pigeon.serving.images import ImageError, encode_png, load_image, to_model_input, to_uint8
+from pigeon.specs import component_specs
+from pigeon.vocab import TextTokenizer
+
+PIPELINE_DIR = "pipeline"  # the checkpoint's configs and tokenizer inside each version folder
+
+
+def _pb():
+    import triton_python_backend_utils as pb_utils
+
+    return pb_utils
+
+
+class BlsError(RuntimeError):
+    """A model called through BLS answered with an error."""
+
+
+class BlsRunner:
+    """The runner interface over Triton's business-logic scripting: `run` sends one request."""
+
+    name = "triton-bls"
+
+    def __init__(self, config: Any) -> None:
+        self.specs = component_specs(config)
+
+    def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pb = _pb()
+        spec = self.specs[component]
+        inputs = []
+        for t in spec.inputs:
+            value = np.ascontiguousarray(feeds[t.name])
+            if len(t.shape) == 1:  # (batch,) travels as (batch, 1): Triton needs one dim per input
+                value = value.reshape(-1, 1)
+            inputs.append(pb.Tensor(t.name, value))
+        request = pb.InferenceRequest(
+            model_name=component, inputs=inputs, requested_output_names=spec.output_names
+        )
+        response = request.exec()
+        if response.has_error():
+            raise BlsError(f"{component}: {response.error().message()}")
+        return {n: pb.get_output_tensor_by_name(response, n).as_numpy() for n in spec.output_names}
+
+
+class _Model:
+    """Shared plumbing: version folder, config parsing, one response per request, error responses."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        self.model_config = json.loads(args["model_config"])
+        self.version_dir = Path(args["model_repository"]) / args["model_version"]
+        self.output_dtypes = {o["name"]: o["data_type"] for o in self.model_config["output"]}
+        self.setup()
+
+    def setup(self) -> None:  # pragma: no cover - overridden
+        pass
+
+    def pipeline_files(self) -> tuple[Any, TextTokenizer]:
+        folder = self.version_dir / PIPELINE_DIR
+        config = load_config(folder)
+        tokenizer = TextTokenizer.load(
+            folder / "tokenizer" / "tokenizer.json", config.personalizer.text_vocab_size
+        )
+        return config, tokenizer
+
+    def execute(self, requests: list) -> list:
+        pb = _pb()
+        responses = []
+        for request in requests:
+            try:
+                outputs = self.handle(request)
+                responses.append(
+                    pb.InferenceResponse(
+                        [pb.Tensor(name, value) for name, value in outputs.items()]
+                    )
+                )
+            except (RequestError, ImageError, ValueError, BlsError) as exc:
+                responses.append(pb.InferenceResponse(error=pb.TritonError(str(exc))))
+        return responses
+
+    def handle(self, request: Any) -> dict[str, np.ndarray]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    @staticmethod
+    def get(request: Any, name: str) -> np.ndarray | None:
+        tensor = _pb().get_input_tensor_by_name(request, name)
+        return None if tensor is None else tensor.as_numpy()
+
+    def finalize(self) -> None:
+        pass
+
+
+def _scalar(value: np.ndarray | None, name: str, kind: type) -> Any:
+    if value is None:
+        return None
+    if value.size != 1:
+        raise RequestError(f"{name} must hold one value, got shape {value.shape}")
+    return kind(value.reshape(-1)[0])
+
+
+def _text(value: np.ndarray, name: str) -> str:
+    raw = value.reshape(-1)[0]
+    if isinstance(raw, str):
+        return raw
+    try:
+        return bytes(raw).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(
+            f"{name} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+        ) from None
+
+
+class OnnxModel(_Model):
+    def setup(self) -> None:
+        import onnxruntime as ort
+
+        entry = self._verified_entry(self.model_config["name"])
+        threads = int(
+            self.model_config.get("parameters", {}).get("ort_threads", {}).get("string_value", "1")
+        )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(
+            str(self.version_dir / "model.onnx"), options, providers=["CPUExecutionProvider"]
+        )
+        self.input_names = [i["name"] for i in self.model_config["input"]]
+        # ONNX rank per input: a (batch,) tensor arrives as (batch, 1) and is flattened back
+        self.input_ranks = {i.name: len(i.shape) for i in self.session.get_inputs()}
+        self.output_names = [o["name"] for o in self.model_config["output"]]
+        self.entry = entry
+
+    def _verified_entry(self, name: str) -> dict:
+        """Refuse to load a file whose SHA-256 differs from the version's manifest."""
+        from pigeon.export.errors import ManifestError
+        from pigeon.files import sha256_file
+
+        manifest = json.loads((self.version_dir / "manifest.json").read_text())
+        entry = manifest["components"][name]
+        for file, digest in entry["files"].items():
+            if sha256_file(self.version_dir / file) != digest:
+                raise ManifestError(f"{self.version_dir / file}: SHA-256 differs from the manifest")
+        return entry
+
+    def _as_declared(self, name: str, value: np.ndarray) -> np.ndarray:
+        if value.ndim == self.input_ranks[name] + 1 and value.shape[-1] == 1:
+            return value.reshape(value.shape[:-1])
+        return value
+
+    def execute(self, requests: list) -> list:
+        """Run every group of requests with equal non-batch shapes as one batch, then split."""
+        pb = _pb()
+        inputs = [
+            {n: self._as_declared(n, self.get(r, n)) for n in self.input_names} for r in requests
+        ]
+        groups: dict[tuple, list[int]] = {}
+        for i, feeds in enumerate(inputs):
+            key = tuple(feeds[n].shape[1:] for n in self.input_names)
+            groups.setdefault(key, []).append(i)
+        responses: list = [None] * len(requests)
+        for members in groups.values():
+            sizes = [inputs[i][self.input_names[0]].shape[0] for i in members]
+            batch = {n: np.concatenate([inputs[i][n] for i in members]) for n in self.input_names}
+            try:
+                outputs = self.session.run(self.output_names, batch)
+            except Exception as exc:  # ONNX Runtime raises its own exception types
+                for i in members:
+                    responses[i] = pb.InferenceResponse(
+                        error=pb.TritonError(f"{self.model_config['name']}: {exc}")
+                    )
+                continue
+            bounds = np.cumsum([0] + sizes)
+            for k, i in enumerate(members):
+                responses[i] = pb.InferenceResponse(
+                    [
+                        pb.Tensor(n, np.ascontiguousarray(o[bounds[k] : bounds[k + 1]]))
+                        for n, o in zip(self.output_names, outputs, strict=True)
+                    ]
+                )
+        return responses
+
+
+class PreprocessModel(_Model):
+    def setup(self) -> None:
+        self.config, _ = self.pipeline_files()
+
+    def handle(self, request: Any) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        history_bytes = self.get(request, "history_images")
+        if history_bytes is None or history_bytes.size == 0:
+            raise RequestError("history is empty; give at least one image")
+        max_history = self.config.personalizer.max_history
+        if history_bytes.size > max_history:
+            raise RequestError(
+                f"history has {history_bytes.size} images, more than the configured "
+                f"maximum of {max_history}"
+            )
+        history = [
+            load_image(bytes(b), f"history[{i}]") for i, b in enumerate(history_bytes.reshape(-1))
+        ]
+        reference = load_image(
+            bytes(self.get(request, "reference_image").reshape(-1)[0]), "reference"
+        )
+        checked = check_request(
+            self.config,
+            GenerationRequest(
+                history=history,
+                reference=reference,
+                text=_text(self.get(request, "text"), "text"),
+                seed=_scalar(self.get(request, "seed"), "seed", int) or 0,
+                steps=_scalar(self.get(request, "steps"), "steps", int),
+                guidance=_scalar(self.get(request, "guidance"), "guidance", float),
+                reference_mask_ratio=_scalar(
+                    self.get(request, "reference_mask_ratio"), "reference_mask_ratio", float
+                ),
+            ),
+        )
+        size = self.config.history_encoder.image_size
+        return {
+            "history_pixels": np.stack([to_model_input(h, size) for h in checked.history]),
+            "reference_pixels": to_model_input(checked.reference, size)[None],
+            "text_out": np.array([checked.text.encode("utf-8")], dtype=np.object_),
+            "seed_out": np.array([checked.seed], np.int64),
+            "steps_out": np.array([checked.steps], np.int64),
+            "guidance_out": np.array([checked.guidance], np.float32),
+            "reference_mask_ratio_out": np.array([checked.reference_mask_ratio], np.float32),
+            "preprocess_s": np.array([time.perf_counter() - start]),
+        }
+
+
+class PersonalizeModel(_Model):
+    def setup(self) -> None:
+        config, tokenizer = self.pipeline_files()
+        self.pipeline = PigeonPipeline(config, tokenizer, BlsRunner(config))
+
+    def handle(self, request: Any) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        seed = int(self.get(request, "seed")[0])
+        mask_rng, token_rng, _ = request_streams(seed)
+        item = PersonalizeInput(
+            history_ids=self.get(request, "history_token_ids"),
+            history_keep=self.get(request, "history_token_keep"),
+            reference_ids=self.get(request, "reference_token_ids")[0],
+            reference_keep=self.get(request, "reference_token_keep")[0],
+            text=_text(self.get(request, "text"), "text"),
+            reference_mask_ratio=float(self.get(request, "reference_mask_ratio")[0]),
+        )
+        codes = self.pipeline.personalize([item], [mask_rng], [token_rng])
+        ids, keep = codes_to_tokens(codes, self.pipeline.config.history_encoder.num_patches)
+        return {
+            "token_ids": ids,
+            "token_keep": keep,
+            "personalize_s": np.array([time.perf_counter() - start]),
+        }
+
+
+class DenoiseModel(_Model):
+    def setup(self) -> None:
+        config, tokenizer = self.pipeline_files()
+        self.pipeline = PigeonPipeline(config, tokenizer, BlsRunner(config))
+
+    def handle(self, request: Any) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        _, _, latent_rng = request_streams(int(self.get(request, "seed")[0]))
+        latents = self.pipeline.denoise(
+            self.get(request, "prompt_embeds"),
+            self.get(request, "pooled_embeds"),
+            int(self.get(request, "steps")[0]),
+            float(self.get(request, "guidance")[0]),
+            self.pipeline.config.scheduler.sampler,
+            [latent_rng],
+        )
+        return {"latents": latents, "denoise_s": np.array([time.perf_counter() - start])}
+
+
+class PostprocessModel(_Model):
+    def handle(self, request: Any) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        png = encode_png(to_uint8(self.get(request, "images"))[0])
+        timings = {
+            name: float(self.get(request, f"{name}_s")[0])
+            for name in ("preprocess", "personalize", "denoise")
+        }
+        timings["postprocess"] = time.perf_counter() - start
+        return {
+            "image_png": np.array([png], dtype=np.object_),
+            "timings": np.array([json.dumps(timings).encode()], dtype=np.object_),
+        }
+
+
+MODEL_CLASSES = {
+    "preprocess": "PreprocessModel",
+    "personalize": "PersonalizeModel",
+    "denoise": "DenoiseModel",
+    "postprocess": "PostprocessModel",
+}
+
+
+def model_py(model: str) -> str:
+    """The one-line `model.py` placed in each version folder of `model`."""
+    cls = MODEL_CLASSES.get(model, "OnnxModel")
+    return (
+        f'"""Triton Python model `{model}`: see pigeon.serving.triton_backend.{cls}."""\n\n'
+        f"from pigeon.serving.triton_backend import {cls} as TritonPythonModel  # noqa: F401\n"
+    )

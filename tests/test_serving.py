@@ -1,0 +1,286 @@
+"""The real tritonserver on the generated repository (cpu target): same image as in process, the
+response cache, dynamic batching, per-request errors, version switches under load, generated configs."""
+
+import io
+import threading
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+from PIL import Image
+from tritonclient.grpc import model_config_pb2
+
+from pigeon.checkpoint import load_checkpoint, save_checkpoint
+from pigeon.config import ServingConfig, preset
+from pigeon.export.publish import export_all
+from pigeon.inference.pipeline import GenerationRequest, PigeonPipeline
+from pigeon.inference.runners import OrtOptions, OrtRunner
+from pigeon.serving.client import ClientError, PigeonClient, deploy, rollback
+from pigeon.serving.images import load_image
+from pigeon.serving.server import TritonServer
+from pigeon.serving.triton_config import ENSEMBLE_STEPS, repository_configs, request_interface
+
+from .conftest import emoji_like, make_model
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+HISTORY = [png(emoji_like(i)) for i in range(4)]
+REFERENCE = png(emoji_like(9))
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, checkpoint_dir, tokenizer):
+    repo = tmp_path_factory.mktemp("repo")
+    export_all(checkpoint_dir, repo, 1)
+    other = save_checkpoint(
+        make_model(preset("tiny"), seed=3), tokenizer, tmp_path_factory.mktemp("ck2") / "v2"
+    )
+    export_all(other, repo, 2)
+    with TritonServer(repo / "cpu") as server:
+        deploy(server.http_url, repo / "cpu", 1)
+        yield server, repo, other
+
+
+def in_process(checkpoint, repo, version, seed=4, steps=6):
+    ckpt = load_checkpoint(checkpoint)
+    artifacts = repo / "cpu"
+    runner = OrtRunner.from_files(
+        {
+            n: artifacts / n / str(version) / "model.onnx"
+            for n in (
+                "history_encoder",
+                "mask_generator",
+                "personalizer",
+                "condition_adapter",
+                "unet",
+                "vae_decoder",
+            )
+        },
+        ckpt.config,
+    )
+    pipe = PigeonPipeline(ckpt.config, ckpt.tokenizer, runner)
+    request = GenerationRequest(
+        history=[load_image(h) for h in HISTORY],
+        reference=load_image(REFERENCE),
+        text="a red circle",
+        seed=seed,
+        steps=steps,
+    )
+    return pipe(request)[0].image
+
+
+def served_image(server, protocol="grpc", **kw):
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    with PigeonClient(url, protocol, timeout_s=60) as client:
+        result = client.generate(HISTORY, REFERENCE, "a red circle", seed=4, steps=6, **kw)
+    return np.asarray(Image.open(io.BytesIO(result.image_png)).convert("RGB")), result
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_served_image_equals_the_in_process_pipeline(served, checkpoint_dir, protocol):
+    server, repo, _ = served
+    image, result = served_image(server, protocol)
+    expected = in_process(checkpoint_dir, repo, 1)
+    assert np.abs(image.astype(int) - expected.astype(int)).max() <= 2
+    assert set(result.timings) == {"preprocess", "personalize", "denoise", "postprocess"}
+
+
+def model_stats(server, model):
+    with PigeonClient(server.grpc_url, "grpc") as client:
+        stats = client.statistics(model)["model_stats"]
+    return stats[0]
+
+
+def test_returning_user_history_hits_the_response_cache(served):
+    server, _, _ = served
+    before = int(
+        model_stats(server, "history_encoder")["inference_stats"]
+        .get("cache_hit", {})
+        .get("count", 0)
+    )
+    with PigeonClient(server.grpc_url, "grpc") as client:
+        client.generate(HISTORY, png(emoji_like(20)), "first visit", seed=1, steps=2)
+        client.generate(HISTORY, png(emoji_like(21)), "returning", seed=2, steps=2)
+    after = int(model_stats(server, "history_encoder")["inference_stats"]["cache_hit"]["count"])
+    assert after >= before + 1
+
+
+def test_concurrent_requests_share_unet_executions(served):
+    server, _, _ = served
+    before = model_stats(server, "unet")
+    errors = []
+
+    def one(i):
+        try:
+            with PigeonClient(server.grpc_url, "grpc", timeout_s=120) as client:
+                client.generate(HISTORY, REFERENCE, f"user {i}", seed=i, steps=8)
+        except Exception as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    after = model_stats(server, "unet")
+    inferences = int(after["inference_count"]) - int(before["inference_count"])
+    executions = int(after["execution_count"]) - int(before["execution_count"])
+    assert inferences == 4 * 8 * 2  # 4 users x 8 steps x (conditional + unconditional)
+    assert executions < inferences / 2  # dynamic batching merged steps of different users
+
+
+BOMB = png(np.zeros((1, 1, 3), np.uint8))
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"history": [b"not an image"]}, "history[0]: not a readable image"),
+        ({"history": []}, "history is empty"),
+        ({"history": HISTORY * 2}, "history has 8 images, more than the configured maximum of 5"),
+        ({"text": ""}, "text is empty"),
+        ({"text": "x" * 1001}, "text has 1001 characters"),
+        ({"steps": 0}, "steps=0 must be an integer"),
+        ({"guidance": float("nan")}, "guidance=nan must be a finite number"),
+        ({"reference_mask_ratio": 2.0}, "reference_mask_ratio=2.0 must be in [0, 1]"),
+    ],
+)
+def test_bad_requests_get_a_named_error_and_the_server_keeps_serving(served, kwargs, message):
+    server, _, _ = served
+    request = {"history": HISTORY, "reference": REFERENCE, "text": "a cat", "steps": 2, **kwargs}
+    with PigeonClient(server.grpc_url, "grpc") as client:
+        with pytest.raises(ClientError) as info:
+            client.generate(**request)
+        assert message in str(info.value)
+        assert client.generate(HISTORY, REFERENCE, "fine", steps=2).image_png[:4] == b"\x89PNG"
+
+
+def test_oversized_and_non_utf8_inputs_are_refused(served):
+    server, _, _ = served
+    bomb = io.BytesIO()
+    Image.new("1", (5000, 5000)).save(bomb, format="PNG")
+    with PigeonClient(server.grpc_url, "grpc") as client:
+        with pytest.raises(ClientError, match="5000x5000 pixels exceeds the limit"):
+            client.generate([bomb.getvalue()], REFERENCE, "x", steps=2)
+        import tritonclient.grpc as tc
+
+        inputs = []
+        for name, value in (
+            ("history_images", np.array(HISTORY[:1], np.object_)),
+            ("reference_image", np.array([REFERENCE], np.object_)),
+            ("text", np.array([b"\xff\xfe bad"], np.object_)),
+        ):
+            tensor = tc.InferInput(name, list(value.shape), "BYTES")
+            tensor.set_data_from_numpy(value)
+            inputs.append(tensor)
+        from tritonclient.utils import InferenceServerException
+
+        with pytest.raises(InferenceServerException, match="text is not valid UTF-8"):
+            client.client.infer("pigeon", inputs)
+
+
+def test_version_switch_under_load_loses_no_request_and_rolls_back(served, checkpoint_dir):
+    server, repo, other = served
+    results, errors, done = [], [], threading.Event()
+
+    def load():
+        with PigeonClient(server.grpc_url, "grpc", timeout_s=120) as client:
+            while not done.is_set():
+                try:
+                    results.append(client.generate(HISTORY, REFERENCE, "load", steps=2))
+                except Exception as exc:  # collected and asserted below
+                    errors.append(exc)
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for t in threads:
+        t.start()
+    deploy(server.http_url, repo / "cpu", 2)
+    done.set()
+    for t in threads:
+        t.join()
+    assert results and not errors
+    image, _ = served_image(server)
+    expected_v2 = in_process(other, repo, 2)
+    assert np.abs(image.astype(int) - expected_v2.astype(int)).max() <= 2
+    assert rollback(server.http_url, repo / "cpu") == 1
+    image, _ = served_image(server)
+    assert np.abs(image.astype(int) - in_process(checkpoint_dir, repo, 1).astype(int)).max() <= 2
+
+
+def test_prometheus_metrics_are_exposed(served):
+    server, _, _ = served
+    with urllib.request.urlopen(server.metrics_url, timeout=5) as response:
+        text = response.read().decode()
+    assert 'nv_inference_request_success{model="pigeon"' in text
+
+
+# --- generated configs ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["cpu", "gpu"])
+def test_committed_configs_are_the_generated_ones(target):
+    generated = repository_configs(preset("tiny"), ServingConfig(), target)
+    committed = {
+        p.parent.name: p.read_text()
+        for p in (REPO_ROOT / "triton_models" / target).glob("*/config.pbtxt")
+    }
+    assert committed == generated, "run `pigeon triton-configs` and commit triton_models/"
+
+
+@pytest.mark.parametrize("target", ["cpu", "gpu"])
+def test_configs_parse_and_the_ensemble_is_wired(target):
+    configs = {
+        name: text_format.Parse(text, model_config_pb2.ModelConfig())
+        for name, text in repository_configs(preset("tiny"), ServingConfig(), target).items()
+    }
+    inputs, outputs = request_interface(preset("tiny"))
+    available = {i.name for i in inputs}
+    for model, ins, outs in ENSEMBLE_STEPS:  # in order: each input produced upstream, no cycle
+        declared_in = {i.name for i in configs[model].input}
+        declared_out = {o.name for o in configs[model].output}
+        assert set(ins) <= declared_in and set(outs) <= declared_out, model
+        missing = [v for v in ins.values() if v not in available]
+        assert not missing, f"{model} reads {missing} before anything produces them"
+        available |= set(outs.values())
+    assert {o.name for o in outputs} <= available
+    if target == "gpu":
+        assert all(
+            configs[n].platform == "tensorrt_plan"
+            for n in ("history_encoder", "personalizer", "unet", "vae_decoder")
+        )
+
+
+def test_gpu_and_cpu_targets_share_names():
+    cpu, gpu = (repository_configs(preset("tiny"), ServingConfig(), t) for t in ("cpu", "gpu"))
+    assert set(cpu) == set(gpu)
+    for name in cpu:
+        a = text_format.Parse(cpu[name], model_config_pb2.ModelConfig())
+        b = text_format.Parse(gpu[name], model_config_pb2.ModelConfig())
+        assert [(i.name, list(i.dims)) for i in a.input] == [
+            (i.name, list(i.dims)) for i in b.input
+        ]
+        assert [o.name for o in a.output] == [o.name for o in b.output]
+
+
+def test_serving_config_is_strict():
+    from pigeon.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match="unknown key 'max_batch'"):
+        from_dict(ServingConfig, {"max_batch": 4})
+    with pytest.raises(ConfigError, match="serving.instances=0 must be >= 1"):
+        ServingConfig(instances=0)
+    text = repository_configs(
+        preset("tiny"), ServingConfig(unet_dynamic_batching=False, unet_instances=2), "cpu"
+    )["unet"]
+    config = text_format.Parse(text, model_config_pb2.ModelConfig())
+    assert not config.HasField("dynamic_batching") and config.instance_group[0].count == 2
