@@ -16,7 +16,7 @@ from pigeon.checkpoint import load_checkpoint, save_checkpoint
 from pigeon.config import ServingConfig, preset
 from pigeon.export.publish import export_all
 from pigeon.inference.pipeline import GenerationRequest, PigeonPipeline
-from pigeon.inference.runners import OrtOptions, OrtRunner
+from pigeon.inference.runners import OrtRunner
 from pigeon.serving.client import ClientError, PigeonClient, deploy, rollback
 from pigeon.serving.images import load_image
 from pigeon.serving.server import TritonServer
