@@ -200,7 +200,18 @@ def run_export_onnx(args: argparse.Namespace) -> dict:
 
 
 def run_export_tensorrt(args: argparse.Namespace) -> dict:
-    from pigeon.export.tensorrt import export_tensorrt
+    from pigeon.checkpoint import CheckpointError
+    from pigeon.export.tensorrt import build_repository_engines, export_tensorrt
+
+    if args.repository:
+        if args.version is None:
+            raise CheckpointError("--repository needs --version")
+        records = build_repository_engines(
+            args.repository, args.version, precision=args.precision, cache_dir=args.cache_dir
+        )
+        return {"repository": args.repository, "engines": records}
+    if not args.artifacts:
+        raise CheckpointError("give --artifacts ART, or --repository REPO/gpu --version N")
 
     records = export_tensorrt(args.artifacts, precision=args.precision, cache_dir=args.cache_dir)
     return {"artifacts": args.artifacts, "engines": records}
@@ -364,7 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=run_export_onnx)
     q = esub.add_parser("tensorrt", help="TensorRT engines (GPU + TensorRT)", formatter_class=fmt)
-    q.add_argument("--artifacts", required=True)
+    q.add_argument("--artifacts", default=None, help="an artifact folder (pigeon export onnx)")
+    q.add_argument("--repository", default=None, help="or a gpu repository folder (+ --version)")
+    q.add_argument("--version", type=int, default=None)
     q.add_argument("--precision", choices=["fp32", "fp16"], default="fp16")
     q.add_argument("--cache-dir", default=None, help="default: ARTIFACTS/.engine-cache")
     q.set_defaults(func=run_export_tensorrt)

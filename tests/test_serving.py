@@ -2,6 +2,7 @@
 response cache, dynamic batching, per-request errors, version switches under load, generated configs."""
 
 import io
+import json
 import threading
 import urllib.request
 from pathlib import Path
@@ -284,3 +285,46 @@ def test_serving_config_is_strict():
     )["unet"]
     config = text_format.Parse(text, model_config_pb2.ModelConfig())
     assert not config.HasField("dynamic_batching") and config.instance_group[0].count == 2
+
+
+def test_pigeon_serve_prints_endpoints_and_stops_on_sigterm(served):
+    import signal
+    import subprocess
+    import sys
+
+    from pigeon.serving.server import free_port
+
+    _, repo, _ = served
+    ports = [str(free_port()) for _ in range(3)]
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pigeon.cli",
+            "serve",
+            "--repository",
+            str(repo),
+            "--target",
+            "cpu",
+            "--http-port",
+            ports[0],
+            "--grpc-port",
+            ports[1],
+            "--metrics-port",
+            ports[2],
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        endpoints = json.loads(process.stdout.readline())
+        assert endpoints["http"] == f"127.0.0.1:{ports[0]}"
+        with urllib.request.urlopen(f"http://{endpoints['http']}/v2/health/ready", timeout=5) as r:
+            assert r.status == 200
+        process.send_signal(signal.SIGTERM)
+        out, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0
+    assert json.loads(out)["stopped"] is True

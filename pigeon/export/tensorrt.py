@@ -100,11 +100,25 @@ def import_tensorrt() -> Any:
 
 
 def gpu_identity() -> tuple[tuple[int, int], str]:
-    import torch
+    """(compute capability, name) of GPU 0, from nvidia-smi (no torch needed in the container)."""
+    import subprocess
 
-    if not torch.cuda.is_available():
-        raise ExportError("no CUDA device: TensorRT engines are built on the GPU that serves them")
-    return torch.cuda.get_device_capability(0), torch.cuda.get_device_name(0)
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=compute_cap,name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise ExportError(
+            "no CUDA device (nvidia-smi failed): TensorRT engines are built on the "
+            "GPU that serves them"
+        ) from exc
+    cap, name = (part.strip() for part in out.splitlines()[0].split(",", 1))
+    major, minor = cap.split(".")
+    return (int(major), int(minor)), name
 
 
 def build_engine(onnx_path: Path, spec: ComponentSpec, precision: str, timing_cache: Path) -> bytes:
@@ -242,4 +256,60 @@ def export_tensorrt(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    return records
+
+
+def build_repository_engines(
+    repository: str | Path,
+    version: int,
+    *,
+    precision: str = "fp16",
+    cache_dir: str | Path | None = None,
+) -> dict[str, dict]:
+    """GPU target: give every network of `version` a `model.plan` built on this GPU.
+
+    Reads `<repository>/<network>/<version>/model.onnx` (published by `pigeon export all --target
+    gpu`), reuses a cached engine when its key matches, and writes `model.plan` + `build.json` beside
+    the ONNX file. Run in the serving container before `tritonserver` starts (see the Dockerfile).
+    """
+    from pigeon.checkpoint import load_config
+
+    trt = import_tensorrt()
+    capability, gpu_name = gpu_identity()
+    repository = Path(repository)
+    cache = Path(cache_dir or repository / ".engine-cache")
+    cache.mkdir(parents=True, exist_ok=True)
+    config = load_config(repository / "personalize" / str(version) / "pipeline")
+    records = {}
+    for name, spec in component_specs(config).items():
+        folder = repository / name / str(version)
+        onnx_path = folder / "model.onnx"
+        if not onnx_path.exists():
+            raise ExportError(f"{onnx_path}: missing; publish version {version} first")
+        onnx_sha = sha256_file(onnx_path)
+        profile = trt_profile(spec)
+        key = engine_key(onnx_sha, precision, profile, trt.__version__, capability)
+        cached = cache / f"{key}.plan"
+        start = time.perf_counter()
+        if not cached.exists():
+            plan = build_engine(onnx_path, spec, precision, cache / "timing.cache")
+            tmp = cached.with_suffix(".plan.tmp")
+            tmp.write_bytes(plan)
+            tmp.replace(cached)
+        tmp = folder / ".model.plan.tmp"
+        shutil.copyfile(cached, tmp)
+        tmp.replace(folder / "model.plan")
+        records[name] = build_record(
+            name,
+            key,
+            onnx_sha,
+            precision,
+            profile,
+            trt.__version__,
+            capability,
+            gpu_name,
+            time.perf_counter() - start,
+        )
+        (folder / "build.json").write_text(json.dumps(records[name], indent=2) + "\n")
+        log.info("%s: engine %s ready", name, key[:12])
     return records
