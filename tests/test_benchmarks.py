@@ -1,0 +1,76 @@
+"""The benchmark scripts keep working (quick mode on the tiny preset). Nothing here is timed."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(module: str, *args: str) -> subprocess.CompletedProcess:
+    res = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def test_serving_quick_writes_a_complete_record(tmp_path):
+    run(
+        "benchmarks.serving",
+        "--preset",
+        "tiny",
+        "--quick",
+        "--workdir",
+        str(tmp_path / "w"),
+        "--results",
+        str(tmp_path / "r"),
+    )
+    record = json.loads((tmp_path / "r" / "serving.jsonl").read_text().splitlines()[-1])
+    assert record["quick"] and record["preset"] == "tiny"
+    assert {
+        "batched/grpc/c1",
+        "batched/http/c2",
+        "unbatched/grpc/c2",
+        "cache/new",
+        "cache/returning",
+    } <= set(record["levels"])
+    assert all(not level["errors"] for level in record["levels"].values())
+    returning = record["levels"]["cache/returning"]["models"]["history_encoder"]
+    assert returning["cache_hits"] >= 1  # the same history twice is served from the cache
+    assert sum(record["flops_per_request"].values()) > 0 < record["machine_peak_flops"]
+
+
+def test_components_and_pipeline_benchmarks_run(tmp_path):
+    workdir = str(tmp_path / "w")
+    run(
+        "benchmarks.components",
+        "--preset",
+        "tiny",
+        "--runs",
+        "2",
+        "--warmup",
+        "1",
+        "--workdir",
+        workdir,
+        "--out",
+        str(tmp_path / "c.jsonl"),
+    )
+    rows = [json.loads(x) for x in (tmp_path / "c.jsonl").read_text().splitlines()]
+    assert {r["backend"] for r in rows} == {"pytorch", "onnxruntime"} and len(rows) == 12
+    run(
+        "benchmarks.pipeline",
+        "--preset",
+        "tiny",
+        "--runs",
+        "1",
+        "--warmup",
+        "1",
+        "--workdir",
+        workdir,
+        "--out",
+        str(tmp_path / "p.jsonl"),
+    )
+    rows = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [r["backend"] for r in rows] == ["pytorch", "onnxruntime"]
