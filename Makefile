@@ -3,7 +3,6 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-OUT ?= demo/out
 TORCH_VERSION ?= 2.13.0
 
 .PHONY: venv demo test test-slow bench lint clean
@@ -17,18 +16,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"
-	$(BIN)/python -m pip install -q -e ".[export,serving,dev]"
+	$(BIN)/python -m pip install -q -e ".[export,serving,dev,data]"
 	@touch $@
 
 demo: venv
-	@echo "[demo 1/3] random tiny checkpoint -> $(OUT)/checkpoint"
-	$(BIN)/pigeon init --preset tiny --out $(OUT)/checkpoint --overwrite
-	@echo "[demo 2/3] procedural users -> $(OUT)/users"
-	$(BIN)/pigeon data procedural --out $(OUT)/users --users 1 --size 32
-	@echo "[demo 3/3] personalized generation -> $(OUT)/generated.png"
-	$(BIN)/pigeon generate --checkpoint $(OUT)/checkpoint \
-	    --history $(OUT)/users/user0/history_*.png --reference $(OUT)/users/user0/reference.png \
-	    --text "$$(cat $(OUT)/users/user0/text.txt)" --out $(OUT)/generated.png
+	$(BIN)/python -m pigeon.demo --out demo
 
 test: venv
 	$(BIN)/python -m pytest -m "not slow and not gpu and not trt" -q
@@ -43,4 +35,4 @@ lint: venv
 	$(BIN)/python -m ruff check pigeon tests benchmarks
 
 clean:
-	rm -rf $(OUT) .pytest_cache
+	rm -rf demo .pytest_cache

@@ -311,6 +311,26 @@ def run_deploy(args: argparse.Namespace) -> dict:
     return {"deployed": args.version, "models": deploy(args.url, repository, args.version)}
 
 
+def run_train(args: argparse.Namespace) -> dict:
+    import torch
+
+    from pigeon.training.loop import train_all, train_stage
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    kwargs = {
+        "preset_name": args.preset,
+        "data_source": args.data,
+        "overrides": args.set or [],
+        "resume": args.resume,
+        "init": args.init,
+        "device": device,
+        "stop_after": args.stop_after,
+    }
+    if args.stage == "all":
+        return {"stages": train_all(args.out, **kwargs)}
+    return train_stage(args.stage, args.out, **kwargs)
+
+
 def run_triton_configs(args: argparse.Namespace) -> dict:
     """Regenerate config.pbtxt of every model for both targets (the committed repository)."""
     from pigeon.checkpoint import load_config
@@ -325,6 +345,33 @@ def run_triton_configs(args: argparse.Namespace) -> dict:
             str(p) for p in write_configs(Path(args.repository) / target, config, serving, target)
         ]
     return {"written": written}
+
+
+def run_data_emojiprefs(args: argparse.Namespace) -> dict:
+    from pigeon.data.emojiprefs import build_emojiprefs
+
+    info = build_emojiprefs(
+        Path(args.out),
+        args.size,
+        args.styles,
+        args.permissive_only,
+        Path(args.cache_dir) if args.cache_dir else None,
+        seed=args.seed,
+        log=lambda message: log.info("%s", message),
+    )
+    return {"out": args.out, **{k: info[k] for k in ("content_sha256", "counts") if k in info}}
+
+
+def run_data_user(args: argparse.Namespace) -> dict:
+    """Check a user-data folder: windows per split and every rejected row with its line."""
+    from pigeon.data.user_data import load_user_data
+
+    data = load_user_data(
+        args.root, args.history_length, on_error=args.on_error, split=args.split, seed=args.seed
+    )
+    for problem in data.report:
+        log.warning("skipped %s", problem)
+    return {**data.summary(), "problems": [str(p) for p in data.report]}
 
 
 def run_config_show(args: argparse.Namespace) -> dict:
@@ -403,6 +450,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-file", default=None)
     p.set_defaults(func=run_serve)
 
+    p = sub.add_parser("train", help="train a stage, or the whole recipe", formatter_class=fmt)
+    p.add_argument("stage", choices=["vae", "image", "lmm", "sft", "dpo", "all"])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--data", default="procedural", help="'procedural' or an EmojiPrefs folder")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument(
+        "--init",
+        default=None,
+        help="checkpoint to start from (default: the previous "
+        "stage's best in --out, else a fresh model)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="train.lr=1e-4 for the stage's TrainConfig, or a model config key",
+    )
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="leave after N steps (checkpointed); continue later with --resume",
+    )
+    p.set_defaults(func=run_train)
+
     p = sub.add_parser(
         "triton-configs", help="regenerate the repository's config.pbtxt files", formatter_class=fmt
     )
@@ -448,6 +522,25 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--noise-ratio", type=float, default=0.2)
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=run_data_procedural)
+    q = dsub.add_parser(
+        "emojiprefs", help="build EmojiPrefs from open emoji sets (npm)", formatter_class=fmt
+    )
+    q.add_argument("--out", required=True)
+    q.add_argument("--size", type=int, default=64)
+    q.add_argument("--styles", nargs="+", default=None, help="default: the 7 distinct styles")
+    q.add_argument("--permissive-only", action="store_true", help="drop CC BY-SA sets")
+    q.add_argument("--cache-dir", default=None, help="npm tarball cache (default: ~/.cache)")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=run_data_emojiprefs)
+    q = dsub.add_parser(
+        "user", help="check a user-data folder (interactions + items)", formatter_class=fmt
+    )
+    q.add_argument("root")
+    q.add_argument("--history-length", type=int, default=5)
+    q.add_argument("--on-error", choices=["skip", "raise"], default="skip")
+    q.add_argument("--split", choices=["random", "temporal"], default="random")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=run_data_user)
 
     p = sub.add_parser("checkpoint", help="checkpoint tools", formatter_class=fmt)
     csub = p.add_subparsers(dest="checkpoint_command", required=True)
@@ -474,6 +567,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     from pigeon.checkpoint import CheckpointError
     from pigeon.config import ConfigError
+    from pigeon.data.emojiprefs import EmojiPrefsError
+    from pigeon.data.user_data import UserDataError
     from pigeon.export.errors import ExportError
     from pigeon.inference.pipeline import RequestError
     from pigeon.serving.client import ClientError
@@ -483,6 +578,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = args.func(args)
     except (
+        UserDataError,
+        EmojiPrefsError,
         ConfigError,
         CheckpointError,
         ImageError,

@@ -174,16 +174,20 @@ def test_export_all_publishes_versions_atomically(checkpoint_dir, tmp_path):
     repo = tmp_path / "repo"
     parts = ["condition_adapter", "vae_decoder"]
     export_all(checkpoint_dir, repo, 1, components=parts)
-    assert sorted(p.name for p in repo.iterdir()) == parts
-    v1 = {p: (repo / p / "1" / "model.onnx").read_bytes() for p in parts}
-    assert json.loads((repo / "vae_decoder" / "1" / "manifest.json").read_text())["components"]
+    root = repo / "cpu"
+    published = sorted(p.parent.name for p in root.glob("*/1"))
+    assert published == sorted(
+        ["pigeon", "preprocess", "personalize", "denoise", "postprocess", *parts]
+    )
+    v1 = {p: (root / p / "1" / "model.onnx").read_bytes() for p in parts}
+    assert json.loads((root / "vae_decoder" / "1" / "manifest.json").read_text())["components"]
+    assert (root / "personalize" / "1" / "pipeline" / "pipeline.json").exists()
     with pytest.raises(ExportError, match="version 1 already exists"):
         export_all(checkpoint_dir, repo, 1, components=parts)
     with pytest.raises(ToleranceError):  # a failed validation publishes nothing
         export_all(checkpoint_dir, repo, 2, components=["unet"], model_hook=perturb_unet)
-    assert sorted(p.name for p in repo.iterdir()) == parts
-    assert all((repo / p / "1" / "model.onnx").read_bytes() == v1[p] for p in parts)
-    assert not (repo / "unet").exists()
+    assert not list(root.glob("*/2")) and not list(root.glob(".*"))
+    assert all((root / p / "1" / "model.onnx").read_bytes() == v1[p] for p in parts)
 
 
 def test_personalizer_dynamic_shapes_follow_the_varargs_structure(tiny_config):

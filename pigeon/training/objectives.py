@@ -71,6 +71,9 @@ class PersonalizationBatch:
     history: torch.Tensor
     target: torch.Tensor
     texts: list[str]
+    # None: the reference is the (masked) target itself, as the official code trains; otherwise
+    # another image of the target concept (batch, 3, S, S)
+    reference: torch.Tensor | None = None
 
 
 def encoder_input(model: PigeonModel, images: torch.Tensor) -> torch.Tensor:
@@ -205,14 +208,18 @@ def sample_context(
     mg_config = model.config.mask_generator
     b, n = batch.history.shape[:2]
     device = batch.target.device
-    images = torch.cat([batch.history.flatten(0, 1), batch.target])  # (b*n + b, 3, S, S)
+    parts = [batch.history.flatten(0, 1), batch.target]
+    if batch.reference is not None:
+        parts.append(batch.reference)
+    images = torch.cat(parts)  # (b*n + b [+ b], 3, S, S)
     with torch.no_grad():
         ids, keep = model.history_encoder(encoder_input(model, images))
     kept = [ids[i][keep[i] > 0].cpu().numpy() for i in range(len(ids))]
     hist = [kept[i * n : (i + 1) * n] for i in range(b)]
-    targets = kept[b * n :]
+    targets = kept[b * n : b * n + b]
+    references = kept[b * n + b :] if batch.reference is not None else targets
     r = (generator or random).uniform(0.0, 1.0) if reference_ratio is None else reference_ratio
-    seqs = [mask_sequence(h, t) for h, t in zip(hist, targets, strict=False)]
+    seqs = [mask_sequence(h, ref) for h, ref in zip(hist, references, strict=True)]
     tok, pos, types = (
         torch.from_numpy(pad_right([s[j] for s in seqs])).to(device) for j in range(3)
     )
@@ -235,15 +242,15 @@ def sample_context(
         )
     else:
         keep_all = (types > 0).float()
-    # reference: the masked target through the (frozen) condition adapter, mean-pooled
+    # the masked reference through the (frozen) condition adapter, mean-pooled
     p = model.config.history_encoder.num_patches
     ref_ids = torch.zeros(b, p, dtype=torch.long, device=device)
     ref_keep = torch.zeros(b, p, dtype=torch.long, device=device)
     hist_keep = []
     for i in range(b):
         n_hist = sum(len(h) for h in hist[i])
-        n_ref = len(targets[i])
-        ref_ids[i, :n_ref] = torch.from_numpy(targets[i])
+        n_ref = len(references[i])
+        ref_ids[i, :n_ref] = torch.from_numpy(references[i])
         ref_keep[i, :n_ref] = (keep_all[i, n_hist : n_hist + n_ref] > 0.5).long()
         hist_keep.append(keep_all[i, :n_hist])
     code_vectors = model.history_encoder.quantizer.code_vectors(ref_ids)

@@ -1,0 +1,142 @@
+"""Training data behind one interface, drawn from a seeded generator so a step's batch can be re-made.
+
+    TrainingData.images(rng, n)            -> uint8 (n, S, S, 3), captions       stages vae, image, lmm
+    TrainingData.users(rng, n, L, noise)   -> [User(history, reference, target, text)]  stages sft, dpo
+    TrainingData.validation_users(n, L)    -> the same fixed users every time
+
+Sources: the procedural shapes (`procedural`, no files), an EmojiPrefs build folder. A batch for step k
+comes from `np.random.default_rng([seed, k])`, so resuming at step k needs no data-loader state, and
+every rank of a distributed run makes the same global batch and takes its own slice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+@dataclass
+class User:
+    history: list[np.ndarray]  # uint8 (S, S, 3), oldest first
+    reference: np.ndarray  # the target concept in another style
+    target: np.ndarray  # the ground truth: the target concept in the user's style
+    text: str
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+    if image.shape[0] == size:
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
+
+
+class ProceduralData:
+    """The shapes x styles drawn in code (`pigeon.data.procedural`)."""
+
+    name = "procedural"
+
+    def __init__(self, size: int) -> None:
+        from pigeon.data import procedural
+
+        self.size = size
+        self.p = procedural
+        self.cache = {
+            (c, s): procedural.render(c, s, size)
+            for c in procedural.CONCEPTS
+            for s in procedural.STYLES
+        }
+
+    def images(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, list[str]]:
+        picks = [
+            (str(rng.choice(self.p.CONCEPTS)), str(rng.choice(self.p.STYLES))) for _ in range(n)
+        ]
+        return np.stack([self.cache[p] for p in picks]), [f"a {c}" for c, _ in picks]
+
+    def users(
+        self, rng: np.random.Generator, n: int, history_length: int, noise_ratio: float
+    ) -> list[User]:
+        out = []
+        for _ in range(n):
+            u = self.p.sample_user(rng, history_length, noise_ratio)
+            out.append(
+                User(
+                    [self.cache[h] for h in u.history],
+                    self.cache[u.reference],
+                    self.cache[u.target],
+                    u.text,
+                )
+            )
+        return out
+
+    def validation_users(self, n: int, history_length: int) -> list[User]:
+        return self.users(np.random.default_rng(10_000), n, history_length, 0.2)
+
+
+class EmojiPrefsData:
+    """An EmojiPrefs build (`pigeon data emojiprefs`): train-split concepts for training users,
+    the fixed `val.jsonl` users for validation."""
+
+    name = "emojiprefs"
+
+    def __init__(self, root: str | Path, size: int) -> None:
+        from pigeon.data import emojiprefs
+
+        self.e = emojiprefs
+        self.dataset = emojiprefs.load_emojiprefs(root)
+        self.size = size
+        self.root = Path(root)
+        self.train = self.dataset.split_index["train"]
+
+    def _user(self, u) -> User:
+        history, reference, target = self.dataset.user_images(u)
+        return User(
+            [resize(h, self.size) for h in history],
+            resize(reference, self.size),
+            resize(target, self.size),
+            u.text,
+        )
+
+    def images(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, list[str]]:
+        concepts = rng.choice(self.train, n)
+        styles = rng.integers(0, len(self.dataset.styles), n)
+        images = np.stack(
+            [
+                resize(self.dataset.rgb[c, s], self.size)
+                for c, s in zip(concepts, styles, strict=True)
+            ]
+        )
+        return images, [f"a sticker of {self.dataset.concepts[c].name}" for c in concepts]
+
+    def users(
+        self, rng: np.random.Generator, n: int, history_length: int, noise_ratio: float
+    ) -> list[User]:
+        return [
+            self._user(self.e.sample_training_user(self.dataset, rng, history_length, noise_ratio))
+            for _ in range(n)
+        ]
+
+    def validation_users(self, n: int, history_length: int) -> list[User]:
+        users = self.e.load_manifest(self.root / "val.jsonl")[:n]
+        return [self._user(u) for u in users]
+
+
+def load_data(source: str, size: int) -> ProceduralData | EmojiPrefsData:
+    """`procedural`, or the path of an EmojiPrefs build folder."""
+    if source == "procedural":
+        return ProceduralData(size)
+    path = Path(source)
+    if (path / "concepts.json").is_file():
+        return EmojiPrefsData(path, size)
+    raise ValueError(
+        f"--data {source!r} is neither 'procedural' nor an EmojiPrefs folder "
+        "(no concepts.json); build one with `pigeon data emojiprefs --out DIR`"
+    )
+
+
+def to_tensor(images: np.ndarray | list[np.ndarray]) -> torch.Tensor:
+    """uint8 (..., S, S, 3) -> float (..., 3, S, S) in [0, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(np.asarray(images))).float() / 255.0
+    return x.movedim(-1, -3)

@@ -1,0 +1,90 @@
+"""Stage 2 preference pairs (pigeon-method.md §7): candidates at several reference mask ratios, ranked.
+
+For each training user, the stage-1 model generates one candidate per reference mask ratio alpha_r
+(`TrainConfig.dpo_ratios`), each rendered with a few denoising steps. A personalization scorer ranks
+them: the mean cosine similarity between the candidate's and each history image's features from the
+model's own history encoder (its ViT, trained in stage 0b on the training split only). It is not the
+evaluation metric (evaluation uses separately trained style and concept networks). chosen = the best,
+rejected = the worst, as the official code pairs max and min history similarity; pairs whose two
+candidates generated the same tokens are dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import torch
+
+from pigeon.inference.pipeline import GenerationRequest, PigeonPipeline
+from pigeon.inference.runners import TorchRunner
+from pigeon.training.data import to_tensor
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def image_features(model, images: np.ndarray) -> torch.Tensor:
+    """uint8 (n, S, S, 3) -> unit ViT features (n, D): mean over patches of the last hidden state."""
+    from pigeon.training.objectives import encoder_input
+
+    x = encoder_input(model, to_tensor(images))
+    hidden = model.history_encoder.vit(pixel_values=model.history_encoder.normalize(x))
+    return torch.nn.functional.normalize(hidden.last_hidden_state[:, 1:].mean(dim=1), dim=-1)
+
+
+def personalization_scores(model, candidates: np.ndarray, history: np.ndarray) -> np.ndarray:
+    """Mean cosine similarity of each candidate to the history images, (n_candidates,)."""
+    c, h = image_features(model, candidates), image_features(model, history)
+    return (c @ h.t()).mean(dim=1).numpy()
+
+
+def build_pairs(model, tokenizer, data, config, device: str = "cpu") -> list[dict]:
+    """`config.dpo_pairs` users -> [{user, chosen, rejected, scores}] (codes as int64 arrays)."""
+    model.eval()
+    # candidates are sampled (the official code beam-samples), so the mask ratios give distinct ones
+    sampling = dataclasses.replace(model.config.generation, strategy="top_k")
+    pipe = PigeonPipeline(
+        dataclasses.replace(model.config, generation=sampling),
+        tokenizer,
+        TorchRunner(model, device),
+    )
+    rng = np.random.default_rng([config.seed, 7_777])
+    users = data.users(rng, config.dpo_pairs, config.history_length, config.noise_ratio)
+    pairs = []
+    for i, user in enumerate(users):
+        reference = user.target if config.reference == "target" else user.reference
+        requests = [
+            GenerationRequest(
+                history=user.history,
+                reference=reference,
+                text=user.text,
+                seed=i * len(config.dpo_ratios) + j,
+                steps=config.dpo_steps_per_candidate,
+                reference_mask_ratio=float(r),
+            )
+            for j, r in enumerate(config.dpo_ratios)
+        ]
+        results = pipe(requests)
+        scores = personalization_scores(
+            model, np.stack([r.image for r in results]), np.stack(user.history)
+        )
+        best, worst = int(np.argmax(scores)), int(np.argmin(scores))
+        if np.array_equal(results[best].tokens, results[worst].tokens):
+            continue
+        pairs.append(
+            {
+                "user": user,
+                "chosen": results[best].tokens,
+                "rejected": results[worst].tokens,
+                "scores": scores.tolist(),
+            }
+        )
+    if not pairs:
+        raise RuntimeError(
+            f"no preference pair: every user's {len(config.dpo_ratios)} candidates "
+            "generated the same tokens; add mask ratios or users"
+        )
+    log.info("dpo: %d pairs from %d users", len(pairs), len(users))
+    return pairs

@@ -1,0 +1,476 @@
+"""The training loop shared by every stage: one command per stage, resumable, distributed.
+
+    pigeon train image --preset tiny --data procedural --out runs/tiny
+    pigeon train all   --preset small --data data/emojiprefs --out runs/small [--resume]
+    torchrun --nproc-per-node 2 -m pigeon.cli train sft --preset tiny --data procedural --out runs/x
+
+Layout of a run (each stage starts from the previous stage's best checkpoint):
+
+    RUN/<stage>/train_config.json   the resolved TrainConfig and model config, with versions
+    RUN/<stage>/log.jsonl           one line per logged step and per validation
+    RUN/<stage>/last/, best/        checkpoints (safetensors + JSON; what inference loads)
+    RUN/<stage>/trainer_state.pt    optimizer, scheduler, RNG states, step: only --resume reads it
+
+Exact resume: a step's data come from `rng([seed, step])` and every torch random draw from a generator
+reseeded per step, so an interrupted run continued with --resume equals an uninterrupted one.
+Distributed: under `torchrun`, every rank makes the same global batch and trains on its slice with
+DistributedDataParallel (gloo on CPU, NCCL on GPU); rank 0 writes checkpoints and logs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pigeon.checkpoint import load_checkpoint, save_checkpoint
+from pigeon.config import ConfigError, PipelineConfig, apply_overrides, preset, save_json, to_dict
+from pigeon.diffusion.scheduler import alphas_cumprod
+from pigeon.serving.prompt import PromptBuilder
+from pigeon.training import objectives as O
+from pigeon.training.data import User, load_data, to_tensor
+from pigeon.vocab import DEFAULT_CORPUS, TextTokenizer, train_text_tokenizer
+
+log = logging.getLogger(__name__)
+Stage = Literal["vae", "image", "lmm", "sft", "dpo"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    stage: Stage
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    val_every: int = 50
+    val_batches: int = 2
+    history_length: int = 5
+    noise_ratio: float = 0.2
+    reference: Literal["target", "other_style"] = "target"
+    dpo_beta: float = 0.1
+    dpo_pairs: int = 32
+    dpo_ratios: tuple[float, ...] = (0.0, 0.5, 1.0)
+    dpo_steps_per_candidate: int = 4
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError(
+                f"train: steps={self.steps}, batch_size={self.batch_size}, "
+                f"lr={self.lr} must be positive"
+            )
+
+
+def recipe(preset_name: str) -> dict[str, TrainConfig]:
+    """Per-stage defaults: `tiny` runs the whole recipe in about a minute on 2 cores; `small` is sized
+    for EmojiPrefs at 64 px on a 2-core CPU; `base` for GPUs."""
+    scale = {"tiny": (8, 4, 4), "small": (1500, 32, 8), "base": (20000, 64, 16)}
+    if preset_name not in scale:
+        raise ConfigError(f"no training recipe for preset {preset_name!r}; choose {sorted(scale)}")
+    steps, batch, user_batch = scale[preset_name]
+    val = max(2, steps // 4)
+    return {
+        "vae": TrainConfig(stage="vae", steps=steps // 2, batch_size=batch, lr=1e-3, val_every=val),
+        "image": TrainConfig(
+            stage="image", steps=steps * 2, batch_size=batch, lr=5e-4, val_every=val
+        ),
+        "lmm": TrainConfig(stage="lmm", steps=steps, batch_size=batch, lr=5e-4, val_every=val),
+        "sft": TrainConfig(stage="sft", steps=steps, batch_size=user_batch, lr=1e-3, val_every=val),
+        "dpo": TrainConfig(
+            stage="dpo",
+            steps=max(2, steps // 4),
+            batch_size=user_batch,
+            lr=5e-5,
+            val_every=val,
+            dpo_pairs=max(4, user_batch * 2),
+        ),
+    }
+
+
+# --- distributed -------------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return Dist(dist.get_rank(), dist.get_world_size())
+
+
+# --- one step's batch --------------------------------------------------------------------------
+
+
+def step_rng(seed: int, step: int) -> np.random.Generator:
+    return np.random.default_rng([seed, step])
+
+
+def step_seed(seed: int, step: int, salt: int = 0) -> int:
+    """A seed for (run seed, step, salt) that is the same in every process (no str hashing)."""
+    return int(np.random.SeedSequence([seed, step, salt]).generate_state(1)[0])
+
+
+def reseed_torch(seed: int, step: int, rank: int) -> None:
+    """Every torch random draw of a step (noise, timesteps, dropout, Gumbel) from a known state."""
+    torch.manual_seed(step_seed(seed, step, 1 + rank))
+
+
+class StageModule(nn.Module):
+    """The stage's objective as a module, so DistributedDataParallel can wrap it."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        stage: str,
+        builder: PromptBuilder,
+        reference_personalizer: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.stage = stage
+        self.builder = builder
+        self.reference_personalizer = reference_personalizer
+        self.register_buffer(
+            "alphas_cumprod",
+            torch.from_numpy(alphas_cumprod(model.config.scheduler)).float(),
+            persistent=False,
+        )
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        m = self.model
+        if self.stage == "vae":
+            return O.vae_objective(m, batch["images"])
+        if self.stage == "image":
+            return O.image_objective(m, batch["images"], self.alphas_cumprod)
+        if self.stage == "lmm":
+            return O.lmm_objective(m, self.builder, batch["images"], batch["texts"])
+        if self.stage == "sft":
+            return O.sft_objective(m, self.builder, batch["users"], batch["generator"])
+        return O.dpo_objective(
+            m,
+            self.reference_personalizer,
+            self.builder,
+            batch["users"],
+            batch["chosen"],
+            batch["rejected"],
+            batch["beta"],
+            batch["generator"],
+        )
+
+
+def users_batch(users: list[User], config: TrainConfig, device: str) -> O.PersonalizationBatch:
+    return O.PersonalizationBatch(
+        history=to_tensor([u.history for u in users]).to(device),
+        target=to_tensor([u.target for u in users]).to(device),
+        texts=[u.text for u in users],
+        reference=(
+            to_tensor([u.reference for u in users]).to(device)
+            if config.reference == "other_style"
+            else None
+        ),
+    )
+
+
+def make_batch(
+    data, config: TrainConfig, step: int, dist: Dist, device: str, pairs: list | None = None
+) -> dict:
+    """The global batch of `step`, then this rank's slice of it."""
+    rng = step_rng(config.seed, step)
+    share = slice(
+        dist.rank * config.batch_size // dist.world,
+        (dist.rank + 1) * config.batch_size // dist.world,
+    )
+    generator = random.Random(step_seed(config.seed, step))  # r ~ U(0, 1): once per global batch
+    if config.stage in ("vae", "image", "lmm"):
+        images, texts = data.images(rng, config.batch_size)
+        return {"images": to_tensor(images[share]).to(device), "texts": texts[share]}
+    if config.stage == "sft":
+        users = data.users(rng, config.batch_size, config.history_length, config.noise_ratio)
+        return {"users": users_batch(users[share], config, device), "generator": generator}
+    chosen = rng.choice(len(pairs), config.batch_size)[share]
+    picked = [pairs[i] for i in chosen]
+    return {
+        "users": users_batch([p["user"] for p in picked], config, device),
+        "chosen": [p["chosen"] for p in picked],
+        "rejected": [p["rejected"] for p in picked],
+        "beta": config.dpo_beta,
+        "generator": generator,
+    }
+
+
+# --- checkpoints and state ---------------------------------------------------------------------
+
+
+def stage_dir(run: Path, stage: str) -> Path:
+    return run / stage
+
+
+def initial_model(run: Path, stage: str, config: PipelineConfig, init: str | None):
+    """The previous stage's best (or last) checkpoint, `--init`, or a fresh model and tokenizer."""
+    from pigeon.models.pigeon import PigeonModel
+
+    order = list(O.STAGES)
+    for previous in reversed(order[: order.index(stage)]):
+        for kind in ("best", "last"):
+            path = stage_dir(run, previous) / kind
+            if (path / "pipeline.json").exists():
+                ckpt = load_checkpoint(path)
+                return ckpt.model, ckpt.tokenizer, str(path)
+    if init:
+        ckpt = load_checkpoint(init)
+        return ckpt.model, ckpt.tokenizer, init
+    torch.manual_seed(0)
+    size = config.personalizer.text_vocab_size
+    return (
+        PigeonModel(config),
+        TextTokenizer(train_text_tokenizer(DEFAULT_CORPUS, size), size),
+        "fresh",
+    )
+
+
+def save_state(path: Path, step: int, optimizer, scheduler, best: float) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "best": best,
+        },
+        tmp,
+    )
+    tmp.replace(path)
+
+
+def lr_lambda(config: TrainConfig):
+    def schedule(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return schedule
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+
+def train_stage(
+    stage: str,
+    run: str | Path,
+    *,
+    preset_name: str = "tiny",
+    data_source: str = "procedural",
+    overrides: list[str] | None = None,
+    resume: bool = False,
+    init: str | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict:
+    """Train one stage into RUN/<stage>; returns a summary (losses, times, peak memory).
+
+    stop_after: leave after this many steps of this invocation (checkpoint and state saved), to be
+    continued with resume=True, e.g. a long recipe spread over several sittings."""
+    import resource
+
+    if stage not in O.STAGES:
+        raise ConfigError(f"unknown stage {stage!r}; choose one of {list(O.STAGES)}")
+    dist = init_distributed()
+    run = Path(run)
+    out = stage_dir(run, stage)
+    train_overrides = [
+        o.split("=", 1)[0].removeprefix("train.") + "=" + o.split("=", 1)[1]
+        for o in overrides or []
+        if o.startswith("train.")
+    ]
+    model_overrides = [o for o in overrides or [] if not o.startswith("train.")]
+    config = apply_overrides(recipe(preset_name)[stage], train_overrides)
+    state_path = out / "trainer_state.pt"
+    if resume and (out / "last" / "pipeline.json").exists():
+        ckpt = load_checkpoint(out / "last")
+        model, tokenizer, source = ckpt.model, ckpt.tokenizer, str(out / "last")
+    else:
+        if resume:
+            log.info("%s: nothing to resume in %s; starting the stage", stage, out)
+        resume = False
+        pipeline_config = apply_overrides(preset(preset_name), model_overrides)
+        model, tokenizer, source = initial_model(run, stage, pipeline_config, init)
+    model.to(device).train()
+    data = load_data(data_source, model.config.image_size)
+    builder = PromptBuilder(tokenizer, model.vocab)
+    trainable = O.set_trainable(model, stage)
+    pairs, reference = None, None
+    if stage == "dpo":
+        from pigeon.training.dpo import build_pairs
+
+        reference = copy.deepcopy(model.personalizer).eval().requires_grad_(False)
+        pairs = build_pairs(model, tokenizer, data, config, device)
+        model.train()
+    module = StageModule(model, stage, builder, reference).to(device)
+    wrapped = module
+    if dist.world > 1:
+        wrapped = nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
+    optimizer = torch.optim.AdamW(
+        trainable.values(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    start_step, best = 0, math.inf
+    if resume and state_path.exists():
+        state = torch.load(state_path, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step, best = state["step"], state["best"]
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_json(config, out / "train_config.json")
+        (out / "model_config.json").write_text(
+            json.dumps(
+                {
+                    "source": source,
+                    "data": data_source,
+                    "preset": preset_name,
+                    "world_size": dist.world,
+                    "model": to_dict(model.config),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+    logf = open(out / "log.jsonl", "a") if dist.main else None
+    started = time.perf_counter()
+    losses = []
+    bar = tqdm(
+        range(start_step, config.steps),
+        desc=f"{stage}",
+        disable=not (progress and dist.main),
+        initial=start_step,
+        total=config.steps,
+    )
+    stop_at = config.steps if stop_after is None else min(config.steps, start_step + stop_after)
+    done = start_step
+    for step in bar:
+        if step >= stop_at:
+            break
+        done = step + 1
+        reseed_torch(config.seed, step, dist.rank)
+        batch = make_batch(data, config, step, dist, device, pairs)
+        loss = wrapped(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable.values(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        value = _global_mean(float(loss.detach()), dist)
+        losses.append(value)
+        bar.set_postfix(loss=f"{value:.4f}")
+        if logf and (step % config.log_every == 0 or step == config.steps - 1):
+            logf.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "loss": value,
+                        "lr": scheduler.get_last_lr()[0],
+                        "elapsed_s": round(time.perf_counter() - started, 2),
+                    }
+                )
+                + "\n"
+            )
+            logf.flush()
+        last = step == config.steps - 1
+        if (step + 1) % config.val_every == 0 or last or step + 1 == stop_at:
+            val = validate(module, data, config, device, pairs)
+            if dist.main:
+                logf.write(json.dumps({"step": step, "val_loss": val}) + "\n")
+                logf.flush()
+                save_checkpoint(model, tokenizer, out / "last", overwrite=True)
+                if val < best:
+                    best = val
+                    save_checkpoint(model, tokenizer, out / "best", overwrite=True)
+                save_state(state_path, step + 1, optimizer, scheduler, best)
+            model.train()
+    if logf:
+        logf.close()
+    return {
+        "stage": stage,
+        "steps": config.steps,
+        "completed": done >= config.steps,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "best_val_loss": best,
+        "seconds": round(time.perf_counter() - started, 1),
+        "world_size": dist.world,
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "out": str(out),
+    }
+
+
+def _global_mean(value: float, dist: Dist) -> float:
+    if dist.world == 1:
+        return value
+    import torch.distributed as td
+
+    t = torch.tensor([value])
+    td.all_reduce(t)
+    return float(t) / dist.world
+
+
+@torch.no_grad()
+def validate(
+    module: StageModule, data, config: TrainConfig, device: str, pairs: list | None
+) -> float:
+    """Mean loss over fixed validation batches (fixed seeds; eval mode, no dropout)."""
+    module.eval()
+    losses = []
+    val_config = dataclasses.replace(config, seed=config.seed + 1_000_003)
+    for k in range(config.val_batches):
+        reseed_torch(val_config.seed, k, 0)
+        if config.stage == "sft":
+            users = data.validation_users(
+                config.batch_size * config.val_batches, config.history_length
+            )
+            batch = {
+                "users": users_batch(
+                    users[k * config.batch_size : (k + 1) * config.batch_size], config, device
+                ),
+                "generator": random.Random(k),
+            }
+        else:
+            batch = make_batch(data, val_config, k, Dist(), device, pairs)
+        losses.append(float(module(batch)))
+    return float(np.mean(losses))
+
+
+def train_all(run: str | Path, **kwargs) -> list[dict]:
+    """Every stage in order; each starts from the previous one's best checkpoint."""
+    return [train_stage(stage, run, **kwargs) for stage in O.STAGES]
