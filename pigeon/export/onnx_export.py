@@ -15,6 +15,8 @@ Layout of an artifact folder:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import shutil
@@ -61,7 +63,11 @@ def to_onnx(model: torch.nn.Module, spec: ComponentSpec, config, opset: int) -> 
     wrapper = export_module(model, spec.name)
     feeds = sample_inputs(spec, config, "opt")
     args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
-    with warnings.catch_warnings(), torch.no_grad():
+    # the exporter prints its progress and warns about torchvision ops we do not use: keep both out
+    # of the user's terminal (they are in the debug log)
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    captured = io.StringIO()
+    with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(captured):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             wrapper,
@@ -73,6 +79,7 @@ def to_onnx(model: torch.nn.Module, spec: ComponentSpec, config, opset: int) -> 
             dynamo=True,
             verbose=False,
         )
+    log.debug("%s export log:\n%s", spec.name, captured.getvalue())
     proto = program.model_proto
     normalize_dim_names(spec, proto)
     return proto
