@@ -30,6 +30,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="default: the preset's")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--out", default="benchmarks/results/pipeline.jsonl")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also sweep history length and sampler/steps (ONNX Runtime)")
     args = parser.parse_args()
 
     from pigeon.checkpoint import load_checkpoint
@@ -77,6 +79,39 @@ def main() -> None:
     for stage in stages["pytorch"]:
         eager, ort = stages["pytorch"][stage]["p50"], stages["onnxruntime"][stage]["p50"]
         print(f"{stage:<16}{eager * 1e3:>14.1f}{ort * 1e3:>12.1f}{eager / ort:>9.2f}x")
+    if args.sweep:
+        sweep(pipes["onnxruntime"], ckpt.config, args, env)
+
+
+def sweep(pipe, config, args, env) -> None:
+    """History length (up to the configured maximum) and sampler x steps, ONNX Runtime, p50."""
+    import dataclasses
+    import resource
+
+    from pigeon.inference.pipeline import GenerationRequest
+
+    base = procedural_request(config.image_size)
+    rows = []
+    lengths = sorted({1, 3, min(5, config.personalizer.max_history),
+                      config.personalizer.max_history})
+    for n in lengths:
+        history = (base.history * n)[:n]
+        rows.append((f"history={n}", dataclasses.replace(base, history=history, steps=25,
+                                                         sampler="ddim")))
+    rows.append(("ddim 25 steps", dataclasses.replace(base, steps=25, sampler="ddim")))
+    rows.append(("dpmpp_2m 10 steps", dataclasses.replace(base, steps=10, sampler="dpmpp_2m")))
+    print(f"\nsweep (ONNX Runtime, {args.runs} runs each)")
+    for name, request in rows:
+        assert isinstance(request, GenerationRequest)
+        pipe(request)
+        totals = [pipe(request)[0].timings["total"] for _ in range(args.runs)]
+        stats = percentiles(totals)
+        append_jsonl(args.out, {"benchmark": "pipeline_sweep", "time": timestamp(), "env": env,
+                                "preset": args.preset, "backend": "onnxruntime", "case": name,
+                                "seconds": stats})
+        print(f"  {name:<20} p50 {stats['p50'] * 1e3:8.1f} ms  p90 {stats['p90'] * 1e3:8.1f} ms")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"  peak RSS of this process (both backends loaded): {peak:.0f} MiB")
 
 
 if __name__ == "__main__":

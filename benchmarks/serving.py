@@ -14,6 +14,7 @@ benchmarks/results/serving.jsonl, plots in benchmarks/results/*.png.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import shutil
 import threading
@@ -48,18 +49,19 @@ def user_request(size: int, seed: int, returning: bool) -> dict:
     }
 
 
-def build_repository(checkpoint: Path, artifacts: Path, root: Path, unet_batching: bool) -> Path:
+def build_repository(checkpoint: Path, artifacts: Path, root: Path, unet_batching: bool,
+                     serving) -> Path:
+    import dataclasses
+
     from pigeon.checkpoint import load_config
-    from pigeon.config import ServingConfig
     from pigeon.serving.repository import publish_version, write_configs
 
     repo = root / ("cpu" if unet_batching else "cpu-nobatch")
     if not (repo / "pigeon" / "1").exists():
         shutil.rmtree(repo, ignore_errors=True)
         publish_version(repo, checkpoint, artifacts, 1)
-    write_configs(
-        repo, load_config(checkpoint), ServingConfig(unet_dynamic_batching=unet_batching), "cpu"
-    )
+    write_configs(repo, load_config(checkpoint),
+                  dataclasses.replace(serving, unet_dynamic_batching=unet_batching), "cpu")
     return repo
 
 
@@ -138,12 +140,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 request per level")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--results", default=str(RESULTS), help="folder for JSON lines and plots")
+    parser.add_argument("--serving", default=None, help="serving.json (ServingConfig) to serve with")
+    parser.add_argument("--no-unbatched", action="store_true", help="skip the batching-off server")
     args = parser.parse_args()
     results = Path(args.results)
     if args.quick:
         args.concurrency, args.requests, args.protocols = [1, 2], 2, ["grpc", "http"]
 
     from pigeon.checkpoint import load_checkpoint
+    from pigeon.config import ServingConfig, load_json
     from pigeon.inference.pipeline import GenerationRequest, PigeonPipeline
     from pigeon.inference.runners import OrtRunner
     from pigeon.serving.client import PigeonClient
@@ -164,6 +169,8 @@ def main() -> None:
         "steps": steps,
         "quick": args.quick,
     }
+    serving = load_json(ServingConfig, args.serving) if args.serving else ServingConfig()
+    record["serving"] = dataclasses.asdict(serving)
 
     # 1. the in-process ONNX Runtime pipeline, same requests
     pipe = PigeonPipeline(
@@ -193,8 +200,8 @@ def main() -> None:
 
     # 3. served, dynamic batching on, then off
     levels = {}
-    for batching in (True, False):
-        repo = build_repository(checkpoint, artifacts, workdir / "repo", batching)
+    for batching in (True,) if args.no_unbatched else (True, False):
+        repo = build_repository(checkpoint, artifacts, workdir / "repo", batching, serving)
         with TritonServer(repo) as server, PigeonClient(server.grpc_url, "grpc") as stats_client:
             warm = [user_request(size, i, True) for i in range(2)]
             run_level(server.grpc_url, "grpc", 1, warm, steps, args.max_seconds)

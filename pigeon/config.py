@@ -254,7 +254,11 @@ class ServingConfig:
     unet_dynamic_batching: bool = True  # merge concurrent requests' UNet steps into one execution
     unet_batch_delay_us: int = 2000
     history_cache: bool = True  # Triton response cache on history_encoder: returning users
-    ort_threads: int = 1  # ONNX Runtime intra-op threads per model instance (cpu target)
+    ort_threads: int = 2  # ONNX Runtime intra-op threads per model instance (cpu target): cores
+    # cpu target: personalize runs the personalizer's ONNX file itself instead of one BLS call per
+    # generated token (each call ships the whole KV cache between processes); the file is the same
+    # version's, hash-checked. The gpu target always calls the TensorRT personalizer through BLS.
+    personalizer_in_process: bool = True
 
     def __post_init__(self) -> None:
         for name in (

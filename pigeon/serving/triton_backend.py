@@ -75,6 +75,21 @@ class BlsRunner:
         return {n: pb.get_output_tensor_by_name(response, n).as_numpy() for n in spec.output_names}
 
 
+def verify_version_files(folder: Path, name: str) -> dict:
+    """Refuse to load a network whose files differ from the version's manifest (SHA-256)."""
+    from pigeon.export.errors import ManifestError
+    from pigeon.files import sha256_file
+
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        raise ManifestError(f"{manifest_path}: missing; publish with `pigeon export all`")
+    entry = json.loads(manifest_path.read_text())["components"][name]
+    for file, digest in entry["files"].items():
+        if sha256_file(folder / file) != digest:
+            raise ManifestError(f"{folder / file}: SHA-256 differs from the manifest")
+    return entry
+
+
 class _Model:
     """Shared plumbing: version folder, config parsing, one response per request, error responses."""
 
@@ -165,16 +180,7 @@ class OnnxModel(_Model):
         self.entry = entry
 
     def _verified_entry(self, name: str) -> dict:
-        """Refuse to load a file whose SHA-256 differs from the version's manifest."""
-        from pigeon.export.errors import ManifestError
-        from pigeon.files import sha256_file
-
-        manifest = json.loads((self.version_dir / "manifest.json").read_text())
-        entry = manifest["components"][name]
-        for file, digest in entry["files"].items():
-            if sha256_file(self.version_dir / file) != digest:
-                raise ManifestError(f"{self.version_dir / file}: SHA-256 differs from the manifest")
-        return entry
+        return verify_version_files(self.version_dir, name)
 
     def _as_declared(self, name: str, value: np.ndarray) -> np.ndarray:
         if value.ndim == self.input_ranks[name] + 1 and value.shape[-1] == 1:
@@ -262,10 +268,44 @@ class PreprocessModel(_Model):
         }
 
 
+class LocalPersonalizerRunner(BlsRunner):
+    """BLS for every component but the personalizer, which runs here on ONNX Runtime: its token loop
+    makes one call per generated token, and over BLS each call would copy the whole KV cache between
+    processes."""
+
+    def __init__(self, config: Any, onnx_path: Path, threads: int) -> None:
+        import onnxruntime as ort
+
+        super().__init__(config)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(
+            str(onnx_path), options, providers=["CPUExecutionProvider"]
+        )
+
+    def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if component != "personalizer":
+            return super().run(component, feeds)
+        spec = self.specs[component]
+        outputs = self.session.run(spec.output_names, {n: feeds[n] for n in spec.input_names})
+        return dict(zip(spec.output_names, outputs, strict=True))
+
+
 class PersonalizeModel(_Model):
     def setup(self) -> None:
         config, tokenizer = self.pipeline_files()
-        self.pipeline = PigeonPipeline(config, tokenizer, BlsRunner(config))
+        parameters = self.model_config.get("parameters", {})
+        local = parameters.get("personalizer_in_process", {}).get("string_value") == "true"
+        runner: BlsRunner = BlsRunner(config)
+        if local:
+            # the personalizer of this same version, checked against its manifest
+            folder = self.version_dir.parent.parent / "personalizer" / self.version_dir.name
+            verify_version_files(folder, "personalizer")
+            threads = int(parameters.get("ort_threads", {}).get("string_value", "1"))
+            runner = LocalPersonalizerRunner(config, folder / "model.onnx", threads)
+        self.pipeline = PigeonPipeline(config, tokenizer, runner)
 
     def handle(self, request: Any) -> dict[str, np.ndarray]:
         start = time.perf_counter()

@@ -263,20 +263,27 @@ def component_config(spec: ComponentSpec, serving: ServingConfig, target: str) -
 
 
 def _parameters(values: dict[str, str]) -> str:
-    items = "\n".join(
+    items = ",\n".join(
         f'  {{ key: "{k}"\n    value: {{ string_value: "{v}" }} }}' for k, v in values.items()
     )
     return f"parameters [\n{items}\n]\n"
 
 
-def python_config(name: str, inputs: list[IO], outputs: list[IO], serving: ServingConfig) -> str:
+def python_config(
+    name: str, inputs: list[IO], outputs: list[IO], serving: ServingConfig, target: str
+) -> str:
     count = serving.bls_instances if name in ("personalize", "denoise") else serving.instances
-    return (
+    text = (
         HEADER
         + f'name: "{name}"\nbackend: "python"\nmax_batch_size: 0\n'
         + _io_block(inputs, outputs)
         + f"instance_group [ {{ count: {count}\n  kind: KIND_CPU }} ]\n"
     )
+    if name == "personalize" and target == "cpu" and serving.personalizer_in_process:
+        text += _parameters(
+            {"personalizer_in_process": "true", "ort_threads": str(serving.ort_threads)}
+        )
+    return text
 
 
 def ensemble_config(config: PipelineConfig) -> str:
@@ -308,7 +315,7 @@ def repository_configs(
         raise ValueError(f"target={target!r} is not one of {list(TARGETS)}")
     configs = {"pigeon": ensemble_config(config)}
     for name, (inputs, outputs) in python_model_io(config).items():
-        configs[name] = python_config(name, inputs, outputs, serving)
+        configs[name] = python_config(name, inputs, outputs, serving, target)
     for name, spec in component_specs(config).items():
         configs[name] = component_config(spec, serving, target)
     return configs
