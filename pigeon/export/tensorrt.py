@@ -188,6 +188,42 @@ class TrtRunner:
         return {n: o.cpu().numpy() for n, o in outputs.items()}
 
 
+def cached_engine(
+    onnx_path: Path,
+    spec: ComponentSpec,
+    precision: str,
+    cache: Path,
+    trt_version: str,
+    capability: tuple[int, int],
+    gpu_name: str,
+) -> tuple[Path, dict]:
+    """The engine for this ONNX file, precision, profile, TensorRT and GPU: from the cache when its
+    key matches, else built and cached. Returns (engine path, build record)."""
+    start = time.perf_counter()
+    onnx_sha = sha256_file(onnx_path)
+    profile = trt_profile(spec)
+    key = engine_key(onnx_sha, precision, profile, trt_version, capability)
+    cached = cache / f"{key}.plan"
+    if cached.exists():
+        log.info("%s: engine cache hit %s", spec.name, key[:12])
+    else:
+        plan = build_engine(onnx_path, spec, precision, cache / "timing.cache")
+        tmp = cached.with_suffix(".plan.tmp")
+        tmp.write_bytes(plan)
+        tmp.replace(cached)
+    return cached, build_record(
+        spec.name,
+        key,
+        onnx_sha,
+        precision,
+        profile,
+        trt_version,
+        capability,
+        gpu_name,
+        time.perf_counter() - start,
+    )
+
+
 def export_tensorrt(
     artifacts: str | Path, *, precision: str = "fp16", cache_dir: str | Path | None = None
 ) -> dict[str, dict]:
@@ -212,29 +248,14 @@ def export_tensorrt(
     try:
         engines = {}
         for name, entry in manifest["components"].items():
-            onnx_path = artifacts / entry["file"]
-            onnx_sha = sha256_file(onnx_path)
-            profile = trt_profile(specs[name])
-            key = engine_key(onnx_sha, precision, profile, trt.__version__, capability)
-            cached = cache / f"{key}.plan"
-            start = time.perf_counter()
-            if cached.exists():
-                log.info("%s: engine cache hit %s", name, key[:12])
-            else:
-                plan = build_engine(onnx_path, specs[name], precision, cache / "timing.cache")
-                tmp = cached.with_suffix(".plan.tmp")
-                tmp.write_bytes(plan)
-                tmp.replace(cached)
-            record = build_record(
-                name,
-                key,
-                onnx_sha,
+            cached, record = cached_engine(
+                artifacts / entry["file"],
+                specs[name],
                 precision,
-                profile,
+                cache,
                 trt.__version__,
                 capability,
                 gpu_name,
-                time.perf_counter() - start,
             )
             (staging / name).mkdir()
             shutil.copyfile(cached, staging / name / "engine.plan")
@@ -286,30 +307,12 @@ def build_repository_engines(
         onnx_path = folder / "model.onnx"
         if not onnx_path.exists():
             raise ExportError(f"{onnx_path}: missing; publish version {version} first")
-        onnx_sha = sha256_file(onnx_path)
-        profile = trt_profile(spec)
-        key = engine_key(onnx_sha, precision, profile, trt.__version__, capability)
-        cached = cache / f"{key}.plan"
-        start = time.perf_counter()
-        if not cached.exists():
-            plan = build_engine(onnx_path, spec, precision, cache / "timing.cache")
-            tmp = cached.with_suffix(".plan.tmp")
-            tmp.write_bytes(plan)
-            tmp.replace(cached)
+        cached, records[name] = cached_engine(
+            onnx_path, spec, precision, cache, trt.__version__, capability, gpu_name
+        )
         tmp = folder / ".model.plan.tmp"
         shutil.copyfile(cached, tmp)
         tmp.replace(folder / "model.plan")
-        records[name] = build_record(
-            name,
-            key,
-            onnx_sha,
-            precision,
-            profile,
-            trt.__version__,
-            capability,
-            gpu_name,
-            time.perf_counter() - start,
-        )
         (folder / "build.json").write_text(json.dumps(records[name], indent=2) + "\n")
-        log.info("%s: engine %s ready", name, key[:12])
+        log.info("%s: engine %s ready", name, records[name]["key"][:12])
     return records
