@@ -155,7 +155,7 @@ def report(rows: list[dict], out: Path, run: Path, latencies: list[float]) -> No
 img.px{{width:64px;height:64px;image-rendering:pixelated;margin:1px;border:1px solid #ddd}}
 tr:nth-child(even){{background:#f6f6f6}}</style></head><body>
 <h1>Pigeon demo: personalized stickers served by Triton</h1>
-<p>Model: the <b>tiny</b> recipe trained for about a minute on EmojiPrefs (every stage: VAE, tokenizer +
+<p>Model: the <b>tiny</b> recipe, trained for a few seconds on EmojiPrefs (every stage: VAE, tokenizer +
 diffusion decoder, LMM, masked preference reconstruction, DPO). At this scale the outputs are not yet
 recognisable stickers; the page shows the whole path working: 8 test users of the fixed manifest, sent
 through the real tritonserver (ensemble + BLS) over gRPC.</p>

@@ -328,3 +328,35 @@ def test_pigeon_serve_prints_endpoints_and_stops_on_sigterm(served):
         process.kill()
     assert process.returncode == 0
     assert json.loads(out)["stopped"] is True
+
+
+def test_client_timeout_is_enforced(served):
+    server, _, _ = served
+    with PigeonClient(server.grpc_url, "grpc", timeout_s=0.001) as client:
+        with pytest.raises(ClientError, match="(?i)deadline"):
+            client.generate(HISTORY, REFERENCE, "too slow", steps=50)
+    # the server keeps serving (over HTTP: a new gRPC channel right after a cancelled call to the
+    # same server was seen to fail once with "Stream removed", a client-side transport effect)
+    with PigeonClient(server.http_url, "http") as client:
+        assert client.generate(HISTORY, REFERENCE, "fine", steps=2).image_png[:4] == b"\x89PNG"
+
+
+def test_an_altered_model_file_is_refused_at_load(served, tmp_path):
+    import shutil as sh
+
+    from pigeon.serving.server import ServerError
+
+    _, repo, _ = served
+    copy = tmp_path / "repo"
+    sh.copytree(repo / "cpu", copy, ignore=sh.ignore_patterns("2", ".*"))
+    target = copy / "vae_decoder" / "1" / "model.onnx"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    server = TritonServer(copy, log_file=tmp_path / "log.txt")
+    with pytest.raises(ServerError, match="failed to load"):
+        server.start()
+    assert (
+        "vae_decoder/1/model.onnx: SHA-256 differs from the manifest"
+        in (tmp_path / "log.txt").read_text()
+    )
