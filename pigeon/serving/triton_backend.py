@@ -161,7 +161,7 @@ class OnnxModel(_Model):
     def setup(self) -> None:
         import onnxruntime as ort
 
-        entry = self._verified_entry(self.model_config["name"])
+        verify_version_files(self.version_dir, self.model_config["name"])
         threads = int(
             self.model_config.get("parameters", {}).get("ort_threads", {}).get("string_value", "1")
         )
@@ -177,10 +177,6 @@ class OnnxModel(_Model):
         # ONNX rank per input: a (batch,) tensor arrives as (batch, 1) and is flattened back
         self.input_ranks = {i.name: len(i.shape) for i in self.session.get_inputs()}
         self.output_names = [o["name"] for o in self.model_config["output"]]
-        self.entry = entry
-
-    def _verified_entry(self, name: str) -> dict:
-        return verify_version_files(self.version_dir, name)
 
     def _as_declared(self, name: str, value: np.ndarray) -> np.ndarray:
         if value.ndim == self.input_ranks[name] + 1 and value.shape[-1] == 1:
