@@ -81,9 +81,19 @@ def save_checkpoint(
     *,
     overwrite: bool = False,
     extra: dict | None = None,
+    storage_dtype: str = "float32",
 ) -> Path:
-    """Write `model` and `tokenizer` to `path` atomically; returns the path."""
+    """Write `model` and `tokenizer` to `path` atomically; returns the path.
+
+    storage_dtype "float16" or "bfloat16" halves the files (for publishing or committing a checkpoint;
+    loading casts back to float32). Training keeps float32 so that resuming is exact.
+    """
+    import torch
     from safetensors.torch import save_file
+
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if storage_dtype not in dtypes:
+        raise CheckpointError(f"storage_dtype={storage_dtype!r} is not one of {sorted(dtypes)}")
 
     path = Path(path)
     model = unwrap(model)
@@ -100,7 +110,10 @@ def save_checkpoint(
             files[f"{name}/config.json"] = ""
             if name in COMPONENT_MODULES:
                 state = {
-                    k: v.detach().contiguous().cpu()
+                    k: (v.to(dtypes[storage_dtype]) if v.is_floating_point() else v)
+                    .detach()
+                    .contiguous()
+                    .cpu()
                     for k, v in getattr(model, name).state_dict().items()
                 }
                 metadata = {"config": json.dumps(cfg.to_dict(component_config))}
@@ -113,6 +126,7 @@ def save_checkpoint(
             "_class": "PigeonCheckpoint",
             "_format": cfg.CONFIG_FORMAT,
             "preset": config.preset,
+            "storage_dtype": storage_dtype,
             "image_size": config.image_size,
             "files": {rel: sha256_file(staging / rel) for rel in sorted(files)},
             **({"extra": extra} if extra else {}),
@@ -186,7 +200,12 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{file}: unreadable weights ({exc})") from None
         try:
-            getattr(model, name).load_state_dict(state, strict=True)
+            module = getattr(model, name)
+            reference = module.state_dict()
+            state = {
+                k: v.to(reference[k].dtype) if k in reference else v for k, v in state.items()
+            }  # float16/bfloat16 storage -> the model's dtype
+            module.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise CheckpointError(f"{file}: weights do not fit the config ({exc})") from None
     tokenizer = TextTokenizer.load(

@@ -374,6 +374,23 @@ def run_data_user(args: argparse.Namespace) -> dict:
     return {**data.summary(), "problems": [str(p) for p in data.report]}
 
 
+def run_checkpoint_convert(args: argparse.Namespace) -> dict:
+    """Re-save a checkpoint with another storage dtype (e.g. float16 to publish or commit it)."""
+    from pigeon.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(args.checkpoint)
+    out = save_checkpoint(
+        ckpt.model,
+        ckpt.tokenizer,
+        args.out,
+        overwrite=args.overwrite,
+        storage_dtype=args.dtype,
+        extra={"converted_from": str(args.checkpoint), "sha256": ckpt.digest},
+    )
+    size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
+    return {"checkpoint": str(out), "storage_dtype": args.dtype, "bytes": size}
+
+
 def run_config_show(args: argparse.Namespace) -> dict:
     from pigeon.checkpoint import load_config
     from pigeon.config import apply_overrides, preset, to_dict
@@ -547,6 +564,12 @@ def build_parser() -> argparse.ArgumentParser:
     q = csub.add_parser("inspect", help="verify and summarise a checkpoint", formatter_class=fmt)
     q.add_argument("checkpoint")
     q.set_defaults(func=run_inspect)
+    q = csub.add_parser("convert", help="re-save with another storage dtype", formatter_class=fmt)
+    q.add_argument("checkpoint")
+    q.add_argument("--out", required=True)
+    q.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float16")
+    q.add_argument("--overwrite", action="store_true")
+    q.set_defaults(func=run_checkpoint_convert)
 
     p = sub.add_parser("config", help="config tools", formatter_class=fmt)
     csub = p.add_subparsers(dest="config_command", required=True)

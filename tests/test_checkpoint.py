@@ -90,3 +90,34 @@ def test_save_refuses_to_overwrite_and_replaces_atomically(
     save_checkpoint(make_model(tiny_config, seed=2), tokenizer, target, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no staging folders left
     load_checkpoint(target)
+
+
+def test_half_precision_storage_halves_the_files_and_loads_as_float32(
+    checkpoint_dir, tmp_path, tiny_config
+):
+    from pigeon.cli import main
+
+    half = tmp_path / "half"
+    assert (
+        main(
+            ["checkpoint", "convert", str(checkpoint_dir), "--out", str(half), "--dtype", "float16"]
+        )
+        == 0
+    )
+
+    def size(path):
+        return sum(f.stat().st_size for f in path.rglob("*.safetensors"))
+
+    assert size(half) < 0.55 * size(checkpoint_dir)
+    full, loaded = load_checkpoint(checkpoint_dir), load_checkpoint(half)
+    assert all(
+        p.dtype.is_floating_point is False or str(p.dtype) == "torch.float32"
+        for p in loaded.model.parameters()
+    )
+    for (name, a), (_, b) in zip(
+        full.model.state_dict().items(), loaded.model.state_dict().items(), strict=True
+    ):
+        if a.is_floating_point():  # float16 rounding: relative error below 2**-10
+            assert (a - b).abs().max() <= a.abs().max() * 1e-3 + 1e-6, name
+    with pytest.raises(CheckpointError, match="storage_dtype='int8'"):
+        save_checkpoint(full.model, full.tokenizer, tmp_path / "x", storage_dtype="int8")
