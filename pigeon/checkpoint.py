@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pigeon import config as cfg
-from pigeon.files import replace_dir, sha256_file, staging_dir
+from pigeon.files import hash_mismatch, replace_dir, sha256_file, staging_dir
 from pigeon.vocab import TextTokenizer
 
 # the weight-carrying components, in the order checkpoints store them (pigeon.models.pigeon uses it)
@@ -159,12 +159,9 @@ def read_index(path: Path) -> dict:
 
 def verify_files(path: Path, index: dict) -> None:
     """Every indexed file exists and has the recorded SHA-256."""
-    for rel, digest in index["files"].items():
-        file = path / rel
-        if not file.is_file():
-            raise CheckpointError(f"{file}: missing from the checkpoint")
-        if sha256_file(file) != digest:
-            raise CheckpointError(f"{file}: SHA-256 differs from {INDEX}; the file was altered")
+    problem = hash_mismatch(path, index["files"], INDEX)
+    if problem:
+        raise CheckpointError(problem)
 
 
 def load_config(path: str | Path) -> cfg.PipelineConfig:

@@ -279,6 +279,7 @@ def run_serve(args: argparse.Namespace) -> dict:
 
 
 def run_client_generate(args: argparse.Namespace) -> dict:
+    from pigeon.files import write_atomic
     from pigeon.serving.client import PigeonClient
 
     with PigeonClient(args.url, args.protocol, args.timeout) as client:
@@ -293,9 +294,7 @@ def run_client_generate(args: argparse.Namespace) -> dict:
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_bytes(result.image_png)
-    tmp.replace(out)
+    write_atomic(out, result.image_png)
     return {"out": str(out), "latency_s": round(result.latency_s, 4), "timings_s": result.timings}
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pigeon.files import write_atomic
+
 CONFIG_FORMAT = 1
 
 
@@ -471,10 +473,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 
 def save_json(config: Any, path: str | Path) -> None:
     """Write `config` as JSON atomically (written aside, then renamed)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(to_dict(config), indent=2) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(to_dict(config), indent=2) + "\n")
 
 
 def load_json(cls: type, path: str | Path) -> Any:

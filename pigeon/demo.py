@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pigeon.files import write_atomic
+
 STEPS = 6
 
 
@@ -165,9 +167,7 @@ simply copying the reference.</p>
 <table><tr><th>user</th><th>history (oldest first)</th><th>reference</th><th>generated</th>
 <th>ground truth</th><th>instruction</th><th>L1</th><th>ref L1</th><th>latency</th></tr>
 {"".join(lines)}</table><h2>Training</h2><ul>{training}</ul></body></html>"""
-    tmp = out / ".report.html.tmp"
-    tmp.write_text(page)
-    tmp.replace(out / "report.html")
+    write_atomic(out / "report.html", page)
     grid_rows = []
     for r in rows:
         cells = [*r["history"], r["reference"], r["generated"], r["target"]]

@@ -37,3 +37,27 @@ def replace_dir(staging: Path, target: Path) -> None:
         shutil.rmtree(old)
     else:
         staging.rename(target)
+
+
+def write_atomic(path: str | Path, data: bytes | str) -> Path:
+    """Write `data` beside `path`, then rename it into place: readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if isinstance(data, str):
+        tmp.write_text(data)
+    else:
+        tmp.write_bytes(data)
+    tmp.replace(path)
+    return path
+
+
+def hash_mismatch(root: Path, files: dict[str, str], index: str) -> str | None:
+    """The first file under `root` that is missing or whose SHA-256 differs from `files` (relative
+    path -> digest, as recorded in `index`), as a message naming it; None when all match."""
+    for rel, digest in files.items():
+        path = root / rel
+        if not path.is_file():
+            return f"{path}: missing (listed in {index})"
+        if sha256_file(path) != digest:
+            return f"{path}: SHA-256 differs from {index}; refusing to load an altered file"
+    return None

@@ -66,6 +66,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pigeon.files import write_atomic
 from pigeon.serving.images import to_rgb
 
 DEFAULT_STYLES = (
@@ -908,12 +909,6 @@ def _notice(styles: Sequence[str], packages: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 def _jsonl(rows: Sequence[dict]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
 
@@ -1017,7 +1012,7 @@ def build_emojiprefs(
         },
     )
     info["build_seconds"] = round(time.perf_counter() - start, 1)
-    _write(out / "dataset.json", (json.dumps(info, indent=1) + "\n").encode("utf-8"))
+    write_atomic(out / "dataset.json", (json.dumps(info, indent=1) + "\n").encode("utf-8"))
     say(f"[emojiprefs] wrote {out} in {info['build_seconds']} s; sha256 {info['content_sha256']}")
     return info
 
@@ -1066,9 +1061,9 @@ def write_dataset(
     np.savez_compressed(tmp, rgb=rgb, alpha=alpha)
     tmp.replace(npz)
     for name, data in hashed.items():
-        _write(out / name, data)
+        write_atomic(out / name, data)
     if notice:
-        _write(out / "NOTICE", notice.encode("utf-8"))
+        write_atomic(out / "NOTICE", notice.encode("utf-8"))
     info = {
         "name": "EmojiPrefs",
         "format": 1,
@@ -1102,7 +1097,7 @@ def write_dataset(
         "content_sha256": digest,
         "npz_bytes": npz.stat().st_size,
     }
-    _write(out / "dataset.json", (json.dumps(info, indent=1) + "\n").encode("utf-8"))
+    write_atomic(out / "dataset.json", (json.dumps(info, indent=1) + "\n").encode("utf-8"))
     return info
 
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from pigeon.export.errors import ManifestError
-from pigeon.files import sha256_file
+from pigeon.files import hash_mismatch
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -28,12 +28,7 @@ def read_manifest(artifacts: str | Path, verify: bool = True) -> dict:
         )
     if verify:
         for name, entry in manifest["components"].items():
-            for file, digest in entry["files"].items():
-                full = artifacts / name / file
-                if not full.is_file():
-                    raise ManifestError(f"{full}: missing from the artifacts")
-                if sha256_file(full) != digest:
-                    raise ManifestError(
-                        f"{full}: SHA-256 differs from {MANIFEST}; refusing to load"
-                    )
+            problem = hash_mismatch(artifacts / name, entry["files"], MANIFEST)
+            if problem:
+                raise ManifestError(problem)
     return manifest

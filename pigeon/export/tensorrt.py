@@ -27,7 +27,7 @@ import numpy as np
 
 from pigeon.export.errors import ExportError
 from pigeon.export.manifest import read_manifest
-from pigeon.files import replace_dir, sha256_file, staging_dir
+from pigeon.files import replace_dir, sha256_file, staging_dir, write_atomic
 from pigeon.specs import ComponentSpec, component_specs
 
 log = logging.getLogger(__name__)
@@ -207,10 +207,7 @@ def cached_engine(
     if cached.exists():
         log.info("%s: engine cache hit %s", spec.name, key[:12])
     else:
-        plan = build_engine(onnx_path, spec, precision, cache / "timing.cache")
-        tmp = cached.with_suffix(".plan.tmp")
-        tmp.write_bytes(plan)
-        tmp.replace(cached)
+        write_atomic(cached, build_engine(onnx_path, spec, precision, cache / "timing.cache"))
     return cached, build_record(
         spec.name,
         key,

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pigeon.files import write_atomic
 from pigeon.serving.triton_config import PYTHON_MODELS
 
 DEPLOYMENTS = ".deployments.json"
@@ -181,9 +182,7 @@ def deploy(url: str, repository: str | Path, version: int) -> list[str]:
     finally:
         client.close()
     record = history(repository) + [version]
-    tmp = repository / (DEPLOYMENTS + ".tmp")
-    tmp.write_text(json.dumps({"versions": record}) + "\n")
-    tmp.replace(repository / DEPLOYMENTS)
+    write_atomic(repository / DEPLOYMENTS, json.dumps({"versions": record}) + "\n")
     return models
 
 
@@ -195,7 +194,5 @@ def rollback(url: str, repository: str | Path) -> int:
         raise ClientError(f"no earlier deployment recorded in {repository / DEPLOYMENTS}")
     previous = deployed[-2]
     deploy(url, repository, previous)
-    tmp = repository / (DEPLOYMENTS + ".tmp")
-    tmp.write_text(json.dumps({"versions": deployed[:-1]}) + "\n")
-    tmp.replace(repository / DEPLOYMENTS)
+    write_atomic(repository / DEPLOYMENTS, json.dumps({"versions": deployed[:-1]}) + "\n")
     return previous

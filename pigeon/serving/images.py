@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pigeon.files import write_atomic
+
 MAX_PIXELS = 4096 * 4096
 
 
@@ -105,7 +107,4 @@ def encode_png(image: np.ndarray) -> bytes:
 
 def save_png(image: np.ndarray, path: str | Path) -> None:
     """Write atomically: a reader never sees a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(encode_png(image))
-    tmp.replace(path)
+    write_atomic(path, encode_png(image))

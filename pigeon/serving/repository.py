@@ -19,7 +19,7 @@ from pathlib import Path
 from pigeon.config import PipelineConfig, ServingConfig
 from pigeon.export.errors import ExportError
 from pigeon.export.manifest import MANIFEST, read_manifest
-from pigeon.files import staging_dir
+from pigeon.files import staging_dir, write_atomic
 from pigeon.serving.triton_backend import PIPELINE_DIR, model_py
 from pigeon.serving.triton_config import PYTHON_MODELS, repository_configs
 
@@ -34,10 +34,7 @@ def write_configs(
     for name, text in repository_configs(config, serving, target).items():
         path = repository / name / "config.pbtxt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(".config.pbtxt.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-        written.append(path)
+        written.append(write_atomic(path, text))
     return written
 
 

@@ -78,15 +78,15 @@ class BlsRunner:
 def verify_version_files(folder: Path, name: str) -> dict:
     """Refuse to load a network whose files differ from the version's manifest (SHA-256)."""
     from pigeon.export.errors import ManifestError
-    from pigeon.files import sha256_file
+    from pigeon.files import hash_mismatch
 
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
         raise ManifestError(f"{manifest_path}: missing; publish with `pigeon export all`")
     entry = json.loads(manifest_path.read_text())["components"][name]
-    for file, digest in entry["files"].items():
-        if sha256_file(folder / file) != digest:
-            raise ManifestError(f"{folder / file}: SHA-256 differs from the manifest")
+    problem = hash_mismatch(folder, entry["files"], "the manifest")
+    if problem:
+        raise ManifestError(problem)
     return entry
 
 
