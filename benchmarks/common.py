@@ -67,10 +67,25 @@ def timestamp() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S")
 
 
-def prepare(preset: str, workdir: str | Path, precision: str = "fp32") -> tuple[Path, Path]:
-    """A checkpoint of `preset` (random init unless one exists) and its ONNX artifacts, reused when
-    present. Returns (checkpoint, artifacts)."""
+def workdir_for(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> str:
+    """The default work folder of a preset with `--set` overrides (one folder per distinct set)."""
+    if not overrides:
+        return f"runs/bench-{preset}"
+    import hashlib
+
+    return f"runs/bench-{preset}-{hashlib.sha1(' '.join(overrides).encode()).hexdigest()[:8]}"
+
+
+def prepare(
+    preset: str,
+    workdir: str | Path,
+    precision: str = "fp32",
+    overrides: list[str] | tuple[str, ...] = (),
+) -> tuple[Path, Path]:
+    """A checkpoint of `preset` with `overrides` (random init unless one exists) and its ONNX
+    artifacts, reused when present. Returns (checkpoint, artifacts)."""
     from pigeon.checkpoint import save_checkpoint
+    from pigeon.config import apply_overrides
     from pigeon.config import preset as make_preset
     from pigeon.export.onnx_export import export_onnx
     from pigeon.models.pigeon import PigeonModel
@@ -81,7 +96,7 @@ def prepare(preset: str, workdir: str | Path, precision: str = "fp32") -> tuple[
     if not (checkpoint / "pipeline.json").exists():
         import torch
 
-        config = make_preset(preset)
+        config = apply_overrides(make_preset(preset), list(overrides))
         torch.manual_seed(0)
         size = config.personalizer.text_vocab_size
         save_checkpoint(

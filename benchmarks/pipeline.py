@@ -17,6 +17,7 @@ from benchmarks.common import (
     prepare,
     procedural_request,
     timestamp,
+    workdir_for,
 )
 
 
@@ -32,13 +33,17 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/pipeline.jsonl")
     parser.add_argument("--sweep", action="store_true",
                         help="also sweep history length and sampler/steps (ONNX Runtime)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="model config override, e.g. personalizer.max_history=20 (with "
+                        "personalizer.max_positions=4096) for the long-history sweep")
     args = parser.parse_args()
 
     from pigeon.checkpoint import load_checkpoint
     from pigeon.inference.pipeline import PigeonPipeline
     from pigeon.inference.runners import OrtRunner, TorchRunner
 
-    checkpoint, artifacts = prepare(args.preset, args.workdir or f"runs/bench-{args.preset}")
+    workdir = args.workdir or workdir_for(args.preset, args.set)
+    checkpoint, artifacts = prepare(args.preset, workdir, overrides=args.set)
     ckpt = load_checkpoint(checkpoint)
     request = procedural_request(ckpt.config.image_size, args.steps)
     pipes = {
@@ -92,8 +97,8 @@ def sweep(pipe, config, args, env) -> None:
 
     base = procedural_request(config.image_size)
     rows = []
-    lengths = sorted({1, 3, min(5, config.personalizer.max_history),
-                      config.personalizer.max_history})
+    max_history = config.personalizer.max_history
+    lengths = sorted({n for n in (1, 5, 10, 20) if n <= max_history} | {max_history})
     for n in lengths:
         history = (base.history * n)[:n]
         rows.append((f"history={n}", dataclasses.replace(base, history=history, steps=25,
@@ -107,7 +112,8 @@ def sweep(pipe, config, args, env) -> None:
         totals = [pipe(request)[0].timings["total"] for _ in range(args.runs)]
         stats = percentiles(totals)
         append_jsonl(args.out, {"benchmark": "pipeline_sweep", "time": timestamp(), "env": env,
-                                "preset": args.preset, "backend": "onnxruntime", "case": name,
+                                "preset": args.preset, "overrides": args.set,
+                                "backend": "onnxruntime", "case": name,
                                 "seconds": stats})
         print(f"  {name:<20} p50 {stats['p50'] * 1e3:8.1f} ms  p90 {stats['p90'] * 1e3:8.1f} ms")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -164,6 +164,23 @@ def verify_files(path: Path, index: dict) -> None:
         raise CheckpointError(problem)
 
 
+def verify_pipeline_files(path: str | Path, index_sha256: str | None = None) -> None:
+    """A checkpoint folder without its weights, as published for Triton's Python models: the index
+    (`pipeline.json`) has the SHA-256 `index_sha256` (the version manifest's `checkpoint_sha256`),
+    and every config and the tokenizer it lists are present with their recorded SHA-256."""
+    path = Path(path)
+    index = read_index(path)
+    if index_sha256 is not None and sha256_file(path / INDEX) != index_sha256:
+        raise CheckpointError(
+            f"{path / INDEX}: SHA-256 differs from the version's manifest; refusing to load an "
+            "altered file"
+        )
+    listed = {rel: h for rel, h in index["files"].items() if not rel.endswith(".safetensors")}
+    problem = hash_mismatch(path, listed, INDEX)
+    if problem:
+        raise CheckpointError(problem)
+
+
 def load_config(path: str | Path) -> cfg.PipelineConfig:
     path = Path(path)
     index = read_index(path)

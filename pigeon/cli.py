@@ -52,15 +52,16 @@ def run_init(args: argparse.Namespace) -> dict:
     return {"checkpoint": str(path), "preset": config.preset, "parameters": params}
 
 
-def make_pipeline(checkpoint: str, backend: str, artifacts: str | None):
-    """A pipeline on the chosen backend; the checkpoint always supplies configs and the tokenizer."""
+def make_pipeline(checkpoint: str, backend: str, artifacts: str | None, serving=None):
+    """A pipeline on the chosen backend; the checkpoint always supplies configs and the tokenizer,
+    `serving` (a ServingConfig) the ONNX Runtime session settings."""
     from pigeon.inference.pipeline import PigeonPipeline
 
     if backend == "pytorch":
         return PigeonPipeline.from_checkpoint(checkpoint)
     from pigeon.checkpoint import CheckpointError, load_checkpoint, load_config
     from pigeon.export.manifest import read_manifest
-    from pigeon.inference.runners import OrtRunner
+    from pigeon.inference.runners import OrtOptions, OrtRunner
     from pigeon.vocab import TextTokenizer
 
     if not artifacts:
@@ -76,7 +77,8 @@ def make_pipeline(checkpoint: str, backend: str, artifacts: str | None):
     tokenizer = TextTokenizer.load(
         Path(checkpoint) / "tokenizer" / "tokenizer.json", config.personalizer.text_vocab_size
     )
-    return PigeonPipeline(config, tokenizer, OrtRunner.from_artifacts(artifacts, config))
+    options = OrtOptions.from_serving(serving) if serving is not None else OrtOptions()
+    return PigeonPipeline(config, tokenizer, OrtRunner.from_artifacts(artifacts, config, options))
 
 
 def run_generate(args: argparse.Namespace) -> dict:
@@ -86,7 +88,8 @@ def run_generate(args: argparse.Namespace) -> dict:
     history = [load_image(p) for p in args.history]
     reference = load_image(args.reference)
     start = time.perf_counter()
-    pipe = make_pipeline(args.checkpoint, args.backend, args.artifacts)
+    serving = load_serving(args.serving) if args.serving else None
+    pipe = make_pipeline(args.checkpoint, args.backend, args.artifacts, serving)
     load_s = time.perf_counter() - start
     request = GenerationRequest(
         history=history,
@@ -97,6 +100,7 @@ def run_generate(args: argparse.Namespace) -> dict:
         guidance=args.guidance,
         reference_mask_ratio=args.reference_mask_ratio,
         sampler=args.sampler,
+        strength=args.strength,
     )
     result = pipe(request)[0]
     out = Path(args.out)
@@ -174,6 +178,13 @@ def run_data_procedural(args: argparse.Namespace) -> dict:
     return {"out": str(out), "users": len(rows)}
 
 
+def calibration_of(args: argparse.Namespace):
+    """int8/mixed: where static quantization's ranges come from (`--calibration`, `--calibration-users`)."""
+    from pigeon.export.quantize import Calibration
+
+    return Calibration(data=args.calibration, users=args.calibration_users)
+
+
 def run_export_onnx(args: argparse.Namespace) -> dict:
     from pigeon.export.onnx_export import export_onnx
 
@@ -184,6 +195,8 @@ def run_export_onnx(args: argparse.Namespace) -> dict:
         fused_attention=args.fused_attention,
         components=args.components,
         overwrite=args.overwrite,
+        calibration=calibration_of(args),
+        strict=args.strict,
     )
     return {
         "artifacts": args.out,
@@ -192,7 +205,9 @@ def run_export_onnx(args: argparse.Namespace) -> dict:
             n: {
                 "file": e["file"],
                 "opset": e["opset"],
+                "precision": e.get("precision", manifest["precision"]),
                 "max_error": max(v for p in e["max_error"].values() for v in p.values()),
+                "rejected": [r["precision"] for r in e.get("rejected", [])],
             }
             for n, e in manifest["components"].items()
         },
@@ -234,6 +249,8 @@ def run_export_all(args: argparse.Namespace) -> dict:
         serving=load_serving(args.serving),
         precision=args.precision,
         fused_attention=args.fused_attention,
+        calibration=calibration_of(args),
+        strict=args.strict,
     )
     return {
         "repository": args.repository,
@@ -255,6 +272,7 @@ def run_serve(args: argparse.Namespace) -> dict:
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
         log_file=args.log_file,
+        admin_header=args.admin_key,
     )
     stop = []
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -291,6 +309,7 @@ def run_client_generate(args: argparse.Namespace) -> dict:
             steps=args.steps,
             guidance=args.guidance,
             reference_mask_ratio=args.reference_mask_ratio,
+            strength=args.strength,
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -303,11 +322,15 @@ def run_deploy(args: argparse.Namespace) -> dict:
     from pigeon.serving.client import deploy, rollback
 
     repository = Path(args.repository) / args.target
+    headers = dict([args.admin_key]) if args.admin_key else None
     if args.rollback:
-        return {"deployed": rollback(args.url, repository), "rollback": True}
+        return {"deployed": rollback(args.url, repository, headers), "rollback": True}
     if args.version is None:
         raise CheckpointError("give --version N or --rollback")
-    return {"deployed": args.version, "models": deploy(args.url, repository, args.version)}
+    return {
+        "deployed": args.version,
+        "models": deploy(args.url, repository, args.version, headers),
+    }
 
 
 def run_train(args: argparse.Namespace) -> dict:
@@ -373,11 +396,25 @@ def run_data_user(args: argparse.Namespace) -> dict:
     return {**data.summary(), "problems": [str(p) for p in data.report]}
 
 
+INFERENCE_SECTIONS = ("scheduler.", "generation.")
+
+
 def run_checkpoint_convert(args: argparse.Namespace) -> dict:
-    """Re-save a checkpoint with another storage dtype (e.g. float16 to publish or commit it)."""
+    """Re-save a checkpoint with another storage dtype (e.g. float16 to publish or commit it) and,
+    optionally, other sampling/decoding defaults (`--set scheduler.strength=0.6`)."""
     from pigeon.checkpoint import load_checkpoint, save_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint)
+    if args.set:
+        # sampling and decoding defaults only: an architecture change would not match the weights
+        from pigeon.config import ConfigError, apply_overrides
+
+        bad = [k for k in args.set if not k.startswith(INFERENCE_SECTIONS)]
+        if bad:
+            raise ConfigError(
+                f"--set {bad[0]!r}: convert only changes {', '.join(INFERENCE_SECTIONS)} defaults"
+            )
+        ckpt.model.config = apply_overrides(ckpt.model.config, args.set)
     out = save_checkpoint(
         ckpt.model,
         ckpt.tokenizer,
@@ -390,12 +427,99 @@ def run_checkpoint_convert(args: argparse.Namespace) -> dict:
     return {"checkpoint": str(out), "storage_dtype": args.dtype, "bytes": size}
 
 
+def run_evaluate(args: argparse.Namespace) -> dict:
+    """Baselines, stage ablations and Pigeon scored by the frozen metrics (pigeon.evaluation)."""
+    from pigeon.evaluation.evaluate import command
+
+    return command(args)
+
+
 def run_config_show(args: argparse.Namespace) -> dict:
     from pigeon.checkpoint import load_config
     from pigeon.config import apply_overrides, preset, to_dict
 
     config = load_config(args.checkpoint) if args.checkpoint else preset(args.preset)
     return to_dict(apply_overrides(config, args.set or []))
+
+
+STRENGTH_HELP = (
+    "1: denoise from pure noise (the paper); below 1: from the reference's latents noised "
+    "(image-to-image); default: the checkpoint's scheduler.strength"
+)
+
+
+# --- argument types: a bad value is refused by name before anything runs --------------------------
+
+
+def _number(kind: type, text: str):
+    try:
+        return kind(text)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+
+
+def _positive_int(text: str) -> int:
+    value = _number(int, text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be an integer >= 1")
+    return value
+
+
+def _unit_float(text: str) -> float:
+    value = _number(float, text)
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text} must be a number in [0, 1]")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _number(float, text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number of seconds > 0")
+    return value
+
+
+def _utf8_text(text: str) -> str:
+    """Arguments that are not valid UTF-8 arrive with surrogate escapes; refuse them by name."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raw = text[exc.start].encode("utf-8", "surrogateescape")
+        raise argparse.ArgumentTypeError(
+            f"not valid UTF-8 (byte 0x{raw.hex()} at character {exc.start})"
+        ) from None
+    return text
+
+
+def _header(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key or not value:
+        raise argparse.ArgumentTypeError(f"{text!r} must be HEADER=VALUE, e.g. admin-key=s3cret")
+    return key, value
+
+
+PRECISION_CHOICES = ["fp32", "fp16", "int8", "mixed"]
+PRECISION_HELP = (
+    "int8: ONNX Runtime quantization per component, a component that fails validation kept in "
+    "fp16/fp32; mixed: per component the fastest valid of fp32/fp16/int8 on this CPU"
+)
+
+
+def add_quantization_args(q: argparse.ArgumentParser) -> None:
+    q.add_argument(
+        "--calibration",
+        default="procedural",
+        metavar="DATA",
+        help="int8/mixed: 'procedural' or an EmojiPrefs folder; its training split calibrates the "
+        "convolutional components, its validation split checks them",
+    )
+    q.add_argument("--calibration-users", type=int, default=16, help="int8/mixed")
+    q.add_argument(
+        "--strict",
+        action="store_true",
+        help="int8: a component that fails validation is an error instead of kept in fp16/fp32",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -416,15 +540,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--history", nargs="+", required=True, metavar="IMAGE")
     p.add_argument("--reference", required=True, metavar="IMAGE")
-    p.add_argument("--text", required=True)
+    p.add_argument("--text", required=True, type=_utf8_text)
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=None, help="default: the checkpoint's")
     p.add_argument("--guidance", type=float, default=None, help="default: the checkpoint's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reference-mask-ratio", type=float, default=None)
+    p.add_argument("--strength", type=float, default=None, help=STRENGTH_HELP)
     p.add_argument("--sampler", choices=["ddim", "dpmpp_2m"], default=None)
     p.add_argument("--backend", choices=["pytorch", "onnxruntime"], default="pytorch")
     p.add_argument("--artifacts", default=None, help="ONNX artifact folder (onnxruntime backend)")
+    p.add_argument("--serving", default=None, help="serving.json: ONNX Runtime session settings")
     p.set_defaults(func=run_generate)
 
     p = sub.add_parser("export", help="ONNX, TensorRT and model versions", formatter_class=fmt)
@@ -432,10 +558,11 @@ def build_parser() -> argparse.ArgumentParser:
     q = esub.add_parser("onnx", help="validated ONNX per component", formatter_class=fmt)
     q.add_argument("--checkpoint", required=True)
     q.add_argument("--out", required=True)
-    q.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    q.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32", help=PRECISION_HELP)
     q.add_argument("--fused-attention", action="store_true", help="opset 23 ONNX Attention")
     q.add_argument("--components", nargs="+", default=None, help="default: all")
     q.add_argument("--overwrite", action="store_true")
+    add_quantization_args(q)
     q.set_defaults(func=run_export_onnx)
     q = esub.add_parser("tensorrt", help="TensorRT engines (GPU + TensorRT)", formatter_class=fmt)
     q.add_argument("--artifacts", default=None, help="an artifact folder (pigeon export onnx)")
@@ -450,9 +577,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--checkpoint", required=True)
     q.add_argument("--repository", required=True)
     q.add_argument("--version", type=int, required=True)
-    q.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    q.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32", help=PRECISION_HELP)
     q.add_argument("--fused-attention", action="store_true")
     q.add_argument("--target", choices=["cpu", "gpu"], default="cpu")
+    add_quantization_args(q)
     q.add_argument("--serving", default=None, help="serving.json (ServingConfig)")
     q.set_defaults(func=run_export_all)
 
@@ -464,6 +592,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--log-file", default=None)
+    p.add_argument(
+        "--admin-key",
+        type=_header,
+        default=None,
+        metavar="HEADER=VALUE",
+        help="require this header on the model-load/unload, shared-memory, trace and logging APIs "
+        "(HTTP and gRPC); inference and health stay open (docs/RELIABILITY.md)",
+    )
     p.set_defaults(func=run_serve)
 
     p = sub.add_parser("train", help="train a stage, or the whole recipe", formatter_class=fmt)
@@ -511,13 +647,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     q.add_argument("--history", nargs="+", required=True, metavar="IMAGE")
     q.add_argument("--reference", required=True, metavar="IMAGE")
-    q.add_argument("--text", required=True)
+    q.add_argument("--text", required=True, type=_utf8_text)
     q.add_argument("--out", required=True)
     q.add_argument("--seed", type=int, default=None)
     q.add_argument("--steps", type=int, default=None)
     q.add_argument("--guidance", type=float, default=None)
     q.add_argument("--reference-mask-ratio", type=float, default=None)
-    q.add_argument("--timeout", type=float, default=120.0, help="seconds")
+    q.add_argument("--strength", type=float, default=None, help=STRENGTH_HELP)
+    q.add_argument("--timeout", type=_positive_seconds, default=120.0, help="seconds")
     q.set_defaults(func=run_client_generate)
 
     p = sub.add_parser("deploy", help="switch the served version", formatter_class=fmt)
@@ -526,23 +663,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--version", type=int, default=None)
     p.add_argument("--rollback", action="store_true")
+    p.add_argument(
+        "--admin-key",
+        type=_header,
+        default=None,
+        metavar="HEADER=VALUE",
+        help="the header the server's --admin-key requires",
+    )
     p.set_defaults(func=run_deploy)
 
     p = sub.add_parser("data", help="datasets", formatter_class=fmt)
     dsub = p.add_subparsers(dest="data_command", required=True)
     q = dsub.add_parser("procedural", help="synthetic users from drawn shapes", formatter_class=fmt)
     q.add_argument("--out", required=True)
-    q.add_argument("--users", type=int, default=8)
-    q.add_argument("--size", type=int, default=32)
-    q.add_argument("--history-length", type=int, default=5)
-    q.add_argument("--noise-ratio", type=float, default=0.2)
+    q.add_argument("--users", type=_positive_int, default=8)
+    q.add_argument("--size", type=_positive_int, default=32)
+    q.add_argument("--history-length", type=_positive_int, default=5)
+    q.add_argument("--noise-ratio", type=_unit_float, default=0.2)
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=run_data_procedural)
     q = dsub.add_parser(
         "emojiprefs", help="build EmojiPrefs from open emoji sets (npm)", formatter_class=fmt
     )
     q.add_argument("--out", required=True)
-    q.add_argument("--size", type=int, default=64)
+    q.add_argument("--size", type=_positive_int, default=64)
     q.add_argument("--styles", nargs="+", default=None, help="default: the 7 distinct styles")
     q.add_argument("--permissive-only", action="store_true", help="drop CC BY-SA sets")
     q.add_argument("--cache-dir", default=None, help="npm tarball cache (default: ~/.cache)")
@@ -552,7 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
         "user", help="check a user-data folder (interactions + items)", formatter_class=fmt
     )
     q.add_argument("root")
-    q.add_argument("--history-length", type=int, default=5)
+    q.add_argument("--history-length", type=_positive_int, default=5)
     q.add_argument("--on-error", choices=["skip", "raise"], default="skip")
     q.add_argument("--split", choices=["random", "temporal"], default="random")
     q.add_argument("--seed", type=int, default=0)
@@ -567,8 +711,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("checkpoint")
     q.add_argument("--out", required=True)
     q.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float16")
+    q.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="scheduler.* or generation.* default"
+    )
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=run_checkpoint_convert)
+
+    p = sub.add_parser(
+        "evaluate", help="metrics, baselines and ablations with CIs", formatter_class=fmt
+    )
+    from pigeon.evaluation.options import add_arguments as add_evaluate_arguments
+
+    add_evaluate_arguments(p)
+    p.set_defaults(func=run_evaluate)
 
     p = sub.add_parser("config", help="config tools", formatter_class=fmt)
     csub = p.add_subparsers(dest="config_command", required=True)
@@ -591,6 +746,7 @@ def main(argv: list[str] | None = None) -> int:
     from pigeon.config import ConfigError
     from pigeon.data.emojiprefs import EmojiPrefsError
     from pigeon.data.user_data import UserDataError
+    from pigeon.evaluation.errors import EvaluationError
     from pigeon.export.errors import ExportError
     from pigeon.inference.pipeline import RequestError
     from pigeon.serving.client import ClientError
@@ -607,6 +763,7 @@ def main(argv: list[str] | None = None) -> int:
         ImageError,
         RequestError,
         ExportError,
+        EvaluationError,
         ServerError,
         ClientError,
         OSError,

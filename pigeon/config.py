@@ -1,7 +1,9 @@
 """Component configs: one frozen dataclass per component, strict JSON, presets and `--set` overrides.
 
 Every config file carries `_class` and `_format`. Loading is strict: an unknown or a missing key is a
-`ConfigError` that names the key and the file, never a silent default. Presets:
+`ConfigError` that names the key and the file, never a silent default; the one exception is a field
+marked `added_after_format` (added since the format was fixed), which files written before it may omit
+and which then takes its default: the behaviour those files were written with. Presets:
 
     tiny   seconds on a laptop CPU (tests, CI)
     small  EmojiPrefs at 64 px on a 2-core CPU
@@ -184,6 +186,14 @@ class SchedulerConfig:
     sampler: Literal["ddim", "dpmpp_2m"] = "ddim"
     num_inference_steps: int = 4
     guidance_scale: float = 7.0
+    # 1.0 starts from pure noise (the paper). Below 1, denoising starts from the reference image's
+    # latents noised to timestep ~strength*T (SDEdit / diffusers' img2img `strength`): the reference's
+    # layout and colours survive, and the steps left change the style.
+    strength: float = field(default=1.0, metadata={"added_after_format": 1})
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.strength <= 1.0:
+            raise ConfigError(f"scheduler.strength={self.strength} must be in (0, 1]")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -242,6 +252,9 @@ class PipelineConfig:
         return self.image_size // self.vae.downsample
 
 
+_ADDED = {"added_after_format": 1}  # ServingConfig fields that older serving.json files may omit
+
+
 @dataclass(frozen=True, kw_only=True)
 class ServingConfig:
     """How the Triton model repository serves a checkpoint (`serving.json`; not part of a checkpoint)."""
@@ -261,6 +274,21 @@ class ServingConfig:
     # generated token (each call ships the whole KV cache between processes); the file is the same
     # version's, hash-checked. The gpu target always calls the TensorRT personalizer through BLS.
     personalizer_in_process: bool = True
+    # ONNX Runtime session settings, for the Triton models (config.pbtxt parameters) and the in-process
+    # runner alike (pigeon.inference.runners.OrtOptions.from_serving); ort_threads is the intra-op count
+    ort_inter_op_threads: int = field(default=1, metadata=_ADDED)  # used by execution mode parallel
+    ort_graph_optimization: Literal["disable", "basic", "extended", "all"] = field(
+        default="all", metadata=_ADDED
+    )
+    ort_execution_mode: Literal["sequential", "parallel"] = field(
+        default="sequential", metadata=_ADDED
+    )
+    ort_allow_spinning: bool = field(default=False, metadata=_ADDED)
+    # in process: the denoise loop's UNet runs through an IOBinding, outputs into buffers allocated
+    # once and reused every step
+    ort_io_binding: bool = field(default=False, metadata=_ADDED)
+    # in process: one ONNX Runtime session per (file, settings), shared by every runner built from it
+    ort_session_reuse: bool = field(default=True, metadata=_ADDED)
 
     def __post_init__(self) -> None:
         for name in (
@@ -270,6 +298,7 @@ class ServingConfig:
             "bls_instances",
             "unet_instances",
             "ort_threads",
+            "ort_inter_op_threads",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"serving.{name}={getattr(self, name)} must be >= 1")
@@ -410,7 +439,8 @@ def _plain(config: Any) -> dict[str, Any]:
 
 
 def from_dict(cls: type, data: dict[str, Any], *, where: str = "config") -> Any:
-    """Build `cls` from `data`; every field must be present and no other key may be."""
+    """Build `cls` from `data`; every field must be present (but those added after the format) and no
+    other key may be."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a JSON object, got {type(data).__name__}")
     data = dict(data)
@@ -428,10 +458,15 @@ def from_dict(cls: type, data: dict[str, Any], *, where: str = "config") -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r} for {cls.__name__}")
-    missing = sorted(names - set(data))
+    added_later = {
+        f.name for f in dataclasses.fields(cls) if "added_after_format" in f.metadata
+    }
+    missing = sorted(names - set(data) - added_later)
     if missing:
         raise ConfigError(f"{where}: missing key {missing[0]!r} for {cls.__name__}")
-    kwargs = {name: _coerce(hints[name], data[name], f"{where}.{name}") for name in names}
+    kwargs = {
+        name: _coerce(hints[name], data[name], f"{where}.{name}") for name in names if name in data
+    }
     try:
         return cls(**kwargs)
     except TypeError as exc:  # pragma: no cover - guarded by the checks above

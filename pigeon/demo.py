@@ -1,7 +1,8 @@
 """The main job end to end, from a fresh clone: `make demo` runs `python -m pigeon.demo`.
 
     [1/6] data      EmojiPrefs from the open emoji sets (npm); reused when already built
-    [2/6] model     the `tiny` training recipe, every stage; reused when already trained
+    [2/6] model     the `small` checkpoint committed in checkpoints/small (hash-checked), or with
+                    --train-tiny the `tiny` training recipe, every stage; reused when already trained
     [3/6] export    validated ONNX, published as version 1 of a Triton model repository
     [4/6] serve     the real tritonserver on 127.0.0.1
     [5/6] generate  8 test users through the gRPC client
@@ -29,6 +30,8 @@ import numpy as np
 from pigeon.files import write_atomic
 
 STEPS = 6
+COMMITTED = Path(__file__).resolve().parents[1] / "checkpoints" / "small"
+TRAINING_STAGES = ("vae", "image", "lmm", "sft", "dpo")
 
 
 class DemoError(RuntimeError):
@@ -69,19 +72,49 @@ def build_data(out: Path) -> Path:
     return out
 
 
-def train_model(run: Path, data: Path) -> Path:
+def run_summary(run: Path) -> dict:
+    """Per training stage: steps, first and last loss, best validation loss and seconds (log.jsonl)."""
+    summary = {}
+    for stage in TRAINING_STAGES:
+        path = run / stage / "log.jsonl"
+        if not path.exists():
+            continue
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        losses = [r for r in rows if "loss" in r]
+        vals = [r["val_loss"] for r in rows if "val_loss" in r]
+        summary[stage] = {
+            "steps": losses[-1]["step"] + 1 if losses else 0,
+            "first_loss": losses[0]["loss"] if losses else None,
+            "last_loss": losses[-1]["loss"] if losses else None,
+            "best_val_loss": min(vals) if vals else None,
+            "seconds": losses[-1].get("elapsed_s") if losses else None,
+        }
+    return summary
+
+
+def obtain_model(run: Path, data: Path, train_tiny: bool) -> tuple[Path, str, dict]:
+    """The committed `small` checkpoint (its files checked against their hashes), or a `tiny` model
+    trained here; returns the checkpoint, the preset name and the training summary."""
+    from pigeon.checkpoint import load_checkpoint
     from pigeon.training.loop import train_all
 
+    if not train_tiny and (COMMITTED / "pipeline.json").exists():
+        load_checkpoint(COMMITTED)  # raises on any altered or missing file
+        return COMMITTED, "small", json.loads((COMMITTED / "training.json").read_text())["stages"]
     best = run / "dpo" / "best"
     if not (best / "pipeline.json").exists():
         train_all(run, preset_name="tiny", data_source=str(data), progress=True)
-    return best
+    return best, "tiny", run_summary(run)
 
 
 def publish(checkpoint: Path, repository: Path) -> Path:
+    """Version 1 of the repository, re-exported only when it was built from another checkpoint."""
+    from pigeon.checkpoint import load_checkpoint
     from pigeon.export.publish import export_all
 
-    if not (repository / "cpu" / "pigeon" / "1").exists():
+    manifest = repository / "cpu" / "unet" / "1" / "manifest.json"
+    digest = load_checkpoint(checkpoint).digest
+    if not manifest.exists() or json.loads(manifest.read_text())["checkpoint_sha256"] != digest:
         shutil.rmtree(repository, ignore_errors=True)
         export_all(checkpoint, repository, 1)
     return repository / "cpu"
@@ -122,7 +155,21 @@ def l1(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.float32) - b.astype(np.float32)).mean() / 255.0)
 
 
-def report(rows: list[dict], out: Path, run: Path, latencies: list[float]) -> None:
+MODEL_TEXT = {
+    "tiny": "the <b>tiny</b> recipe, trained here for a few seconds on EmojiPrefs (every stage: VAE, "
+    "tokenizer + diffusion decoder, LMM, masked preference reconstruction, DPO). At this scale the "
+    "outputs are not recognisable stickers; the page shows the whole path working.",
+    "small": "the <b>small</b> checkpoint committed in <code>checkpoints/small</code> (every stage of "
+    "the recipe on EmojiPrefs on a 2-core CPU; how it was trained: checkpoints/small/TRAINING.md). "
+    "Denoising starts from the reference noised to the checkpoint's <code>scheduler.strength</code> "
+    "(image-to-image), so the layout comes from the reference and the style from the personalized "
+    "tokens.",
+}
+
+
+def report(
+    rows: list[dict], out: Path, model: str, training: dict, latencies: list[float]
+) -> None:
     def img(image: np.ndarray, title: str = "") -> str:
         data = base64.b64encode(png_bytes(image)).decode()
         return f'<img src="data:image/png;base64,{data}" title="{html.escape(title)}" class="px">'
@@ -142,31 +189,26 @@ def report(rows: list[dict], out: Path, run: Path, latencies: list[float]) -> No
             f"<td>{r['latency_s'] * 1e3:.0f} ms</td></tr>"
         )
     p50 = float(np.percentile(latencies, 50))
-    logs = {
-        s: [json.loads(x) for x in (run / s / "log.jsonl").read_text().splitlines()]
-        for s in ("vae", "image", "lmm", "sft", "dpo")
-        if (run / s / "log.jsonl").exists()
-    }
-    training = "".join(
-        f"<li>{s}: loss {rows_[0].get('loss', float('nan')):.3f} → "
-        f"{[x for x in rows_ if 'loss' in x][-1]['loss']:.3f}</li>"
-        for s, rows_ in logs.items()
+    stages = "".join(
+        f"<li>{s}: {t['steps']} steps, loss {t['first_loss']:.3f} → {t['last_loss']:.3f}"
+        + (f", {t['seconds'] / 60:.1f} min" if t.get("seconds") else "")
+        + "</li>"
+        for s, t in training.items()
+        if t.get("first_loss") is not None
     )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Pigeon demo</title>
 <style>body{{font-family:sans-serif;margin:2em}} td{{padding:4px 8px;vertical-align:middle}}
 img.px{{width:64px;height:64px;image-rendering:pixelated;margin:1px;border:1px solid #ddd}}
 tr:nth-child(even){{background:#f6f6f6}}</style></head><body>
 <h1>Pigeon demo: personalized stickers served by Triton</h1>
-<p>Model: the <b>tiny</b> recipe, trained for a few seconds on EmojiPrefs (every stage: VAE, tokenizer +
-diffusion decoder, LMM, masked preference reconstruction, DPO). At this scale the outputs are not yet
-recognisable stickers; the page shows the whole path working: 8 test users of the fixed manifest, sent
-through the real tritonserver (ensemble + BLS) over gRPC.</p>
+<p>Model: {MODEL_TEXT[model]} {len(rows)} test users of the fixed manifest, sent through the real
+tritonserver (ensemble + BLS) over gRPC.</p>
 <p>Latency per request: p50 {p50 * 1e3:.0f} ms over {len(latencies)} requests (2-core CPU).
 L1 = mean absolute pixel difference to the ground truth (lower is better); "ref L1" is the same for
 simply copying the reference.</p>
 <table><tr><th>user</th><th>history (oldest first)</th><th>reference</th><th>generated</th>
 <th>ground truth</th><th>instruction</th><th>L1</th><th>ref L1</th><th>latency</th></tr>
-{"".join(lines)}</table><h2>Training</h2><ul>{training}</ul></body></html>"""
+{"".join(lines)}</table><h2>Training</h2><ul>{stages}</ul></body></html>"""
     write_atomic(out / "report.html", page)
     grid_rows = []
     for r in rows:
@@ -186,6 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="demo")
     parser.add_argument("--data", default=None, help="an EmojiPrefs folder (default: build one)")
     parser.add_argument("--users", type=int, default=8)
+    parser.add_argument(
+        "--train-tiny",
+        action="store_true",
+        help="train the tiny recipe here instead of using the committed small checkpoint",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     out = Path(args.out)
@@ -196,8 +243,11 @@ def main(argv: list[str] | None = None) -> int:
         data = build_data(Path(args.data) if args.data else out / "data" / "emojiprefs")
         done(t, str(data))
         current = "model"
-        t = step(2, "model", "train the tiny recipe (vae, image, lmm, sft, dpo)")
-        checkpoint = train_model(out / "run", data)
+        what = "the tiny recipe (vae, image, lmm, sft, dpo)"
+        if not args.train_tiny and (COMMITTED / "pipeline.json").exists():
+            what = "the committed small checkpoint, hash-checked"
+        t = step(2, "model", what)
+        checkpoint, model, training = obtain_model(out / "run", data, args.train_tiny)
         done(t, str(checkpoint))
         current = "export"
         t = step(3, "export", "ONNX per component, validated, published as version 1")
@@ -215,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             done(t)
         current = "report"
         t = step(6, "report", "demo/report.html and demo/grid.png")
-        report(rows, out, out / "run", [r["latency_s"] for r in rows])
+        report(rows, out, model, training, [r["latency_s"] for r in rows])
         done(t, str(out / "report.html"))
     except Exception as exc:  # the step is named; the cause is shown; the exit code is non-zero
         print(f"demo failed at step '{current}': {exc.__class__.__name__}: {exc}", file=sys.stderr)

@@ -29,25 +29,36 @@ def staging_dir(target: Path) -> Path:
 
 
 def replace_dir(staging: Path, target: Path) -> None:
-    """Move `staging` to `target`, replacing what was there (the old folder is removed afterwards)."""
+    """Move `staging` to `target`, replacing what was there (the old folder is removed afterwards).
+    If the second rename fails, the old folder is put back."""
     if target.exists():
         old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
         target.rename(old)
-        staging.rename(target)
+        try:
+            staging.rename(target)
+        except BaseException:
+            old.rename(target)
+            raise
         shutil.rmtree(old)
     else:
         staging.rename(target)
 
 
 def write_atomic(path: str | Path, data: bytes | str) -> Path:
-    """Write `data` beside `path`, then rename it into place: readers never see half a file."""
+    """Write `data` beside `path`, then rename it into place: readers never see half a file. A failed
+    write (a full disk) leaves `path` as it was and no temporary file behind; concurrent writers of
+    one path each use their own temporary file (the last rename wins)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if isinstance(data, str):
-        tmp.write_text(data)
-    else:
-        tmp.write_bytes(data)
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        if isinstance(data, str):
+            tmp.write_text(data)
+        else:
+            tmp.write_bytes(data)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

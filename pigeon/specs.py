@@ -56,6 +56,12 @@ class Tolerance:
     rtol: float
     # integer outputs (argmax ids, keep flags) may flip on near ties; the share of elements allowed to differ
     max_mismatch: float = 0.0
+    # quantized outputs are judged against the output's own scale, not per element (int8 error is a
+    # share of a tensor's range, and a per-element rtol fails on every value near zero):
+    # |got - expected| <= atol + rtol * |expected| + peak_rtol * max|expected| everywhere, and
+    # ||got - expected|| / ||expected|| <= rms_rtol when set
+    peak_rtol: float = 0.0
+    rms_rtol: float | None = None
 
 
 @dataclass(frozen=True)
@@ -165,10 +171,16 @@ _MASK_INPUTS = ("token_ids", "position_ids", "type_ids")
 FP32 = Tolerance(atol=1e-4, rtol=1e-3)
 FP16 = Tolerance(atol=2e-2, rtol=2e-2)
 IDS = Tolerance(atol=0, rtol=0, max_mismatch=0.02)
+# int8 (pigeon.export.quantize): errors relative to each output's scale; a component that exceeds its
+# int8 tolerance is kept in fp16 or fp32 and the manifest says so. This catches a broken quantization
+# (wrong calibration ranges, clipped activations); what users see is checked on the whole variant:
+INT8 = Tolerance(atol=1e-3, rtol=0.0, peak_rtol=0.5, rms_rtol=0.5)
+# held-out users' images from the int8 variant against the fp32 one: mean |pixel difference| (0-255)
+INT8_IMAGE_MAE = 4.0
 
 
 def component_specs(config: PipelineConfig) -> dict[str, ComponentSpec]:
-    """The six components, in pipeline order, sized for `config`."""
+    """The seven components, in pipeline order, sized for `config`."""
     he, ca, pz = config.history_encoder, config.condition_adapter, config.personalizer
     p = he.num_patches
     n_img = pz.max_history + 1  # history images + the reference
@@ -196,14 +208,14 @@ def component_specs(config: PipelineConfig) -> dict[str, ComponentSpec]:
                 TensorSpec("token_keep", "int64", ("batch", p)),
             ),
             dims={"batch": DimRange(1, n_img, 16 * n_img)},
-            tolerance={"fp32": IDS, "fp16": IDS},
+            tolerance={"fp32": IDS, "fp16": IDS, "int8": IDS},
         ),
         ComponentSpec(
             "mask_generator",
             inputs=tuple(TensorSpec(n, "int64", ("batch", "mask_len")) for n in _MASK_INPUTS),
             outputs=(TensorSpec("token_scores", "float32", ("batch", "mask_len")),),
             dims={"batch": batch, "mask_len": DimRange(2, n_img * p // 2, n_img * p)},
-            tolerance={"fp32": FP32, "fp16": FP16},
+            tolerance={"fp32": FP32, "fp16": FP16, "int8": INT8},
         ),
         ComponentSpec(
             "personalizer",
@@ -226,7 +238,7 @@ def component_specs(config: PipelineConfig) -> dict[str, ComponentSpec]:
                     0, min(max_seq // 2, (pz.max_history * p) // 2 + 16), max_seq // 2
                 ),
             },
-            tolerance={"fp32": FP32, "fp16": FP16},
+            tolerance={"fp32": FP32, "fp16": FP16, "int8": INT8},
         ),
         ComponentSpec(
             "condition_adapter",
@@ -240,7 +252,14 @@ def component_specs(config: PipelineConfig) -> dict[str, ComponentSpec]:
                 TensorSpec("reference_embedding", "float32", ("batch", ca.context_dim)),
             ),
             dims={"batch": batch},
-            tolerance={"fp32": FP32, "fp16": FP16},
+            tolerance={"fp32": FP32, "fp16": FP16, "int8": INT8},
+        ),
+        ComponentSpec(
+            "vae_encoder",  # the reference's latents, for image-to-image (scheduler.strength < 1)
+            inputs=(TensorSpec("images", "float32", ("batch", 3, s_out, s_out)),),
+            outputs=(TensorSpec("latents", "float32", ("batch", c, h, h)),),
+            dims={"batch": batch},
+            tolerance={"fp32": FP32, "fp16": FP16, "int8": INT8},
         ),
         ComponentSpec(
             "unet",
@@ -253,14 +272,14 @@ def component_specs(config: PipelineConfig) -> dict[str, ComponentSpec]:
             ),
             outputs=(TensorSpec("noise_pred", "float32", ("batch", c, h, h)),),
             dims={"batch": DimRange(1, 2, 32)},  # 2 x requests under classifier-free guidance
-            tolerance={"fp32": FP32, "fp16": FP16},
+            tolerance={"fp32": FP32, "fp16": FP16, "int8": INT8},
         ),
         ComponentSpec(
             "vae_decoder",
             inputs=(TensorSpec("latents", "float32", ("batch", c, h, h)),),
             outputs=(TensorSpec("images", "float32", ("batch", 3, s_out, s_out)),),
             dims={"batch": batch},
-            tolerance={"fp32": FP32, "fp16": FP16},
+            tolerance={"fp32": FP32, "fp16": FP16, "int8": INT8},
         ),
     ]
     return {spec.name: spec for spec in specs}

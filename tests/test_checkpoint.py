@@ -121,3 +121,17 @@ def test_half_precision_storage_halves_the_files_and_loads_as_float32(
             assert (a - b).abs().max() <= a.abs().max() * 1e-3 + 1e-6, name
     with pytest.raises(CheckpointError, match="storage_dtype='int8'"):
         save_checkpoint(full.model, full.tokenizer, tmp_path / "x", storage_dtype="int8")
+
+
+def test_convert_sets_sampling_defaults_but_refuses_architecture_keys(checkpoint_dir, tmp_path):
+    from pigeon.cli import main
+
+    out = tmp_path / "img2img"
+    args = ["checkpoint", "convert", str(checkpoint_dir), "--out", str(out)]
+    assert main([*args, "--set", "scheduler.strength=0.6", "--set", "generation.top_k=7"]) == 0
+    config = load_checkpoint(out).config
+    assert (config.scheduler.strength, config.generation.top_k) == (0.6, 7)
+    assert config.unet == load_checkpoint(checkpoint_dir).config.unet
+    refused = tmp_path / "refused"
+    assert main([*args[:-1], str(refused), "--set", "unet.layers_per_block=3"]) != 0
+    assert not refused.exists()

@@ -41,6 +41,18 @@ def test_missing_key_is_an_error_naming_the_key():
         cfg.from_dict(cfg.VAEConfig, data)
 
 
+def test_a_field_added_after_the_format_takes_its_default_when_absent():
+    """Files written before `scheduler.strength` existed load with the behaviour they had (1.0)."""
+    data = cfg.to_dict(cfg.preset("tiny"))
+    del data["scheduler"]["strength"]
+    assert cfg.from_dict(cfg.PipelineConfig, data).scheduler.strength == 1.0
+    del data["scheduler"]["guidance_scale"]  # an original field stays required
+    with pytest.raises(cfg.ConfigError, match="missing key 'guidance_scale'"):
+        cfg.from_dict(cfg.PipelineConfig, data)
+    with pytest.raises(cfg.ConfigError, match=r"scheduler.strength=0.0 must be in \(0, 1\]"):
+        cfg.SchedulerConfig(strength=0.0)
+
+
 def test_nested_errors_name_the_path():
     data = cfg.to_dict(cfg.preset("tiny"))
     data["unet"]["layers_per_block"] = "two"

@@ -52,6 +52,40 @@ def test_a_request_gives_the_same_image_alone_or_in_a_batch(pipe, images):
     assert np.abs(alone.astype(int) - batched.astype(int)).max() <= 1
 
 
+def test_img2img_last_step_equals_a_hand_written_single_ddim_step(pipe, images):
+    """strength 1/steps keeps only t=0: encode the reference, noise it with the request's latent
+    stream, one DDIM step to x0 over the conditional UNet, decode. Strength 1 lands far away."""
+    from pigeon.inference.pipeline import request_streams
+    from pigeon.serving.images import to_model_input
+
+    config, run = pipe.config, pipe.runner.run
+    req = request(images, seed=5, steps=4, guidance=1.0, strength=0.25)
+    result = pipe(req)[0]
+    clean = run("vae_encoder", {"images": to_model_input(images[5], config.image_size)[None]})
+    c, h = config.vae.latent_channels, config.latent_size
+    noise = request_streams(5)[2].standard_normal((c, h, h), dtype=np.float32)[None]
+    a0 = make_sampler(config.scheduler, 4, "ddim").a(0)
+    x = np.sqrt(a0) * clean["latents"] + np.sqrt(1 - a0) * noise
+    cond = pipe.condition([result.tokens])
+    s = float(config.image_size)
+    eps = run(
+        "unet",
+        {
+            "latents": x.astype(np.float32),
+            "timestep": np.zeros(1, np.float32),
+            "prompt_embeds": cond["prompt_embeds"],
+            "pooled_embeds": cond["pooled_embeds"],
+            "time_ids": np.array([[s, s, 0, 0, s, s]], np.float32),
+        },
+    )["noise_pred"]
+    x0 = (x - np.sqrt(1 - a0) * eps) / np.sqrt(a0)
+    expected = run("vae_decoder", {"latents": x0.astype(np.float32)})["images"][0]
+    expected = np.round(expected.transpose(1, 2, 0) * 255)
+    assert np.abs(result.image - expected).max() <= 1
+    far = pipe(dataclasses.replace(req, strength=1.0))[0].image.astype(float)
+    assert np.abs(far - expected).mean() > 10
+
+
 def test_guidance_one_equals_the_conditional_branch(pipe, images):
     """With guidance 1 the loop must equal a plain sampler loop over the conditional UNet alone."""
     cond = pipe.condition([np.arange(10)])
@@ -107,6 +141,8 @@ def test_any_image_mode_and_size_is_accepted(pipe):
         ({"reference_mask_ratio": 1.5}, r"reference_mask_ratio=1.5 must be in \[0, 1\]"),
         ({"seed": -1}, "seed=-1"),
         ({"sampler": "euler"}, "sampler='euler'"),
+        ({"strength": 0.0}, r"strength=0.0 must be in \(0, 1\]"),
+        ({"strength": float("nan")}, r"strength=nan must be in \(0, 1\]"),
     ],
 )
 def test_bad_requests_name_the_problem(pipe, images, change, message):

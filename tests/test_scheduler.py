@@ -7,7 +7,13 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
 from pigeon.config import SchedulerConfig
 from pigeon.diffusion.guidance import cfg_batch, cfg_combine, split_guidance
-from pigeon.diffusion.scheduler import add_noise, alphas_cumprod, make_sampler, make_timesteps
+from pigeon.diffusion.scheduler import (
+    add_noise,
+    alphas_cumprod,
+    make_sampler,
+    make_timesteps,
+    start_index,
+)
 
 
 def fake_model(x: np.ndarray, i: int) -> np.ndarray:
@@ -76,6 +82,43 @@ def test_add_noise_matches_diffusers():
     ours = add_noise(x0, noise, alphas_cumprod(config)[t])
     theirs = ref.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t))
     np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("steps,strength", [(25, 0.6), (25, 0.3), (10, 0.75), (4, 0.5), (7, 1.0)])
+def test_img2img_start_matches_diffusers_get_timesteps(steps, strength):
+    """diffusers' img2img keeps scheduler.timesteps[steps - min(int(steps * strength), steps):]."""
+    ref = DDIMScheduler(**diffusers_kwargs(SchedulerConfig()))
+    ref.set_timesteps(steps)
+    t_start = max(steps - min(int(steps * strength), steps), 0)
+    ours = make_sampler(SchedulerConfig(), steps, "ddim")
+    np.testing.assert_array_equal(
+        ours.timesteps[start_index(steps, strength) :], ref.timesteps[t_start:].numpy()
+    )
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
+def test_img2img_with_an_exact_noise_oracle_returns_the_clean_image(sampler):
+    """Started from x0 noised at the first kept timestep, a model that predicts the true noise must
+    lead every step back to x0 exactly: the start and the loop are consistent."""
+    config = SchedulerConfig()
+    steps, strength = 10, 0.55
+    ours = make_sampler(config, steps, sampler)
+    rng = np.random.default_rng(3)
+    x0, noise = rng.standard_normal((2, 4, 8, 8)), rng.standard_normal((2, 4, 8, 8))
+    start = start_index(steps, strength)
+    x = add_noise(x0, noise, ours.a(int(ours.timesteps[start])))
+    for i in range(start, steps):
+        a_t = ours.a(int(ours.timesteps[i]))
+        eps = (x - np.sqrt(a_t) * x0) / np.sqrt(1 - a_t)  # the noise that x holds around x0
+        x = ours.step(eps, i, x)
+    np.testing.assert_allclose(x, x0, atol=1e-8)
+
+
+def test_img2img_always_runs_one_step_and_rejects_bad_strength():
+    assert start_index(10, 0.01) == 9  # diffusers would run none
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match=f"strength={bad} must be in"):
+            start_index(10, bad)
 
 
 def test_bad_step_counts_are_rejected():

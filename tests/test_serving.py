@@ -51,7 +51,7 @@ def served(tmp_path_factory, checkpoint_dir, tokenizer):
         yield server, repo, other
 
 
-def in_process(checkpoint, repo, version, seed=4, steps=6):
+def in_process(checkpoint, repo, version, seed=4, steps=6, strength=None):
     ckpt = load_checkpoint(checkpoint)
     artifacts = repo / "cpu"
     runner = OrtRunner.from_files(
@@ -62,6 +62,7 @@ def in_process(checkpoint, repo, version, seed=4, steps=6):
                 "mask_generator",
                 "personalizer",
                 "condition_adapter",
+                "vae_encoder",
                 "unet",
                 "vae_decoder",
             )
@@ -75,6 +76,7 @@ def in_process(checkpoint, repo, version, seed=4, steps=6):
         text="a red circle",
         seed=seed,
         steps=steps,
+        strength=strength,
     )
     return pipe(request)[0].image
 
@@ -93,6 +95,15 @@ def test_served_image_equals_the_in_process_pipeline(served, checkpoint_dir, pro
     expected = in_process(checkpoint_dir, repo, 1)
     assert np.abs(image.astype(int) - expected.astype(int)).max() <= 2
     assert set(result.timings) == {"preprocess", "personalize", "denoise", "postprocess"}
+
+
+def test_served_img2img_equals_the_in_process_pipeline(served, checkpoint_dir):
+    """strength < 1: the denoise model encodes the reference through vae_encoder over BLS."""
+    server, repo, _ = served
+    image, _ = served_image(server, strength=0.5)
+    expected = in_process(checkpoint_dir, repo, 1, strength=0.5)
+    assert np.abs(image.astype(int) - expected.astype(int)).max() <= 2
+    assert np.abs(image.astype(int) - served_image(server)[0].astype(int)).mean() > 1
 
 
 def model_stats(server, model):
@@ -154,6 +165,7 @@ BOMB = png(np.zeros((1, 1, 3), np.uint8))
         ({"steps": 0}, "steps=0 must be an integer"),
         ({"guidance": float("nan")}, "guidance=nan must be a finite number"),
         ({"reference_mask_ratio": 2.0}, "reference_mask_ratio=2.0 must be in [0, 1]"),
+        ({"strength": 1.5}, "strength=1.5 must be in (0, 1]"),
     ],
 )
 def test_bad_requests_get_a_named_error_and_the_server_keeps_serving(served, kwargs, message):

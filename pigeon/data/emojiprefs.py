@@ -58,6 +58,7 @@ import shutil
 import subprocess
 import tarfile
 import time
+import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -674,29 +675,46 @@ def load_emojiprefs(root: str | Path, size: int | None = None) -> EmojiPrefs:
     meta_path = root / "concepts.json"
     if not meta_path.is_file():
         raise EmojiPrefsError(f"{root}: no concepts.json; build it with build_emojiprefs first")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    size = size or int(meta["size"])
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        size = size or int(meta["size"])
+        styles, concepts = list(meta["styles"]), [Concept(**c) for c in meta["concepts"]]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise EmojiPrefsError(f"{meta_path}: not a valid concepts file ({exc})") from None
     npz = root / f"images_{size}.npz"
     if not npz.is_file():
         raise EmojiPrefsError(
             f"{npz}: not found (built sizes: {sorted(p.name for p in root.glob('images_*.npz'))})"
         )
-    with np.load(npz, allow_pickle=False) as data:
-        rgb, alpha = data["rgb"], data["alpha"] if "alpha" in data else None
-    concepts = [Concept(**c) for c in meta["concepts"]]
-    return EmojiPrefs(list(meta["styles"]), concepts, rgb, alpha, root)
+    try:
+        with np.load(npz, allow_pickle=False) as data:
+            rgb, alpha = data["rgb"], data["alpha"] if "alpha" in data else None
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:  # truncated or altered
+        raise EmojiPrefsError(f"{npz}: unreadable ({exc.__class__.__name__}: {exc})") from None
+    if rgb.dtype != np.uint8 or rgb.ndim != 5 or rgb.shape[:2] != (len(concepts), len(styles)):
+        raise EmojiPrefsError(
+            f"{npz}: rgb has dtype {rgb.dtype} and shape {rgb.shape}; expected uint8 "
+            f"({len(concepts)}, {len(styles)}, {size}, {size}, 3) from concepts.json"
+        )
+    return EmojiPrefs(styles, concepts, rgb, alpha, root)
 
 
 def load_manifest(path: str | Path) -> list[EmojiUser]:
     """val.jsonl / test.jsonl -> users."""
     path = Path(path)
     users = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
+    for n, raw in enumerate(path.read_bytes().splitlines(), 1):
+        if raw.strip():
             try:
-                users.append(EmojiUser.from_json(json.loads(line)))
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise EmojiPrefsError(f"{path}:{n}: bad manifest row ({exc})") from None
+                users.append(EmojiUser.from_json(json.loads(raw.decode("utf-8"))))
+            except UnicodeDecodeError as exc:
+                raise EmojiPrefsError(
+                    f"{path}:{n}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at {exc.start})"
+                ) from None
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                raise EmojiPrefsError(
+                    f"{path}:{n}: bad manifest row ({exc.__class__.__name__}: {exc})"
+                ) from None
     return users
 
 

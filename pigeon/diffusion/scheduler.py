@@ -47,6 +47,14 @@ def make_timesteps(config: SchedulerConfig, num_steps: int) -> np.ndarray:
     return (np.round(np.arange(t, 0, -t / num_steps)) - 1).astype(np.int64)
 
 
+def start_index(num_steps: int, strength: float) -> int:
+    """The first of `num_steps` timesteps that an image-to-image run with `strength` in (0, 1] takes:
+    it skips the noisiest (1 - strength) share, as diffusers' img2img does, but always runs one step."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength={strength} must be in (0, 1]")
+    return num_steps - max(1, min(num_steps, int(num_steps * strength)))
+
+
 def add_noise(x0: np.ndarray, noise: np.ndarray, a_t: np.ndarray) -> np.ndarray:
     """q(x_t | x_0): sqrt(a_t) x0 + sqrt(1 - a_t) eps; a_t broadcast over the batch axis."""
     a_t = np.asarray(a_t).reshape(-1, *([1] * (x0.ndim - 1)))

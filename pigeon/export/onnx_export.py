@@ -40,7 +40,7 @@ from pigeon.specs import ComponentSpec, component_specs, sample_inputs
 log = logging.getLogger(__name__)
 FUSED_ATTENTION_OPSET = 23
 EXTERNAL_DATA_BYTES = 1_800_000_000  # below protobuf's 2 GB limit, with room for the graph
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8", "mixed")  # int8, mixed: pigeon.export.quantize
 
 
 def dynamic_shapes(spec: ComponentSpec) -> tuple:
@@ -151,14 +151,32 @@ def export_onnx(
     components: list[str] | None = None,
     overwrite: bool = False,
     model_hook=None,
+    calibration=None,
+    strict: bool = False,
 ) -> dict:
     """Export, validate and write an artifact folder atomically; returns the manifest.
 
     model_hook(model) runs after tracing and before validation (tests use it to break an export on
-    purpose: validation must then reject it and nothing is written).
+    purpose: validation must then reject it and nothing is written). int8 and mixed are made from a
+    validated fp32 export by `pigeon.export.quantize` (`calibration`: a `Calibration`; `strict`: a
+    component that fails its int8 validation is an error instead of kept in higher precision).
     """
     if precision not in PRECISIONS:
         raise ExportError(f"precision={precision!r} is not one of {list(PRECISIONS)}")
+    if precision in ("int8", "mixed"):
+        from pigeon.export.quantize import Calibration, export_quantized
+
+        return export_quantized(
+            checkpoint,
+            out,
+            precision=precision,
+            calibration=calibration or Calibration(),
+            strict=strict,
+            fused_attention=fused_attention,
+            components=components,
+            overwrite=overwrite,
+            model_hook=model_hook,
+        )
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     out = Path(out)
     if out.exists() and not overwrite:

@@ -81,8 +81,13 @@ def compare(
     shape_values: dict[str, int],
     expected: dict[str, np.ndarray],
     actual: dict[str, np.ndarray],
+    relative: dict[str, float] | None = None,
 ) -> dict[str, float]:
-    """Check `actual` against `expected`; returns the max abs error (or mismatch share) per output."""
+    """Check `actual` against `expected`; returns the max abs error (or mismatch share) per output.
+
+    `relative`, when given, receives each float output's error relative to its own scale,
+    ||actual - expected|| / ||expected|| (the mismatch share for integer outputs).
+    """
     errors = {}
     for t in spec.outputs:
         where = f"{spec.name}.{t.name} at {point} {shape_values}"
@@ -100,16 +105,32 @@ def compare(
                     f"{where}: {share:.2%} of values differ (allowed {tolerance.max_mismatch:.2%})"
                 )
             errors[t.name] = share
+            if relative is not None:
+                relative[t.name] = share
             continue
         diff = np.abs(a.astype(np.float64) - e.astype(np.float64))
-        limit = tolerance.atol + tolerance.rtol * np.abs(e.astype(np.float64))
+        magnitude = np.abs(e.astype(np.float64))
+        peak = float(magnitude.max()) if a.size else 0.0
+        limit = tolerance.atol + tolerance.rtol * magnitude + tolerance.peak_rtol * peak
         if a.size and (diff > limit).any():
             i = np.unravel_index(int(np.argmax(diff - limit)), diff.shape)
+            peak_part = f" + peak_rtol {tolerance.peak_rtol:g} x peak {peak:.3g}" * bool(
+                tolerance.peak_rtol
+            )
             raise ToleranceError(
                 f"{where}: max abs error {diff.max():.3g} exceeds atol {tolerance.atol:g} + rtol "
-                f"{tolerance.rtol:g} (worst at {tuple(int(x) for x in i)}: got {a[i]:.6g}, "
-                f"expected {e[i]:.6g})"
+                f"{tolerance.rtol:g}{peak_part} (worst at {tuple(int(x) for x in i)}: got "
+                f"{a[i]:.6g}, expected {e[i]:.6g})"
             )
+        norm = float(np.sqrt((magnitude**2).sum()))
+        rel = float(np.sqrt((diff**2).sum())) / norm if norm > 0 else float(diff.max(initial=0.0))
+        if tolerance.rms_rtol is not None and rel > tolerance.rms_rtol:
+            raise ToleranceError(
+                f"{where}: relative error ||got - expected|| / ||expected|| = {rel:.3g} exceeds "
+                f"rms_rtol {tolerance.rms_rtol:g}"
+            )
+        if relative is not None:
+            relative[t.name] = rel
         errors[t.name] = float(diff.max()) if a.size else 0.0
     return errors
 
@@ -122,14 +143,23 @@ def validate(
     run_artifact: RunFn,
     points: dict[str, str | dict[str, int]] | None = None,
     seed: int = 0,
+    inputs: Callable[[str | dict[str, int], int], dict[str, np.ndarray]] | None = None,
+    relative: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Run both at every shape point; returns {point: {output: max error}} or raises."""
+    """Run both at every shape point; returns {point: {output: max error}} or raises.
+
+    `inputs(point, seed)` replaces the seeded `sample_inputs` (statically quantized files are checked
+    on held-out real inputs); `relative`, when given, receives {point: {output: relative error}}.
+    """
     tolerance = spec.tolerance[precision]
     measured = {}
     for name, point in (points or POINTS).items():
-        feeds = sample_inputs(spec, config, point, seed=seed)
+        feeds = inputs(point, seed) if inputs else sample_inputs(spec, config, point, seed=seed)
         values = spec.point(point)
+        rel: dict[str, float] | None = {} if relative is not None else None
         measured[name] = compare(
-            spec, tolerance, name, values, run_reference(feeds), run_artifact(feeds)
+            spec, tolerance, name, values, run_reference(feeds), run_artifact(feeds), rel
         )
+        if relative is not None:
+            relative[name] = rel
     return measured

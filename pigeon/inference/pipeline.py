@@ -6,7 +6,8 @@ Stages (architecture.md §5), each timed:
     personalize       mask generator scores -> Gumbel top-k masks -> masked reference through the
                       condition adapter -> <emb>; prompt assembly; personalizer generation (KV cache)
     condition         generated tokens -> prompt_embeds, pooled_embeds (condition adapter)
-    denoise           sampler loop over the UNet with classifier-free guidance (zero negatives)
+    denoise           sampler loop over the UNet with classifier-free guidance (zero negatives);
+                      with strength < 1 it starts from the reference's latents (vae_encoder), noised
     vae_decoder       latents -> pixels
 
 All glue is NumPy and lives in `pigeon.serving` and `pigeon.diffusion`, so the Triton models run the
@@ -28,7 +29,7 @@ import numpy as np
 
 from pigeon.config import PipelineConfig
 from pigeon.diffusion.guidance import cfg_batch, split_guidance
-from pigeon.diffusion.scheduler import SAMPLERS, make_sampler
+from pigeon.diffusion.scheduler import SAMPLERS, add_noise, make_sampler, start_index
 from pigeon.inference.runners import Runner
 from pigeon.serving.decoding import Decoder
 from pigeon.serving.images import check_array, to_model_input, to_uint8
@@ -54,6 +55,7 @@ class GenerationRequest:
     guidance: float | None = None
     reference_mask_ratio: float | None = None
     sampler: str | None = None
+    strength: float | None = None  # None: the checkpoint's scheduler.strength (1.0: from pure noise)
 
 
 @dataclass
@@ -130,6 +132,13 @@ def check_request(
     sampler = request.sampler or sched.sampler
     if sampler not in SAMPLERS:
         raise RequestError(f"{where}: sampler={sampler!r} is not one of {sorted(SAMPLERS)}")
+    strength = sched.strength if request.strength is None else request.strength
+    if (
+        isinstance(strength, bool)
+        or not isinstance(strength, (int, float))
+        or not 0.0 < strength <= 1.0
+    ):
+        raise RequestError(f"{where}: strength={strength!r} must be in (0, 1]")
     return GenerationRequest(
         history,
         reference,
@@ -139,6 +148,7 @@ def check_request(
         float(guidance),
         float(ratio),
         sampler,
+        float(strength),
     )
 
 
@@ -181,11 +191,11 @@ class PigeonPipeline:
             raise RequestError("no requests given")
         requests = [self.check_request(r, i) for i, r in enumerate(requests)]
         first = requests[0]
+        shared = ("steps", "guidance", "sampler", "strength")
         for i, r in enumerate(requests[1:], 1):
-            if (r.steps, r.guidance, r.sampler) != (first.steps, first.guidance, first.sampler):
+            if any(getattr(r, k) != getattr(first, k) for k in shared):
                 raise RequestError(
-                    f"request {i}: steps, guidance and sampler must match request 0 "
-                    "within one batch"
+                    f"request {i}: {', '.join(shared)} must match request 0 within one batch"
                 )
         timings: dict[str, float] = {}
         streams = [request_streams(r.seed) for r in requests]
@@ -218,6 +228,10 @@ class PigeonPipeline:
         with _timer(timings, "condition"):
             cond = self.condition(codes)
         with _timer(timings, "denoise"):
+            references = None
+            if first.strength < 1.0:
+                size = self.config.image_size
+                references = np.stack([to_model_input(r.reference, size) for r in requests])
             latents = self.denoise(
                 cond["prompt_embeds"],
                 cond["pooled_embeds"],
@@ -225,6 +239,8 @@ class PigeonPipeline:
                 first.guidance,
                 first.sampler,
                 latent_rngs,
+                references,
+                first.strength,
             )
         with _timer(timings, "vae_decoder"):
             pixels = self.runner.run("vae_decoder", {"latents": latents})["images"]
@@ -314,16 +330,31 @@ class PigeonPipeline:
         guidance: float,
         sampler_name: str,
         rngs: list[np.random.Generator],
+        references: np.ndarray | None = None,
+        strength: float = 1.0,
     ) -> np.ndarray:
-        """The visible denoising loop: sampler + classifier-free guidance over the UNet."""
+        """The visible denoising loop: sampler + classifier-free guidance over the UNet.
+
+        strength < 1 (image-to-image): `references` (batch, 3, S, S) in [0, 1] are encoded, noised to
+        the first timestep kept by `start_index`, and the loop runs only the remaining steps.
+        """
         c, h = self.config.vae.latent_channels, self.config.latent_size
         sampler = make_sampler(self.config.scheduler, steps, sampler_name)
-        latents = np.stack([g.standard_normal((c, h, h), dtype=np.float32) for g in rngs])
-        latents = latents * np.float32(sampler.init_noise_sigma)
+        noise = np.stack([g.standard_normal((c, h, h), dtype=np.float32) for g in rngs])
+        start = start_index(steps, strength)
+        if strength < 1.0:
+            if references is None:
+                raise RequestError(f"strength={strength} needs the reference images")
+            clean = self.runner.run("vae_encoder", {"images": references})["latents"]
+            a_start = sampler.a(int(sampler.timesteps[start]))
+            latents = add_noise(clean, noise, np.float32(a_start)).astype(np.float32)
+        else:
+            latents = noise * np.float32(sampler.init_noise_sigma)
         context, pooled = cfg_batch(prompt_embeds, pooled_embeds, guidance)
         s = float(self.config.image_size)
         time_ids = np.tile(np.array([s, s, 0, 0, s, s], np.float32), (len(context), 1))
-        for i, t in enumerate(sampler.timesteps):
+        for i in range(start, len(sampler.timesteps)):
+            t = sampler.timesteps[i]
             model_input = np.concatenate([latents] * (len(context) // len(latents)))
             noise_pred = self.runner.run(
                 "unet",

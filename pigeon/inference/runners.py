@@ -5,11 +5,15 @@
 
 Both compute the same function, so `PigeonPipeline` and the Triton models swap them freely. This module
 imports neither torch nor onnxruntime until a runner is built: the Triton Python models stay light.
+
+ONNX Runtime's settings are `OrtOptions`, made from the serving config (`OrtOptions.from_serving`) for
+the in-process runner and from the same config's `config.pbtxt` parameters (`OrtOptions.to_parameters`,
+`from_parameters`) inside the Triton models, so both run with the same session settings.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -53,6 +57,10 @@ class TorchRunner:
         return {n: o.cpu().numpy() for n, o in zip(spec.output_names, outputs, strict=True)}
 
 
+GRAPH_OPTIMIZATIONS = ("disable", "basic", "extended", "all")
+EXECUTION_MODES = ("sequential", "parallel")
+
+
 @dataclass(frozen=True)
 class OrtOptions:
     """ONNX Runtime session settings (a serving config, not code edits)."""
@@ -65,19 +73,66 @@ class OrtOptions:
     # inside the pipeline). Off unless a component runs alone on its cores.
     allow_spinning: bool = False
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    # sequential | parallel (independent nodes on inter_op_threads; the graphs here are mostly chains)
+    execution_mode: str = "sequential"
+    # components run through an IOBinding: inputs bound without copies, outputs written into buffers
+    # allocated once per shape and reused (the denoise loop: "unet", same shapes every step). Their
+    # outputs are those buffers: valid until the component's next run on this runner.
+    io_binding: tuple[str, ...] = ()
+    # one InferenceSession per (file, settings) in a process, shared by every runner built from it
+    session_reuse: bool = False
 
-
-class OrtRunner:
-    name = "onnxruntime"
-
-    def __init__(self, sessions: dict[str, Any], specs: dict[str, ComponentSpec]) -> None:
-        self.sessions = sessions
-        self.specs = specs
+    def __post_init__(self) -> None:
+        if self.graph_optimization not in GRAPH_OPTIMIZATIONS:
+            raise ValueError(
+                f"graph_optimization={self.graph_optimization!r} is not one of "
+                f"{list(GRAPH_OPTIMIZATIONS)}"
+            )
+        if self.execution_mode not in EXECUTION_MODES:
+            raise ValueError(
+                f"execution_mode={self.execution_mode!r} is not one of {list(EXECUTION_MODES)}"
+            )
 
     @classmethod
-    def from_files(
-        cls, files: dict[str, str | Path], config: Any, options: OrtOptions = OrtOptions()
-    ) -> OrtRunner:
+    def from_serving(cls, serving: Any) -> OrtOptions:
+        """The settings a `ServingConfig` asks for (its `ort_*` fields)."""
+        return cls(
+            intra_op_threads=serving.ort_threads,
+            inter_op_threads=serving.ort_inter_op_threads,
+            graph_optimization=serving.ort_graph_optimization,
+            execution_mode=serving.ort_execution_mode,
+            allow_spinning=serving.ort_allow_spinning,
+            io_binding=("unet",) if serving.ort_io_binding else (),
+            session_reuse=serving.ort_session_reuse,
+        )
+
+    def to_parameters(self) -> dict[str, str]:
+        """The session settings as Triton model parameters (config.pbtxt string values)."""
+        return {
+            "ort_threads": str(self.intra_op_threads),
+            "ort_inter_op_threads": str(self.inter_op_threads),
+            "ort_graph_optimization": self.graph_optimization,
+            "ort_execution_mode": self.execution_mode,
+            "ort_allow_spinning": "true" if self.allow_spinning else "false",
+        }
+
+    @classmethod
+    def from_parameters(cls, parameters: dict) -> OrtOptions:
+        """Back from a Triton model config's `parameters` ({key: {"string_value": ...}}); a key that
+        is absent keeps the default of a one-thread instance."""
+
+        def get(key: str, default: str) -> str:
+            return parameters.get(key, {}).get("string_value", default)
+
+        return cls(
+            intra_op_threads=int(get("ort_threads", "1")),
+            inter_op_threads=int(get("ort_inter_op_threads", "1")),
+            graph_optimization=get("ort_graph_optimization", "all"),
+            execution_mode=get("ort_execution_mode", "sequential"),
+            allow_spinning=get("ort_allow_spinning", "false") == "true",
+        )
+
+    def session_options(self) -> Any:
         import onnxruntime as ort
 
         levels = {
@@ -87,18 +142,74 @@ class OrtRunner:
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }
         so = ort.SessionOptions()
-        so.intra_op_num_threads = options.intra_op_threads
-        so.inter_op_num_threads = options.inter_op_threads
-        so.graph_optimization_level = levels[options.graph_optimization]
+        so.intra_op_num_threads = self.intra_op_threads
+        so.inter_op_num_threads = self.inter_op_threads
+        so.graph_optimization_level = levels[self.graph_optimization]
+        so.execution_mode = (
+            ort.ExecutionMode.ORT_PARALLEL
+            if self.execution_mode == "parallel"
+            else ort.ExecutionMode.ORT_SEQUENTIAL
+        )
         so.log_severity_level = 3
         so.add_session_config_entry(
-            "session.intra_op.allow_spinning", "1" if options.allow_spinning else "0"
+            "session.intra_op.allow_spinning", "1" if self.allow_spinning else "0"
         )
-        sessions = {
-            name: ort.InferenceSession(str(path), so, providers=list(options.providers))
-            for name, path in files.items()
-        }
-        return cls(sessions, component_specs(config))
+        return so
+
+    def session(self, path: str | Path) -> Any:
+        """An InferenceSession of `path` with these settings; the shared one when session_reuse."""
+        import onnxruntime as ort
+
+        if not self.session_reuse:
+            return ort.InferenceSession(
+                str(path), self.session_options(), providers=list(self.providers)
+            )
+        stat = Path(path).stat()
+        key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, self._session_key())
+        if key not in _SESSIONS:
+            _SESSIONS[key] = ort.InferenceSession(
+                str(path), self.session_options(), providers=list(self.providers)
+            )
+        return _SESSIONS[key]
+
+    def _session_key(self) -> OrtOptions:
+        return replace(self, io_binding=(), session_reuse=True)
+
+
+_SESSIONS: dict[tuple, Any] = {}  # OrtOptions.session with session_reuse
+
+
+def symbol_values(spec: ComponentSpec, feeds: dict[str, np.ndarray]) -> dict[str, int]:
+    """The value of every shape symbol that an input dimension names alone."""
+    values = {}
+    for t in spec.inputs:
+        for dim, size in zip(t.shape, feeds[t.name].shape, strict=False):
+            if isinstance(dim, str) and "+" not in dim:
+                values[dim] = size
+    return values
+
+
+class OrtRunner:
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        sessions: dict[str, Any],
+        specs: dict[str, ComponentSpec],
+        options: OrtOptions = OrtOptions(),
+    ) -> None:
+        self.sessions = sessions
+        self.specs = specs
+        self.options = options
+        self._bindings: dict[str, Any] = {}
+        self._buffers: dict[tuple, dict[str, np.ndarray]] = {}
+
+    @classmethod
+    def from_files(
+        cls, files: dict[str, str | Path], config: Any, options: OrtOptions = OrtOptions()
+    ) -> OrtRunner:
+        sessions = {name: options.session(path) for name, path in files.items()}
+        return cls(sessions, component_specs(config), options)
 
     @classmethod
     def from_artifacts(
@@ -112,10 +223,37 @@ class OrtRunner:
         files = {n: artifacts / e["file"] for n, e in manifest["components"].items()}
         return cls.from_files(files, config, options)
 
+    def _run_bound(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One run through an IOBinding, outputs into this runner's buffers for these shapes."""
+        spec = self.specs[component]
+        arrays = _ordered(spec, feeds)
+        shapes = tuple(a.shape for a in arrays)
+        buffers = self._buffers.get((component, shapes))
+        if buffers is None:
+            values = symbol_values(spec, dict(zip(spec.input_names, arrays, strict=True)))
+            buffers = {
+                t.name: np.empty(spec.shape_of(t, values), dtype=t.dtype) for t in spec.outputs
+            }
+            self._buffers[(component, shapes)] = buffers
+        session = self.sessions[component]
+        binding = self._bindings.get(component)
+        if binding is None:
+            binding = self._bindings[component] = session.io_binding()
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        for name, a in zip(spec.input_names, arrays, strict=True):
+            binding.bind_cpu_input(name, a)
+        for name, b in buffers.items():
+            binding.bind_output(name, "cpu", 0, b.dtype, list(b.shape), b.ctypes.data)
+        session.run_with_iobinding(binding)
+        return dict(buffers)
+
     def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         spec = self.specs[component]
         if component not in self.sessions:
             raise KeyError(f"no ONNX file for component {component!r}")
+        if component in self.options.io_binding:
+            return self._run_bound(component, feeds)
         outputs = self.sessions[component].run(
             spec.output_names, dict(zip(spec.input_names, _ordered(spec, feeds), strict=True))
         )

@@ -111,6 +111,19 @@ class UNetForExport(nn.Module):
         return (noise_pred,)
 
 
+class VAEEncoderForExport(nn.Module):
+    """Images in [0, 1] -> scaled latents (the posterior mean: deterministic, as img2img needs)."""
+
+    def __init__(self, model: PigeonModel) -> None:
+        super().__init__()
+        self.vae = model.vae
+        self.scaling_factor = model.config.vae.scaling_factor
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor]:
+        posterior = self.vae.encode(images * 2 - 1, return_dict=False)[0]
+        return (posterior.mean * self.scaling_factor,)
+
+
 class VAEDecoderForExport(nn.Module):
     """Scaled latents -> images in [0, 1]."""
 
@@ -129,6 +142,7 @@ WRAPPERS: dict[str, type[nn.Module]] = {
     "mask_generator": MaskGeneratorForExport,
     "personalizer": PersonalizerForExport,
     "condition_adapter": ConditionAdapterForExport,
+    "vae_encoder": VAEEncoderForExport,
     "unet": UNetForExport,
     "vae_decoder": VAEDecoderForExport,
 }

@@ -19,8 +19,10 @@ strictly atomic cut-over needs a second ensemble (blue/green). Deployed versions
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
+from http.client import HTTPException
 from pathlib import Path
 
 import numpy as np
@@ -47,9 +49,20 @@ def _read(image: bytes | str | Path) -> bytes:
 
 
 class PigeonClient:
+    """Every call has a deadline (`timeout_s`): a server that is down, stopped or hung is a
+    `ClientError` naming the address, never a hang."""
+
     def __init__(self, url: str, protocol: str = "grpc", timeout_s: float = 120.0) -> None:
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol={protocol!r} must be 'grpc' or 'http'")
+        if (
+            isinstance(timeout_s, bool)
+            or not isinstance(timeout_s, (int, float))
+            or not math.isfinite(timeout_s)
+            or timeout_s <= 0
+        ):
+            raise ValueError(f"timeout_s={timeout_s!r} must be a finite number of seconds > 0")
+        self.url = url
         self.protocol = protocol
         self.timeout_s = timeout_s
         if protocol == "grpc":
@@ -78,24 +91,36 @@ class PigeonClient:
         steps: int | None = None,
         guidance: float | None = None,
         reference_mask_ratio: float | None = None,
+        strength: float | None = None,
     ) -> ServedResult:
         from tritonclient.utils import InferenceServerException
 
+        try:
+            encoded = text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ClientError(
+                f"text is not valid UTF-8 ({exc.reason} at character {exc.start})"
+            ) from None
         inputs = [
             self._input(
                 "history_images", np.array([_read(h) for h in history], np.object_), "BYTES"
             ),
             self._input("reference_image", np.array([_read(reference)], np.object_), "BYTES"),
-            self._input("text", np.array([text.encode("utf-8")], np.object_), "BYTES"),
+            self._input("text", np.array([encoded], np.object_), "BYTES"),
         ]
         for name, value, dtype, np_type in (
             ("seed", seed, "INT64", np.int64),
             ("steps", steps, "INT64", np.int64),
             ("guidance", guidance, "FP32", np.float32),
             ("reference_mask_ratio", reference_mask_ratio, "FP32", np.float32),
+            ("strength", strength, "FP32", np.float32),
         ):
             if value is not None:
-                inputs.append(self._input(name, np.array([value], np_type), dtype))
+                try:
+                    array = np.array([value], np_type)
+                except (OverflowError, ValueError, TypeError):
+                    raise ClientError(f"{name}={value!r} cannot be sent as {dtype}") from None
+                inputs.append(self._input(name, array, dtype))
         outputs = [
             self.tc.InferRequestedOutput("image_png"),
             self.tc.InferRequestedOutput("timings"),
@@ -110,6 +135,13 @@ class PigeonClient:
                 response = self.client.infer("pigeon", inputs, outputs=outputs)
         except InferenceServerException as exc:
             raise ClientError(exc.message()) from None
+        except (OSError, HTTPException) as exc:  # HTTP: refused, reset, timed out
+            if isinstance(exc, TimeoutError):
+                raise ClientError(f"{self.url}: no answer within {self.timeout_s:g}s") from None
+            raise ClientError(
+                f"{self.url}: {exc.__class__.__name__}: {exc} (after "
+                f"{time.perf_counter() - start:.1f}s)"
+            ) from None
         latency = time.perf_counter() - start
         return ServedResult(
             bytes(response.as_numpy("image_png")[0]),
@@ -163,22 +195,65 @@ def history(repository: Path) -> list[int]:
     return json.loads(path.read_text())["versions"] if path.exists() else []
 
 
-def deploy(url: str, repository: str | Path, version: int) -> list[str]:
-    """Switch every model of `repository` (one target's folder) to `version`, without a restart."""
+def loaded_versions(client, headers: dict[str, str] | None = None) -> dict[str, int]:
+    """{model: version} of every model the server has READY (an HTTP `InferenceServerClient`)."""
+    return {
+        m["name"]: int(m["version"])
+        for m in client.get_model_repository_index(headers=headers)
+        if m.get("state") == "READY" and m.get("version")
+    }
+
+
+def deploy(
+    url: str, repository: str | Path, version: int, headers: dict[str, str] | None = None
+) -> list[str]:
+    """Switch every model of `repository` (one target's folder) to `version`, without a restart.
+
+    `headers`: e.g. {"admin-key": "..."} when the server restricts its model-repository API. If a
+    model of the new version fails to load (a corrupt file), the models already switched are put
+    back on the version they served before, so the server never serves a mix of versions; the
+    error names the model."""
     import tritonclient.http as http
     from tritonclient.utils import InferenceServerException
 
     repository = Path(repository)
     models = _load_order(repository)
-    missing = [m for m in models if not (repository / m / str(version)).is_dir()]
+    missing = [m for m in [*models, "pigeon"] if not (repository / m / str(version)).is_dir()]
+    if missing == ["pigeon"]:
+        raise ClientError(
+            f"version {version} in {repository} is incomplete (no pigeon/{version}, which a "
+            "publish writes last): an interrupted publish; remove its folders and publish again"
+        )
     if missing:
         raise ClientError(f"version {version} is not published for {missing[0]} in {repository}")
     client = http.InferenceServerClient(url, network_timeout=300.0)
+    switched: list[str] = []
     try:
+        before = loaded_versions(client, headers)
         for model in models:
-            client.load_model(model, config=_config_with_version(repository, model, version))
+            client.load_model(
+                model, config=_config_with_version(repository, model, version), headers=headers
+            )
+            switched.append(model)
     except InferenceServerException as exc:
-        raise ClientError(f"deploying version {version}: {exc.message()}") from None
+        restored = []
+        for model in reversed(switched):
+            if model in before and before[model] != version:
+                try:
+                    client.load_model(
+                        model,
+                        config=_config_with_version(repository, model, before[model]),
+                        headers=headers,
+                    )
+                    restored.append(f"{model}={before[model]}")
+                except InferenceServerException:
+                    pass
+        raise ClientError(
+            f"deploying version {version}: {exc.message()}"
+            + (f"; put back {', '.join(restored)}" if restored else "")
+        ) from None
+    except OSError as exc:
+        raise ClientError(f"deploying version {version} to {url}: {exc}") from None
     finally:
         client.close()
     record = history(repository) + [version]
@@ -186,13 +261,13 @@ def deploy(url: str, repository: str | Path, version: int) -> list[str]:
     return models
 
 
-def rollback(url: str, repository: str | Path) -> int:
+def rollback(url: str, repository: str | Path, headers: dict[str, str] | None = None) -> int:
     """Redeploy the version that was serving before the current one; returns it."""
     repository = Path(repository)
     deployed = history(repository)
     if len(deployed) < 2:
         raise ClientError(f"no earlier deployment recorded in {repository / DEPLOYMENTS}")
     previous = deployed[-2]
-    deploy(url, repository, previous)
+    deploy(url, repository, previous, headers)
     write_atomic(repository / DEPLOYMENTS, json.dumps({"versions": deployed[:-1]}) + "\n")
     return previous

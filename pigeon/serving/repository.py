@@ -6,8 +6,11 @@
     triton_models/<target>/<python model>/<N>/pipeline/   the checkpoint's configs and tokenizer
     triton_models/<target>/pigeon/<N>/                the ensemble (empty version folder)
 
-A version is written into staging folders beside its final places and then renamed into place, model by
-model; if any rename fails, the ones already moved are moved back. Version numbers are never reused.
+A version is written into staging folders beside its final places (`<model>/.<N>.<id>.tmp`, which
+Triton ignores) and then renamed into place, model by model, the ensemble `pigeon` last: `pigeon/<N>`
+existing is the mark of a complete version. If a write fails (a full disk) or a rename fails, the
+staging folders are removed and the folders already moved are moved back, so nothing of the version
+stays. Version numbers are never reused.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ def publish_version(
     if version < 1:
         raise ExportError(f"version={version} must be >= 1 (Triton version folders are positive)")
     manifest = read_manifest(artifacts)
-    models = ["pigeon", *PYTHON_MODELS, *manifest["components"]]
+    models = [*manifest["components"], *PYTHON_MODELS, "pigeon"]  # the ensemble last: the commit
     taken = [m for m in models if (repository / m / str(version)).exists()]
     if taken:
         raise ExportError(

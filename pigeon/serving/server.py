@@ -7,14 +7,29 @@ numpy must be < 2); the wheel's libraries and this interpreter's LIBDIR on LD_LI
 directory for the response cache. It binds 127.0.0.1 unless told otherwise, and loads models
 explicitly, so versions switch through the model-control API without a restart.
 
+Reliability (docs/RELIABILITY.md):
+- `admin_header=("admin-key", secret)` restricts the APIs that change the server (model load/unload,
+  shared memory, trace, logging) on HTTP and gRPC to requests carrying that header; inference,
+  health and metadata stay open.
+- A supervisor thread (`supervise_s`) watches the Python-backend stub processes. When one dies
+  (killed, out of memory), tritonserver 2.51 keeps reporting the model READY and fails every request
+  that reaches the dead instance ("Stub process ... is not healthy"), and never restarts it
+  (triton-inference-server/server#8604); the supervisor reloads that model on the version it was
+  serving, which starts fresh stubs.
+- `stop()` drains first: it unloads the ensemble, which waits for the requests in flight to finish
+  (a plain SIGTERM fails them: their BLS calls into the networks are refused as the server shuts
+  down), then sends SIGTERM, then SIGKILL after a timeout.
+
     with TritonServer("triton_models", models=["pigeon"]) as server:
         print(server.http_url)
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,6 +37,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -32,6 +48,72 @@ log = logging.getLogger(__name__)
 
 class ServerError(RuntimeError):
     """tritonserver could not be found, started or reached; the message says which and why."""
+
+
+# --- processes (Linux /proc: the only platform the tritonserver wheel exists for) ----------------
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a process, None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()  # the name may hold spaces and parentheses
+    return fields[0], int(fields[1])
+
+
+def child_pids(pid: int) -> list[int]:
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = _stat(int(entry.name))
+            if stat and stat[1] == pid:
+                children.append(int(entry.name))
+    return children
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of one process (0 when it is gone)."""
+    try:
+        resident = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return resident * os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True)
+class Stub:
+    """One Python-backend stub process: an instance of `model` at `version`."""
+
+    pid: int
+    model: str
+    version: int
+    instance: str
+    alive: bool  # False: exited (a zombie tritonserver has not reaped)
+
+
+def stub_processes(server_pid: int) -> list[Stub]:
+    stubs = []
+    for pid in child_pids(server_pid):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not args or not args[0].endswith(b"triton_python_backend_stub") or len(args) < 10:
+            continue
+        model_py = Path(os.fsdecode(args[1]))  # <repository>/<model>/<version>/model.py
+        stat = _stat(pid)
+        stubs.append(
+            Stub(
+                pid,
+                model_py.parent.parent.name,
+                int(model_py.parent.name) if model_py.parent.name.isdigit() else 0,
+                os.fsdecode(args[8]),
+                stat is not None and stat[0] not in ("Z", "X"),
+            )
+        )
+    return stubs
 
 
 def pytriton_root() -> Path:
@@ -91,6 +173,9 @@ class TritonServer:
     startup_timeout_s: float = 120.0
     log_file: str | Path | None = None
     extra_args: list[str] = field(default_factory=list)
+    admin_header: tuple[str, str] | None = None  # (header, value) required by the admin APIs
+    supervise_s: float | None = 2.0  # stub watch interval; None: no supervisor
+    drain_models: tuple[str, ...] = ("pigeon",)  # unloaded first by stop(): in-flight finish
 
     def __post_init__(self) -> None:
         self.repository = Path(self.repository).resolve()
@@ -99,6 +184,22 @@ class TritonServer:
         self.metrics_port = self.metrics_port or free_port()
         self.process: subprocess.Popen | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        self._peak: dict[tuple[str, int], int] = {}
+        self.heals: list[dict] = []  # what the supervisor reloaded, and why
+        if self.admin_header is not None:
+            key, value = self.admin_header
+            if not re.fullmatch(r"[A-Za-z0-9-]+", key) or not value or re.search(r"[\s,:=]", value):
+                raise ServerError(
+                    f"admin_header={key!r}: the header name must be letters, digits and '-', "
+                    "the value non-empty without spaces, ',', ':' or '='"
+                )
+
+    @property
+    def admin_headers(self) -> dict[str, str] | None:
+        """The headers deploy/rollback need on this server (None when the admin APIs are open)."""
+        return dict([self.admin_header]) if self.admin_header else None
 
     @property
     def http_url(self) -> str:
@@ -134,6 +235,13 @@ class TritonServer:
             "--strict-readiness=true",
             "--log-verbose=0",
         ]
+        if self.admin_header is not None:
+            key, value = self.admin_header
+            apis = "model-repository,shared-memory,trace,logging"
+            args += [
+                f"--http-restricted-api={apis}:{key}={value}",
+                f"--grpc-restricted-protocol={apis}:{key}={value}",
+            ]
         return args + [f"--load-model={m}" for m in self.models] + self.extra_args
 
     def start(self) -> TritonServer:
@@ -153,6 +261,12 @@ class TritonServer:
             start_new_session=True,
         )
         self.wait_ready()
+        self._stopping.clear()
+        if self.supervise_s:
+            self._supervisor = threading.Thread(
+                target=self._supervise, name="pigeon-triton-supervisor", daemon=True
+            )
+            self._supervisor.start()
         return self
 
     def wait_ready(self) -> None:
@@ -160,8 +274,10 @@ class TritonServer:
         url = f"http://{self.http_url}/v2/health/ready"
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                tail = self.log_tail()
+                self.stop(drain=False)  # closes the log, removes the temporary folder
                 raise ServerError(
-                    f"tritonserver exited with code {self.process.returncode}:\n{self.log_tail()}"
+                    f"tritonserver exited with code {self.process.returncode}:\n{tail}"
                 )
             try:
                 with urllib.request.urlopen(url, timeout=1) as response:
@@ -170,28 +286,161 @@ class TritonServer:
             except OSError:
                 pass
             time.sleep(0.2)
-        self.stop()
-        raise ServerError(
-            f"tritonserver not ready after {self.startup_timeout_s:.0f}s:\n{self.log_tail()}"
-        )
+        tail = self.log_tail()  # before stop() removes the log's folder
+        self.stop(drain=False)
+        raise ServerError(f"tritonserver not ready after {self.startup_timeout_s:.0f}s:\n{tail}")
 
     def log_tail(self, lines: int = 30) -> str:
+        """The log's error lines (they name what failed, e.g. a model folder without a config),
+        then its last lines."""
         try:
-            return "\n".join(self.log_path.read_text().splitlines()[-lines:])
+            text = self.log_path.read_text().splitlines()
         except OSError:
             return "(no log)"
+        errors = [
+            line
+            for line in text[:-lines]
+            if line.startswith("E") and "Cuda" not in line and "CUDA" not in line
+        ]
+        return "\n".join(errors[:20] + text[-lines:])
 
-    def stop(self, timeout_s: float = 30.0) -> int | None:
-        """SIGTERM, then wait (Triton drains in-flight requests); SIGKILL after `timeout_s`."""
+    # --- supervision ------------------------------------------------------------------------
+
+    def _admin_client(self, timeout_s: float = 60.0):
+        import tritonclient.http as http
+
+        return http.InferenceServerClient(
+            self.http_url, connection_timeout=timeout_s, network_timeout=timeout_s
+        )
+
+    def stubs(self) -> list[Stub]:
+        return stub_processes(self.process.pid) if self.process else []
+
+    def memory(self) -> dict[str, int]:
+        """Resident bytes of tritonserver and of its live stub processes."""
+        if self.process is None or self.process.poll() is not None:
+            return {"server": 0, "stubs": 0, "total": 0, "stub_processes": 0}
+        stubs = [s for s in self.stubs() if s.alive]
+        server, children = rss_bytes(self.process.pid), sum(rss_bytes(s.pid) for s in stubs)
+        return {
+            "server": server,
+            "stubs": children,
+            "total": server + children,
+            "stub_processes": len(stubs),
+        }
+
+    def heal(self) -> list[str]:
+        """Reload every READY model that has fewer live stub processes than its configured
+        instances, on the version it serves. Returns the models reloaded."""
+        if self.process is None or self.process.poll() is not None:
+            return []
+        stubs = self.stubs()
+        alive: dict[tuple[str, int], int] = {}
+        dead: set[tuple[str, int]] = set()
+        for stub in stubs:
+            key = (stub.model, stub.version)
+            alive[key] = alive.get(key, 0) + stub.alive
+            if not stub.alive:
+                dead.add(key)
+        # a killed stub is a zombie without a command line, or gone: count the live ones against
+        # the most seen for that model and version
+        suspects = {k for k, n in self._peak.items() if alive.get(k, 0) < n} | dead
+        for key, n in alive.items():
+            self._peak[key] = max(self._peak.get(key, 0), n)
+        if not suspects:
+            return []
+        client = self._admin_client()
+        healed = []
+        try:
+            from pigeon.serving.client import loaded_versions
+
+            ready = loaded_versions(client, self.admin_headers)
+            for model, version in sorted(suspects):
+                if ready.get(model) != version:
+                    continue  # unloaded or switched on purpose
+                config = client.get_model_config(model, headers=self.admin_headers)
+                expected = sum(int(g.get("count", 1)) for g in config.get("instance_group", []))
+                if alive.get((model, version), 0) >= max(expected, 1):
+                    continue
+                log.warning(
+                    "%s version %d: %d of %d stub processes alive; reloading it",
+                    model,
+                    version,
+                    alive.get((model, version), 0),
+                    expected,
+                )
+                config["version_policy"] = {"specific": {"versions": [version]}}
+                # a changed parameter makes Triton reload the same version (new instances)
+                config.setdefault("parameters", {})["pigeon_restart"] = {
+                    "string_value": str(time.time_ns())
+                }
+                client.load_model(model, config=json.dumps(config), headers=self.admin_headers)
+                self._peak.pop((model, version), None)
+                self.heals.append(
+                    {
+                        "model": model,
+                        "version": version,
+                        "alive": alive.get((model, version), 0),
+                        "expected": expected,
+                        "time": time.time(),
+                    }
+                )
+                healed.append(model)
+        finally:
+            client.close()
+        return healed
+
+    def _supervise(self) -> None:
+        while not self._stopping.wait(self.supervise_s):
+            try:
+                self.heal()
+            except Exception as exc:  # the supervisor must outlive a failed check; it retries
+                log.warning("supervisor check failed: %s", exc)
+
+    def drain(self, timeout_s: float = 30.0) -> None:
+        """Unload the entry models: Triton refuses new requests for them and waits for those in
+        flight. Best effort (a hung server is stopped anyway)."""
+        from tritonclient.utils import InferenceServerException
+
+        client = self._admin_client(timeout_s)
+        try:
+            for model in self.drain_models:
+                client.unload_model(model, headers=self.admin_headers)
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                index = client.get_model_repository_index(headers=self.admin_headers)
+                if not any(
+                    m["name"] in self.drain_models and m.get("state") in ("READY", "UNLOADING")
+                    for m in index
+                ):
+                    return
+                time.sleep(0.1)
+        except (InferenceServerException, OSError) as exc:
+            log.info("drain skipped: %s", exc)
+        finally:
+            client.close()
+
+    def stop(self, timeout_s: float = 30.0, drain: bool = True) -> int | None:
+        """Drain (see `drain`), SIGTERM, then wait; SIGKILL after `timeout_s`."""
         if self.process is None:
             return None
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=timeout_s)
+            self._supervisor = None
         if self.process.poll() is None:
+            if drain:
+                self.drain(timeout_s)
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+        try:  # stub processes left behind by a server that was killed (they share its group)
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         self._log.close()
         if self._tmp is not None:
             shutil.rmtree(self._tmp.name, ignore_errors=True)

@@ -7,6 +7,7 @@ from here, so the serving logic is ordinary, tested package code:
     PersonalizeModel  BLS: PigeonPipeline.personalize over the mask_generator, condition_adapter and
                       personalizer models
     DenoiseModel      BLS: PigeonPipeline.denoise, the sampler loop with CFG over the unet model
+                      (and vae_encoder first when the request's strength is below 1)
     PostprocessModel  PNG encoding and the stage timings
 
 Per-request failures become that request's error response, naming the problem; the model keeps serving.
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from pigeon.checkpoint import load_config
+from pigeon.checkpoint import load_config, verify_pipeline_files
 from pigeon.inference.pipeline import (
     GenerationRequest,
     PersonalizeInput,
@@ -32,6 +33,7 @@ from pigeon.inference.pipeline import (
     codes_to_tokens,
     request_streams,
 )
+from pigeon.inference.runners import OrtOptions
 from pigeon.serving.images import ImageError, encode_png, load_image, to_model_input, to_uint8
 from pigeon.specs import component_specs
 from pigeon.vocab import TextTokenizer
@@ -90,6 +92,17 @@ def verify_version_files(folder: Path, name: str) -> dict:
     return entry
 
 
+def version_manifest(version_dir: Path) -> dict:
+    """The manifest published with this version (every network's version folder holds a copy)."""
+    from pigeon.export.errors import ManifestError
+
+    for path in sorted(version_dir.parent.parent.glob(f"*/{version_dir.name}/manifest.json")):
+        return json.loads(path.read_text())
+    raise ManifestError(
+        f"no manifest.json for version {version_dir.name} in {version_dir.parent.parent}"
+    )
+
+
 class _Model:
     """Shared plumbing: version folder, config parsing, one response per request, error responses."""
 
@@ -104,6 +117,8 @@ class _Model:
 
     def pipeline_files(self) -> tuple[Any, TextTokenizer]:
         folder = self.version_dir / PIPELINE_DIR
+        # the configs and tokenizer, checked against the version's manifest before use
+        verify_pipeline_files(folder, version_manifest(self.version_dir)["checkpoint_sha256"])
         config = load_config(folder)
         tokenizer = TextTokenizer.load(
             folder / "tokenizer" / "tokenizer.json", config.personalizer.text_vocab_size
@@ -159,20 +174,10 @@ def _text(value: np.ndarray, name: str) -> str:
 
 class OnnxModel(_Model):
     def setup(self) -> None:
-        import onnxruntime as ort
-
         verify_version_files(self.version_dir, self.model_config["name"])
-        threads = int(
-            self.model_config.get("parameters", {}).get("ort_threads", {}).get("string_value", "1")
-        )
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(
-            str(self.version_dir / "model.onnx"), options, providers=["CPUExecutionProvider"]
-        )
+        # the serving config's ONNX Runtime settings, as generated into config.pbtxt
+        options = OrtOptions.from_parameters(self.model_config.get("parameters", {}))
+        self.session = options.session(self.version_dir / "model.onnx")
         self.input_names = [i["name"] for i in self.model_config["input"]]
         # ONNX rank per input: a (batch,) tensor arrives as (batch, 1) and is flattened back
         self.input_ranks = {i.name: len(i.shape) for i in self.session.get_inputs()}
@@ -249,17 +254,22 @@ class PreprocessModel(_Model):
                 reference_mask_ratio=_scalar(
                     self.get(request, "reference_mask_ratio"), "reference_mask_ratio", float
                 ),
+                strength=_scalar(self.get(request, "strength"), "strength", float),
             ),
         )
         size = self.config.history_encoder.image_size
         return {
             "history_pixels": np.stack([to_model_input(h, size) for h in checked.history]),
             "reference_pixels": to_model_input(checked.reference, size)[None],
+            "reference_image_pixels": to_model_input(checked.reference, self.config.image_size)[
+                None
+            ],
             "text_out": np.array([checked.text.encode("utf-8")], dtype=np.object_),
             "seed_out": np.array([checked.seed], np.int64),
             "steps_out": np.array([checked.steps], np.int64),
             "guidance_out": np.array([checked.guidance], np.float32),
             "reference_mask_ratio_out": np.array([checked.reference_mask_ratio], np.float32),
+            "strength_out": np.array([checked.strength], np.float32),
             "preprocess_s": np.array([time.perf_counter() - start]),
         }
 
@@ -269,17 +279,9 @@ class LocalPersonalizerRunner(BlsRunner):
     makes one call per generated token, and over BLS each call would copy the whole KV cache between
     processes."""
 
-    def __init__(self, config: Any, onnx_path: Path, threads: int) -> None:
-        import onnxruntime as ort
-
+    def __init__(self, config: Any, onnx_path: Path, options: OrtOptions) -> None:
         super().__init__(config)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(
-            str(onnx_path), options, providers=["CPUExecutionProvider"]
-        )
+        self.session = options.session(onnx_path)
 
     def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if component != "personalizer":
@@ -299,8 +301,8 @@ class PersonalizeModel(_Model):
             # the personalizer of this same version, checked against its manifest
             folder = self.version_dir.parent.parent / "personalizer" / self.version_dir.name
             verify_version_files(folder, "personalizer")
-            threads = int(parameters.get("ort_threads", {}).get("string_value", "1"))
-            runner = LocalPersonalizerRunner(config, folder / "model.onnx", threads)
+            options = OrtOptions.from_parameters(parameters)
+            runner = LocalPersonalizerRunner(config, folder / "model.onnx", options)
         self.pipeline = PigeonPipeline(config, tokenizer, runner)
 
     def handle(self, request: Any) -> dict[str, np.ndarray]:
@@ -339,6 +341,8 @@ class DenoiseModel(_Model):
             float(self.get(request, "guidance")[0]),
             self.pipeline.config.scheduler.sampler,
             [latent_rng],
+            self.get(request, "reference_image_pixels"),
+            float(self.get(request, "strength")[0]),
         )
         return {"latents": latents, "denoise_s": np.array([time.perf_counter() - start])}
 

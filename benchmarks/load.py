@@ -1,0 +1,489 @@
+"""Load test: thousands of mixed requests against the real tritonserver (`cpu` target), bounded in count
+and in time, traffic to 127.0.0.1 only.
+
+    python -m benchmarks.load --requests 3000 --concurrency 1,8,32 --duration-limit 1500 \\
+        --out benchmarks/results/load.jsonl
+    python -m benchmarks.load --requests 300 --concurrency 8,32          # a short run
+
+The mix (seeded, the same every run): new users (a history never sent before), returning users (one of
+a few fixed users, the same request every time) and invalid requests (each of the BAD cases below in
+turn, each with the error it must get). `--requests` is the total, shared equally by the concurrency
+levels; `--duration-limit` bounds the whole run (requests not started by then are reported as not
+sent). Every client call has a deadline (`--timeout`), so nothing can hang.
+
+Every request sent ends in exactly one outcome: succeeded, refused as expected (an invalid request that
+got its error), or failed (a valid request that got an error or no answer in time, an invalid one that
+got another error or was accepted, a returning user whose image differs from its answer). The run
+HOLDS when nothing failed, the server's own success count for the `pigeon` ensemble grew by exactly the
+successes the clients saw, no stub process died, and the server's resident memory (tritonserver and
+all its stub processes) grew by less than the bound between the end of the warm-up and the end.
+Results: one JSON line per run in `--out`; the exit status is 0 when the run held.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+MIB = 1 << 20
+DEFAULT_BOUND_MIB = 64.0
+DEFAULT_BOUND_FRACTION = 0.05
+
+
+def png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _bomb() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("1", (5000, 5000)).save(buf, format="PNG")  # 25 MPixel in a few kB
+    return buf.getvalue()
+
+
+@dataclass
+class Request:
+    kind: str  # "new", "returning" or "bad:<case>"
+    history: list[bytes]
+    reference: bytes
+    text: str | bytes
+    params: dict = field(default_factory=dict)
+    expect: str | None = None  # invalid requests: the error text it must get
+    raw: dict | None = None  # invalid requests sent below the client: name -> (array, dtype)
+    user: int | None = None  # returning users
+
+
+def _user(seed: int, size: int) -> tuple[list[bytes], bytes, str]:
+    from pigeon.data.procedural import render, sample_user
+
+    user = sample_user(np.random.default_rng(seed))
+    return (
+        [png(render(c, s, size)) for c, s in user.history],
+        png(render(*user.reference, size)),
+        user.text,
+    )
+
+
+def bad_cases(size: int, max_history: int) -> dict[str, dict]:
+    """Invalid requests and the error each must get (a substring of the server's message)."""
+    history, reference, _ = _user(0, size)
+    good = png(np.full((size, size, 3), 200, np.uint8))
+    truncated = png(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    truncated = truncated[: len(truncated) // 2]
+    raw_ok = {
+        "history_images": (np.array(history[:2], np.object_), "BYTES"),
+        "reference_image": (np.array([reference], np.object_), "BYTES"),
+        "text": (np.array([b"a cat"], np.object_), "BYTES"),
+    }
+    return {
+        "undecodable_image": {
+            "history": [b"this is not an image"],
+            "expect": "history[0]: not a readable image",
+        },
+        "zero_byte_reference": {"reference": b"", "expect": "reference: not a readable image"},
+        "truncated_image": {"history": [truncated], "expect": "history[0]: "},
+        "decompression_bomb": {"history": [_bomb()], "expect": "exceeds the limit of"},
+        "empty_text": {"text": "", "expect": "text is empty"},
+        "overlong_text": {"text": "x" * 5000, "expect": "text has 5000 characters"},
+        "nan_guidance": {"params": {"guidance": float("nan")}, "expect": "guidance=nan"},
+        "inf_mask_ratio": {
+            "params": {"reference_mask_ratio": float("inf")},
+            "expect": "reference_mask_ratio=inf must be in [0, 1]",
+        },
+        "negative_steps": {"params": {"steps": -3}, "expect": "steps=-3 must be an integer"},
+        "negative_seed": {"params": {"seed": -1}, "expect": "seed=-1 must be a non-negative"},
+        "oversized_history": {
+            "history": [good] * (max_history + 1),
+            "expect": f"more than the configured maximum of {max_history}",
+        },
+        "empty_history": {"history": [], "expect": "history is empty"},
+        "non_utf8_text": {
+            "raw": {**raw_ok, "text": (np.array([b"\xff\xfe caf\xe9"], np.object_), "BYTES")},
+            "expect": "text is not valid UTF-8",
+        },
+        "wrong_dtype": {
+            "raw": {**raw_ok, "seed": (np.array([1.5], np.float32), "FP32")},
+            "expect": "data-type is 'FP32', but model 'pigeon' expects 'INT64'",
+        },
+        "wrong_shape": {
+            "raw": {**raw_ok, "reference_image": (np.array([[reference, reference]]), "BYTES")},
+            "expect": "reference_image",
+        },
+    }
+
+
+def make_requests(
+    n: int,
+    size: int,
+    max_history: int,
+    seed: int = 0,
+    returning_users: int = 4,
+    returning_fraction: float = 0.4,
+    invalid_fraction: float = 0.15,
+) -> list[Request]:
+    """`n` requests, shuffled with `seed`: new users, returning users, invalid requests."""
+    rng = np.random.default_rng(seed)
+    cases = bad_cases(size, max_history)
+    returning = [_user(i, size) for i in range(returning_users)]
+    n_bad = int(round(n * invalid_fraction))
+    n_ret = int(round(n * returning_fraction))
+    kinds = ["bad"] * n_bad + ["returning"] * n_ret + ["new"] * (n - n_bad - n_ret)
+    rng.shuffle(kinds)
+    out, bad_i, new_i = [], 0, 0
+    names = list(cases)
+    for k in kinds:
+        if k == "returning":
+            u = int(rng.integers(returning_users))
+            h, r, t = returning[u]
+            out.append(Request("returning", h, r, t, {"seed": u, "steps": 2}, user=u))
+        elif k == "new":
+            h, r, t = _user(10_000 + seed * 1_000_003 + new_i, size)
+            new_i += 1
+            steps = int(rng.integers(1, 4))
+            out.append(Request("new", h, r, t, {"seed": int(rng.integers(2**31)), "steps": steps}))
+        else:
+            name = names[bad_i % len(names)]
+            bad_i += 1
+            case = cases[name]
+            h, r, t = returning[0]
+            out.append(
+                Request(
+                    f"bad:{name}",
+                    case.get("history", h),
+                    case.get("reference", r),
+                    case.get("text", t),
+                    {"steps": 1, **case.get("params", {})},
+                    expect=case["expect"],
+                    raw=case.get("raw"),
+                )
+            )
+    return out
+
+
+def _send(client, request: Request):
+    """-> ServedResult; raises ClientError."""
+    from tritonclient.utils import InferenceServerException
+
+    from pigeon.serving.client import ClientError
+
+    if request.raw is None:
+        return client.generate(request.history, request.reference, request.text, **request.params)
+    inputs = [client._input(name, value, dtype) for name, (value, dtype) in request.raw.items()]
+    try:
+        if client.protocol == "grpc":
+            client.client.infer("pigeon", inputs, client_timeout=client.timeout_s)
+        else:
+            client.client.infer("pigeon", inputs)
+    except InferenceServerException as exc:
+        raise ClientError(exc.message()) from None
+    raise AssertionError("unreachable: an invalid raw request was accepted")
+
+
+def decode(png_bytes: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png_bytes)).convert("RGB"))
+
+
+def _reason(message: str) -> str:
+    """An error message without its variable parts, to count failures by kind."""
+    import re
+
+    return re.sub(r"\d+(\.\d+)?", "N", message.split("\n")[0])[:160]
+
+
+def run_level(
+    urls: dict[str, str],
+    protocols: list[str],
+    concurrency: int,
+    requests: list[Request],
+    answers: dict[int, np.ndarray],
+    image_size: int,
+    deadline: float,
+    timeout_s: float,
+    tolerance: int = 2,
+) -> dict:
+    """`concurrency` client threads (alternating between `protocols`, each on its `urls` entry) share
+    `requests` until all are sent or `deadline` (time.monotonic) passes."""
+    from pigeon.serving.client import ClientError, PigeonClient
+
+    queue = list(reversed(requests))
+    lock = threading.Lock()
+    outcomes: list[dict] = []
+
+    def worker(protocol: str) -> None:
+        with PigeonClient(urls[protocol], protocol, timeout_s=timeout_s) as client:
+            while True:
+                with lock:
+                    if not queue or time.monotonic() >= deadline:
+                        return
+                    request = queue.pop()
+                start = time.perf_counter()
+                outcome = {"kind": request.kind, "protocol": protocol}
+                try:
+                    result = _send(client, request)
+                    outcome["latency_s"] = time.perf_counter() - start
+                    if request.expect is not None:
+                        outcome["outcome"], outcome["reason"] = "failed", "invalid accepted"
+                    else:
+                        image = decode(result.image_png)
+                        if image.shape != (image_size, image_size, 3):
+                            outcome["outcome"] = "failed"
+                            outcome["reason"] = f"image of shape {image.shape}"
+                        elif request.user is not None and (
+                            np.abs(image.astype(int) - answers[request.user].astype(int)).max()
+                            > tolerance
+                        ):
+                            outcome["outcome"] = "failed"
+                            outcome["reason"] = "returning user's image differs from its answer"
+                        else:
+                            outcome["outcome"] = "succeeded"
+                except ClientError as exc:
+                    outcome["latency_s"] = time.perf_counter() - start
+                    message = str(exc)
+                    if request.expect is not None and request.expect in message:
+                        outcome["outcome"] = "refused"
+                    else:
+                        outcome["outcome"] = "failed"
+                        wrong = f"{request.kind} got another error: " if request.expect else ""
+                        outcome["reason"] = wrong + _reason(message)
+                except Exception as exc:  # anything else is a failure of the client or server
+                    outcome["latency_s"] = time.perf_counter() - start
+                    outcome["outcome"] = "failed"
+                    outcome["reason"] = f"{exc.__class__.__name__}: {_reason(str(exc))}"
+                with lock:
+                    outcomes.append(outcome)
+
+    start = time.perf_counter()
+    threads = [
+        threading.Thread(target=worker, args=(protocols[i % len(protocols)],))
+        for i in range(concurrency)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    return {**summarize(outcomes, len(requests), wall), "_outcomes": outcomes}
+
+
+def summarize(outcomes: list[dict], planned: int, wall_s: float) -> dict:
+    from benchmarks.common import percentiles
+
+    counts = Counter(o["outcome"] for o in outcomes)
+    ok = [o["latency_s"] for o in outcomes if o["outcome"] == "succeeded"]
+    refused = [o["latency_s"] for o in outcomes if o["outcome"] == "refused"]
+    return {
+        "planned": planned,
+        "sent": len(outcomes),
+        "not_sent": planned - len(outcomes),
+        "succeeded": counts["succeeded"],
+        "refused_as_expected": counts["refused"],
+        "failed": counts["failed"],
+        "failed_reasons": dict(
+            Counter(o["reason"] for o in outcomes if o["outcome"] == "failed").most_common()
+        ),
+        "by_kind": {
+            kind: dict(Counter(o["outcome"] for o in outcomes if o["kind"] == kind))
+            for kind in sorted({o["kind"] for o in outcomes})
+        },
+        "latency_s": percentiles(ok) if ok else None,
+        "refusal_latency_s": percentiles(refused) if refused else None,
+        "throughput_rps": len(outcomes) / wall_s if wall_s > 0 else 0.0,
+        "wall_s": wall_s,
+    }
+
+
+def success_count(url: str) -> int:
+    """The server's own count of successful `pigeon` ensemble requests."""
+    from pigeon.serving.client import PigeonClient
+
+    with PigeonClient(url, "grpc", timeout_s=30) as client:
+        stats = client.statistics("pigeon")["model_stats"]
+    return sum(int(s["inference_stats"].get("success", {}).get("count", 0)) for s in stats)
+
+
+def run_load(
+    server,
+    total: int,
+    concurrency: list[int],
+    *,
+    duration_limit_s: float = 1800.0,
+    timeout_s: float = 120.0,
+    protocols: tuple[str, ...] = ("grpc", "http"),
+    seed: int = 0,
+    bound_mib: float = DEFAULT_BOUND_MIB,
+    bound_fraction: float = DEFAULT_BOUND_FRACTION,
+    log=print,
+) -> dict:
+    """Run the load against a started `TritonServer` (bound to 127.0.0.1); returns the record."""
+    from pigeon.checkpoint import load_config
+    from pigeon.serving.client import PigeonClient
+
+    if server.host not in ("127.0.0.1", "localhost", "::1"):
+        raise ValueError(f"the load test only sends traffic to 127.0.0.1, not {server.host}")
+    pipeline = next(server.repository.glob("preprocess/*/pipeline"))
+    config = load_config(pipeline)
+    size, max_history = config.image_size, config.personalizer.max_history
+    deadline = time.monotonic() + duration_limit_s
+    memory = {"start": server.memory()}
+    url = server.grpc_url
+
+    # answers: each returning user's image, alone on an idle server
+    requests = make_requests(total, size, max_history, seed)
+    returning = {r.user: r for r in requests if r.user is not None}
+    answers = {}
+    with PigeonClient(url, "grpc", timeout_s=timeout_s) as client:
+        for user, r in sorted(returning.items()):
+            answers[user] = decode(
+                client.generate(r.history, r.reference, r.text, **r.params).image_png
+            )
+    # warm-up: every kind at the highest concurrency, so memory is measured after the lazy
+    # allocations (arenas sized by the largest batches) and the response cache are in place
+    warm = make_requests(max(2 * max(concurrency), 16), size, max_history, seed + 7919)
+    urls = {"grpc": server.grpc_url, "http": server.http_url}
+    warm_level = run_level(
+        urls, list(protocols), max(concurrency), warm, answers, size, deadline, timeout_s
+    )
+    memory["after_warmup"] = server.memory()
+    stubs_before = {s.pid for s in server.stubs() if s.alive}
+    successes_before = success_count(url)
+    log(
+        f"warm-up: {warm_level['sent']} requests, {warm_level['failed']} failed; server memory "
+        f"{memory['after_warmup']['total'] / MIB:.0f} MiB in {memory['after_warmup']['stub_processes']}"
+        " stub processes + tritonserver"
+    )
+
+    levels = {}
+    per_level = [total // len(concurrency)] * len(concurrency)
+    per_level[-1] += total - sum(per_level)
+    offset = 0
+    for c, n in zip(concurrency, per_level, strict=True):
+        share = requests[offset : offset + n]
+        offset += n
+        level = run_level(urls, list(protocols), c, share, answers, size, deadline, timeout_s)
+        level["memory_after"] = server.memory()
+        levels[f"c{c}"] = level
+        lat = level["latency_s"] or {}
+        log(
+            f"c={c:<3} sent {level['sent']:>5}  ok {level['succeeded']:>5}  refused "
+            f"{level['refused_as_expected']:>4}  failed {level['failed']:>3}  not sent "
+            f"{level['not_sent']:>4}  p50 {lat.get('p50', float('nan')) * 1e3:7.1f} ms  p99 "
+            f"{lat.get('p99', float('nan')) * 1e3:7.1f} ms  {level['throughput_rps']:6.1f} req/s  "
+            f"memory {level['memory_after']['total'] / MIB:.0f} MiB"
+        )
+    memory["end"] = server.memory()
+    successes = success_count(url) - successes_before
+    stubs_after = {s.pid for s in server.stubs() if s.alive}
+
+    everything = [o for level in levels.values() for o in level.pop("_outcomes")]
+    total_record = summarize(everything, total, sum(v["wall_s"] for v in levels.values()))
+    warm_level.pop("_outcomes")
+    growth = memory["end"]["total"] - memory["after_warmup"]["total"]
+    bound = bound_mib * MIB + bound_fraction * memory["after_warmup"]["total"]
+    checks = {
+        "nothing_failed": total_record["failed"] == 0,
+        "every_request_has_one_outcome": total_record["sent"]
+        == total_record["succeeded"] + total_record["refused_as_expected"] + total_record["failed"],
+        "server_counted_the_same_successes": successes == total_record["succeeded"],
+        "no_stub_process_died": stubs_before <= stubs_after and not server.heals,
+        "memory_growth_within_bound": growth <= bound,
+    }
+    return {
+        "benchmark": "load",
+        "requests": total,
+        "concurrency": concurrency,
+        "protocols": list(protocols),
+        "duration_limit_s": duration_limit_s,
+        "timeout_s": timeout_s,
+        "mix": dict(Counter(r.kind.split(":")[0] for r in requests)),
+        "invalid_cases": sorted({r.kind[4:] for r in requests if r.kind.startswith("bad:")}),
+        "warmup": {
+            k: warm_level[k] for k in ("sent", "succeeded", "refused_as_expected", "failed")
+        },
+        "levels": levels,
+        "total": total_record,
+        "server_success_count": successes,
+        "memory_bytes": memory,
+        "memory_growth_bytes": growth,
+        "memory_bound_bytes": int(bound),
+        "memory_bound": f"{bound_mib:g} MiB + {bound_fraction:.0%} of the memory after warm-up",
+        "checks": checks,
+        "held": all(checks.values()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--requests", type=int, default=3000, help="in all, shared by the levels")
+    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated levels")
+    parser.add_argument("--duration-limit", type=float, default=1800.0, help="seconds, whole run")
+    parser.add_argument("--timeout", type=float, default=120.0, help="client deadline, seconds")
+    parser.add_argument("--protocols", default="grpc,http", help="workers alternate between them")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bound-mib", type=float, default=DEFAULT_BOUND_MIB)
+    parser.add_argument("--bound-fraction", type=float, default=DEFAULT_BOUND_FRACTION)
+    parser.add_argument("--workdir", default=None, help="default: runs/load-<preset>")
+    parser.add_argument("--out", default="benchmarks/results/load.jsonl")
+    args = parser.parse_args(argv)
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    protocols = tuple(args.protocols.split(","))
+    if args.requests < len(concurrency) or min(concurrency) < 1:
+        parser.error("--requests must be at least one per level, each concurrency >= 1")
+    if not set(protocols) <= {"grpc", "http"}:
+        parser.error(f"--protocols {args.protocols!r}: grpc and/or http")
+
+    from benchmarks.common import append_jsonl, environment, prepare, timestamp
+    from benchmarks.serving import build_repository
+    from pigeon.config import ServingConfig
+    from pigeon.serving.server import TritonServer
+
+    workdir = Path(args.workdir or f"runs/load-{args.preset}")
+    checkpoint, artifacts = prepare(args.preset, workdir)
+    repo = build_repository(checkpoint, artifacts, workdir / "repo", True, ServingConfig())
+    record = {"time": timestamp(), "env": environment(), "preset": args.preset}
+    with TritonServer(repo, log_file=workdir / "tritonserver.log") as server:
+        record.update(
+            run_load(
+                server,
+                args.requests,
+                concurrency,
+                duration_limit_s=args.duration_limit,
+                timeout_s=args.timeout,
+                protocols=protocols,
+                seed=args.seed,
+                bound_mib=args.bound_mib,
+                bound_fraction=args.bound_fraction,
+            )
+        )
+    append_jsonl(args.out, record)
+    total, mem = record["total"], record["memory_bytes"]
+    print(json.dumps({"total": total, "checks": record["checks"]}, indent=2))
+    print(
+        f"sent {total['sent']} of {total['planned']}: {total['succeeded']} succeeded, "
+        f"{total['refused_as_expected']} refused as expected, {total['failed']} failed; server "
+        f"memory {mem['after_warmup']['total'] / MIB:.0f} -> {mem['end']['total'] / MIB:.0f} MiB "
+        f"(bound +{record['memory_bound_bytes'] / MIB:.0f} MiB); "
+        + ("HELD" if record["held"] else "DID NOT HOLD")
+    )
+    return 0 if record["held"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

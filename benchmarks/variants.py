@@ -1,0 +1,344 @@
+"""The size / latency / quality trade-off of the precision variants, all measured in one run.
+
+    python -m benchmarks.variants --preset small --checkpoint CKPT [--data demo/data/emojiprefs]
+        [--users 100] [--runs 10] [--workdir runs/bench-variants] [--table benchmarks/results/variants.md]
+
+Variants: fp32, fp16, int8 and mixed artifact folders of the same checkpoint (`pigeon export onnx
+--precision ...`; int8/mixed calibrated on `--data`, validated like every export; folders are reused when
+their manifest names the same checkpoint). For each variant, in this one run on this machine:
+
+    size         bytes of its ONNX files (all components, and per component) and the precision kept
+    peak memory  peak RSS of a fresh process that loads the variant and generates one image (ONNX
+                 Runtime only, no torch), and its RSS after imports, before loading
+    latency      per component at the declared opt shape and end to end (the same request), p50/p95;
+                 the variants run round robin, so the machine's load is shared by all of them
+    quality      on the fixed test users of EmojiPrefs (`test.jsonl`, the first --users): SSIM to the
+                 ground truth, and StyleAcc / ConceptR@5 from `pigeon.evaluation` (see
+                 `evaluation_scores`: "pending" where that module's scorer is not importable)
+
+One JSON line per run goes to --out; the markdown table to stdout and --table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import append_jsonl, environment, percentiles, timestamp
+
+VARIANTS = ("fp32", "fp16", "int8", "mixed")
+
+
+def export_variants(checkpoint: Path, workdir: Path, data: str, users: int) -> dict[str, Path]:
+    """One validated artifact folder per variant, reused when it matches the checkpoint."""
+    from pigeon.checkpoint import load_checkpoint
+    from pigeon.export.manifest import read_manifest
+    from pigeon.export.onnx_export import export_onnx
+    from pigeon.export.quantize import Calibration
+
+    ckpt = load_checkpoint(checkpoint)
+    folders = {}
+    for variant in VARIANTS:
+        out = workdir / variant
+        if (out / "manifest.json").exists():
+            manifest = read_manifest(out)
+            if manifest["checkpoint_sha256"] == ckpt.digest and manifest["precision"] == variant:
+                folders[variant] = out
+                continue
+        print(f"exporting {variant} ...", file=sys.stderr, flush=True)
+        export_onnx(
+            ckpt,
+            out,
+            precision=variant,
+            overwrite=True,
+            calibration=Calibration(data=data, users=users),
+        )
+        folders[variant] = out
+    return folders
+
+
+def sizes(folder: Path) -> dict:
+    from pigeon.export.manifest import read_manifest
+
+    manifest = read_manifest(folder)
+    per = {}
+    for name, entry in manifest["components"].items():
+        per[name] = {
+            "bytes": sum((folder / name / f).stat().st_size for f in entry["files"]),
+            "precision": entry.get("precision", manifest["precision"]),
+            "rejected": [r["precision"] for r in entry.get("rejected", [])],
+        }
+    return {"total_bytes": sum(c["bytes"] for c in per.values()), "components": per}
+
+
+def benchmark_request(config, data_root: str | None, steps: int | None):
+    """The end-to-end request: the first EmojiPrefs test user, else a procedural user."""
+    from benchmarks.common import procedural_request
+
+    if data_root:
+        users, dataset = test_users(data_root, 1)
+        return users_to_requests(users, dataset, config, steps)[0]
+    return procedural_request(config.image_size, steps)
+
+
+def test_users(data_root: str, n: int):
+    from pigeon.data.emojiprefs import load_emojiprefs, load_manifest
+
+    dataset = load_emojiprefs(data_root)
+    return load_manifest(Path(data_root) / "test.jsonl")[:n], dataset
+
+
+def users_to_requests(users, dataset, config, steps: int | None):
+    from pigeon.inference.pipeline import GenerationRequest
+
+    requests = []
+    for i, u in enumerate(users):
+        history, reference, _ = dataset.user_images(u)
+        requests.append(
+            GenerationRequest(
+                history=list(history), reference=reference, text=u.text, seed=i, steps=steps
+            )
+        )
+    return requests
+
+
+def evaluation_scores(generated: np.ndarray, users, dataset) -> dict[str, float | str]:
+    """StyleAcc and ConceptR@5 of generated images (uint8 (N, H, W, 3)) for `users`.
+
+    The hook for `pigeon.evaluation`: it calls `pigeon.evaluation.score_generated(generated, users,
+    dataset)` when that exists and returns its two columns; "pending" otherwise.
+    """
+    try:
+        from pigeon.evaluation import score_generated  # type: ignore[attr-defined]
+    except ImportError:
+        return {"StyleAcc": "pending", "ConceptR@5": "pending"}
+    scores = score_generated(generated, users, dataset)
+    return {"StyleAcc": float(scores["StyleAcc"]), "ConceptR@5": float(scores["ConceptR@5"])}
+
+
+def ssim_scores(generated: np.ndarray, truth: np.ndarray) -> float:
+    from pigeon.evaluation.metrics import resize_images, ssim
+
+    truth = resize_images(truth, generated.shape[1], box=True)
+    return float(np.mean(ssim(generated, truth)))
+
+
+def probe_memory(args: argparse.Namespace) -> None:
+    """Child process: load one variant, generate one image, report RSS (no torch imported)."""
+    from pigeon.checkpoint import load_config
+    from pigeon.config import ServingConfig
+    from pigeon.inference.pipeline import PigeonPipeline
+    from pigeon.inference.runners import OrtOptions, OrtRunner
+    from pigeon.vocab import TextTokenizer
+
+    def rss_mib() -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    config = load_config(args.checkpoint)
+    tokenizer = TextTokenizer.load(
+        Path(args.checkpoint) / "tokenizer" / "tokenizer.json", config.personalizer.text_vocab_size
+    )
+    request = benchmark_request(config, args.data, args.steps)
+    before = rss_mib()
+    options = OrtOptions.from_serving(ServingConfig())
+    pipe = PigeonPipeline(config, tokenizer, OrtRunner.from_artifacts(args.probe, config, options))
+    loaded = rss_mib()
+    pipe(request)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"imports_mib": before, "loaded_mib": loaded, "peak_mib": peak}))
+
+
+def measure_memory(folder: Path, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.variants", "--probe", str(folder)]
+    cmd += ["--checkpoint", str(args.checkpoint)]
+    if args.data:
+        cmd += ["--data", args.data]
+    if args.steps:
+        cmd += ["--steps", str(args.steps)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if res.returncode != 0:
+        raise RuntimeError(f"memory probe of {folder} failed: {res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def round_robin(
+    fns: dict[str, Callable[[], object]], warmup: int, runs: int
+) -> dict[str, list[float]]:
+    """Seconds per call of each function, interleaved: warm-up rounds, then `runs` timed rounds."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(warmup + runs):
+        for k, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times[k].append(time.perf_counter() - start)
+    return times
+
+
+def table(record: dict) -> str:
+    """The markdown trade-off table of one run."""
+    rows = record["variants"]
+    fp32 = rows["fp32"]
+    comps = list(fp32["size"]["components"])
+    head = ["variant", "files MB", "of fp32", "peak RSS MiB", "e2e p50 ms", "e2e p95 ms"]
+    head += [f"{c} p50/p95 ms" for c in comps]
+    head += ["SSIM", "StyleAcc", "ConceptR@5", "precision kept per component"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in rows.items():
+        size = r["size"]
+        e2e = r["end_to_end_s"]
+        cells = [
+            name,
+            f"{size['total_bytes'] / 1e6:.1f}",
+            f"{size['total_bytes'] / fp32['size']['total_bytes']:.0%}",
+            f"{r['memory']['peak_mib']:.0f}",
+            f"{e2e['p50'] * 1e3:.0f}",
+            f"{e2e['p95'] * 1e3:.0f}",
+        ]
+        for c in comps:
+            s = r["components_s"][c]
+            cells.append(f"{s['p50'] * 1e3:.1f} / {s['p95'] * 1e3:.1f}")
+        q = r["quality"]
+        cells += [
+            q["SSIM"] if isinstance(q["SSIM"], str) else f"{q['SSIM']:.3f}",
+            q["StyleAcc"] if isinstance(q["StyleAcc"], str) else f"{q['StyleAcc']:.3f}",
+            q["ConceptR@5"] if isinstance(q["ConceptR@5"], str) else f"{q['ConceptR@5']:.3f}",
+            ", ".join(
+                f"{c}: {v['precision']}"
+                + (f" ({'/'.join(v['rejected'])} rejected)" if v["rejected"] else "")
+                for c, v in size["components"].items()
+            ),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", default="small", help="recorded; the checkpoint sets the sizes")
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--data", default=None, help="EmojiPrefs folder (quality, calibration)")
+    parser.add_argument("--users", type=int, default=100, help="test users for the quality columns")
+    parser.add_argument("--calibration-users", type=int, default=16)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--component-runs", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=None, help="default: the checkpoint's")
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--out", default="benchmarks/results/variants.jsonl")
+    parser.add_argument("--table", default=None, help="also write the markdown table here")
+    parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # memory child process
+    args = parser.parse_args()
+    if args.probe:
+        probe_memory(args)
+        return
+
+    from pigeon.checkpoint import load_checkpoint
+    from pigeon.config import ServingConfig
+    from pigeon.inference.pipeline import PigeonPipeline
+    from pigeon.inference.runners import OrtOptions, OrtRunner
+    from pigeon.specs import component_specs, sample_inputs
+
+    checkpoint = Path(args.checkpoint)
+    workdir = Path(args.workdir or f"runs/bench-variants-{args.preset}")
+    ckpt = load_checkpoint(checkpoint)
+    config = ckpt.config
+    folders = export_variants(
+        checkpoint, workdir, args.data or "procedural", args.calibration_users
+    )
+    serving = ServingConfig()
+    options = OrtOptions.from_serving(serving)
+    runners = {v: OrtRunner.from_artifacts(f, config, options) for v, f in folders.items()}
+    pipes = {v: PigeonPipeline(config, ckpt.tokenizer, r) for v, r in runners.items()}
+    env = environment()
+    record: dict = {
+        "benchmark": "variants",
+        "time": timestamp(),
+        "env": env,
+        "preset": args.preset,
+        "checkpoint": str(checkpoint),
+        "checkpoint_sha256": ckpt.digest,
+        "serving": {k: v for k, v in vars(serving).items() if k.startswith("ort_")},
+        "steps": args.steps or config.scheduler.num_inference_steps,
+        "variants": {v: {"size": sizes(f)} for v, f in folders.items()},
+    }
+    print(f"variants {list(folders)}, preset {args.preset}, {env['cores']} cores", file=sys.stderr)
+
+    # memory: a fresh process per variant
+    for v, f in folders.items():
+        record["variants"][v]["memory"] = measure_memory(f, args)
+
+    # per component at the opt shape, round robin over the variants
+    for name, spec in component_specs(config).items():
+        if not all(name in r.sessions for r in runners.values()):
+            continue
+        feeds = sample_inputs(spec, config, "opt")
+        times = round_robin(
+            {v: (lambda r=r, n=name, f=feeds: r.run(n, f)) for v, r in runners.items()},
+            args.warmup,
+            args.component_runs,
+        )
+        for v, t in times.items():
+            record["variants"][v].setdefault("components_s", {})[name] = percentiles(t)
+
+    # end to end: the same request, round robin; per-stage timings from the pipeline
+    request = benchmark_request(config, args.data, args.steps)
+    stages: dict[str, dict[str, list[float]]] = {v: {} for v in pipes}
+
+    def generate(v: str) -> None:
+        for stage, seconds in pipes[v](request)[0].timings.items():
+            stages[v].setdefault(stage, []).append(seconds)
+
+    round_robin({v: (lambda v=v: generate(v)) for v in pipes}, args.warmup, args.runs)
+    for v in pipes:
+        per_stage = {s: percentiles(t[args.warmup :]) for s, t in stages[v].items()}
+        record["variants"][v]["end_to_end_s"] = per_stage.pop("total")
+        record["variants"][v]["stages_s"] = per_stage
+
+    # quality on the fixed test users
+    if args.data:
+        users, dataset = test_users(args.data, args.users)
+        requests = users_to_requests(users, dataset, config, args.steps)
+        truth = np.stack([dataset.user_images(u)[2] for u in users])
+        record["quality_users"] = len(users)
+        for v, pipe in pipes.items():
+            start = time.perf_counter()
+            images = np.stack([pipe(r)[0].image for r in requests])
+            quality = {
+                "SSIM": ssim_scores(images, truth),
+                **evaluation_scores(images, users, dataset),
+            }
+            quality["seconds"] = round(time.perf_counter() - start, 1)
+            record["variants"][v]["quality"] = quality
+            print(f"{v}: quality {quality}", file=sys.stderr, flush=True)
+    else:
+        for v in pipes:
+            record["variants"][v]["quality"] = {
+                "SSIM": "needs --data",
+                "StyleAcc": "needs --data",
+                "ConceptR@5": "needs --data",
+            }
+
+    append_jsonl(args.out, record)
+    text = table(record)
+    print(text)
+    if args.table:
+        Path(args.table).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.table).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

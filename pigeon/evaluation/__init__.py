@@ -1,0 +1,1 @@
+"""Evaluation: frozen metric nets, metric math, methods (baselines and model ablations), reports."""

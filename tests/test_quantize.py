@@ -1,0 +1,266 @@
+"""int8 and mixed variants (pigeon.export.quantize) and the ONNX Runtime settings of the serving config,
+on the tiny preset: every variant validates against PyTorch, a wrongly calibrated component is
+rejected by validation, an int8 version serves in the cpu Triton target, and the session settings come
+from the one ServingConfig in process and in the generated Triton configs."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+from PIL import Image
+from tritonclient.grpc import model_config_pb2
+
+from pigeon.checkpoint import load_checkpoint
+from pigeon.config import ConfigError, ServingConfig, from_dict, preset, to_dict
+from pigeon.export.errors import ExportError, ToleranceError
+from pigeon.export.manifest import read_manifest
+from pigeon.export.onnx_export import export_onnx
+from pigeon.export.publish import export_all
+from pigeon.export.quantize import Calibration, HeldOutInputs, component_inputs, export_quantized
+from pigeon.export.validate import validate
+from pigeon.inference.pipeline import GenerationRequest, PigeonPipeline
+from pigeon.inference.runners import OrtOptions, OrtRunner, TorchRunner
+from pigeon.serving.triton_config import repository_configs
+from pigeon.specs import component_specs, sample_inputs
+from pigeon.training.data import load_data
+
+from .conftest import emoji_like
+
+CAL = Calibration(users=4, held_out=2, batch=2)
+STATIC = ("vae_encoder", "unet", "vae_decoder")
+
+
+@pytest.fixture(scope="module")
+def int8(checkpoint_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "int8"
+    return export_onnx(checkpoint_dir, out, precision="int8", calibration=CAL), out
+
+
+def held_out_inputs(ckpt, names):
+    """The validation-split inputs quantize validates static components on, rebuilt here."""
+    data = load_data("procedural", ckpt.config.image_size)
+    users = data.validation_users(CAL.held_out, min(5, ckpt.config.personalizer.max_history))
+    calls = component_inputs(
+        ckpt, TorchRunner(ckpt.model), users, list(names), CAL.batch, None, CAL.seed + 10_000
+    )
+    specs = component_specs(ckpt.config)
+    return {n: HeldOutInputs(specs[n], calls[n]) for n in names}
+
+
+def test_int8_variant_validates_against_pytorch_and_records_what_it_kept(checkpoint_dir, int8):
+    manifest, out = int8
+    ckpt = load_checkpoint(checkpoint_dir)
+    assert manifest["precision"] == "int8" and manifest["checkpoint_sha256"] == ckpt.digest
+    read_manifest(out)  # every file matches its SHA-256
+    specs = component_specs(ckpt.config)
+    kept = {n: e["precision"] for n, e in manifest["components"].items()}
+    assert list(kept) == list(specs) and set(kept.values()) <= {"int8", "fp16", "fp32"}
+    assert "int8" in kept.values()
+    reference = TorchRunner(ckpt.model)
+    held = held_out_inputs(ckpt, [n for n in STATIC if kept[n] == "int8"])
+    for name, entry in manifest["components"].items():
+        assert set(entry["max_error"]) == {"min", "opt", "max", "odd"}, name
+        for attempt in entry["rejected"]:  # a fallback says what was rejected and why
+            assert attempt["precision"] == "int8" and name in attempt["error"], attempt
+        if entry["precision"] != "int8":
+            assert entry["rejected"], f"{name} kept {entry['precision']} without a rejected int8"
+            continue
+        assert entry["bytes"] < 0.5 * entry["fp32_bytes"], name
+        want = "static" if name in STATIC else "dynamic"  # convolutions hold most weights, or not
+        assert entry["quantization"]["method"] == want, name
+        assert set(entry["relative_error"]) == {"min", "opt", "max", "odd"}
+        # the kept file passes the same validation again, here, against PyTorch
+        runner = OrtRunner.from_files({name: out / entry["file"]}, ckpt.config)
+        again = validate(
+            specs[name],
+            ckpt.config,
+            "int8",
+            lambda f, n=name: reference.run(n, f),
+            lambda f, n=name, r=runner: r.run(n, f),
+            inputs=held.get(name),
+        )
+        assert again == entry["max_error"], name
+
+
+def test_int8_pipeline_generates_what_fp32_generates(checkpoint_dir, int8):
+    manifest, out = int8
+    ckpt = load_checkpoint(checkpoint_dir)
+    request = GenerationRequest(
+        history=[emoji_like(i) for i in range(4)], reference=emoji_like(9), text="a red circle"
+    )
+    want = PigeonPipeline(ckpt.config, ckpt.tokenizer, TorchRunner(ckpt.model))(request)[0]
+    runner = OrtRunner.from_artifacts(out, ckpt.config)
+    got = PigeonPipeline(ckpt.config, ckpt.tokenizer, runner)(request)[0]
+    assert got.image.shape == want.image.shape
+    diff = np.abs(got.image.astype(float) - want.image.astype(float))
+    assert diff.mean() < 8, f"mean abs pixel difference {diff.mean():.2f} of 255"
+
+
+def test_a_wrongly_calibrated_component_is_rejected_by_validation(checkpoint_dir, tmp_path):
+    def off_by_100(
+        component, calls
+    ):  # ranges 100x too wide: every activation rounds to a few steps
+        return [{k: v * 100 if v.dtype == np.float32 else v for k, v in c.items()} for c in calls]
+
+    with pytest.raises(ToleranceError, match=r"^unet\.noise_pred at \w+ \{'batch': \d+\}: "):
+        export_quantized(
+            checkpoint_dir,
+            tmp_path / "strict",
+            precision="int8",
+            components=["unet"],
+            calibration=CAL,
+            strict=True,
+            calibration_hook=off_by_100,
+        )
+    assert not (tmp_path / "strict").exists()
+    manifest = export_quantized(
+        checkpoint_dir,
+        tmp_path / "fallback",
+        precision="int8",
+        components=["unet"],
+        calibration=CAL,
+        calibration_hook=off_by_100,
+    )
+    entry = manifest["components"]["unet"]
+    assert entry["precision"] in ("fp16", "fp32")
+    assert entry["rejected"][0]["precision"] == "int8"
+    assert entry["rejected"][0]["error"].startswith("ToleranceError: unet.noise_pred at ")
+
+
+def test_mixed_keeps_the_fastest_valid_candidate(checkpoint_dir, tmp_path):
+    parts = ["condition_adapter", "vae_decoder"]
+    manifest = export_onnx(
+        checkpoint_dir, tmp_path / "mixed", precision="mixed", components=parts, calibration=CAL
+    )
+    for name in parts:
+        entry = manifest["components"][name]
+        times = entry["candidates_ms"]
+        assert "fp32" in times and entry["precision"] in times
+        rejected = {r["precision"] for r in entry["rejected"]}
+        assert set(times) == {"fp32", "fp16", "int8"} - rejected
+        fastest = min(t["p50_ms"] for t in times.values())
+        assert times[entry["precision"]]["p50_ms"] <= fastest * 1.10 + 1e-9
+
+
+def test_fp16_and_fp32_variants_still_validate(checkpoint_dir, tmp_path):
+    for precision in ("fp32", "fp16"):
+        manifest = export_onnx(
+            checkpoint_dir, tmp_path / precision, precision=precision, components=["vae_decoder"]
+        )
+        assert manifest["precision"] == precision
+        assert set(manifest["components"]["vae_decoder"]["max_error"]) == {
+            "min",
+            "opt",
+            "max",
+            "odd",
+        }
+
+
+def test_quantized_variants_are_refused_for_the_gpu_target(checkpoint_dir, tmp_path):
+    with pytest.raises(ExportError, match="precision='int8' is a cpu-target variant"):
+        export_all(checkpoint_dir, tmp_path / "repo", 1, target="gpu", precision="int8")
+    with pytest.raises(ExportError, match=r"precision='int4' is not one of"):
+        export_onnx(checkpoint_dir, tmp_path / "x", precision="int4")
+
+
+# --- the int8 version in the cpu Triton target -------------------------------------------------
+
+
+def png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.triton
+def test_an_int8_version_loads_and_serves_in_the_cpu_triton_target(checkpoint_dir, tmp_path):
+    from pigeon.serving.client import PigeonClient, deploy
+    from pigeon.serving.images import load_image
+    from pigeon.serving.server import TritonServer
+
+    repo = tmp_path / "repo"
+    manifest = export_all(checkpoint_dir, repo, 1, precision="int8", calibration=CAL)
+    root = repo / "cpu"
+    assert json.loads((root / "unet" / "1" / "manifest.json").read_text())["precision"] == "int8"
+    history, reference = [png(emoji_like(i)) for i in range(3)], png(emoji_like(9))
+    with TritonServer(root) as server:
+        deploy(server.http_url, root, 1)
+        with PigeonClient(server.grpc_url, "grpc", timeout_s=120) as client:
+            result = client.generate(history, reference, "a red circle", seed=4, steps=3)
+    served = np.asarray(Image.open(io.BytesIO(result.image_png)).convert("RGB"))
+    ckpt = load_checkpoint(checkpoint_dir)
+    runner = OrtRunner.from_files(
+        {n: root / n / "1" / "model.onnx" for n in manifest["components"]}, ckpt.config
+    )
+    request = GenerationRequest(
+        history=[load_image(h) for h in history],
+        reference=load_image(reference),
+        text="a red circle",
+        seed=4,
+        steps=3,
+    )
+    expected = PigeonPipeline(ckpt.config, ckpt.tokenizer, runner)(request)[0].image
+    assert np.abs(served.astype(int) - expected.astype(int)).max() <= 2
+
+
+# --- ONNX Runtime settings from the serving config ---------------------------------------------
+
+
+def test_session_settings_come_from_the_serving_config_in_process_and_in_triton():
+    serving = ServingConfig(
+        ort_threads=3,
+        ort_inter_op_threads=2,
+        ort_graph_optimization="extended",
+        ort_execution_mode="parallel",
+        ort_io_binding=True,
+    )
+    options = OrtOptions.from_serving(serving)
+    assert options.intra_op_threads == 3 and options.io_binding == ("unet",)
+    so = options.session_options()
+    assert (so.intra_op_num_threads, so.inter_op_num_threads) == (3, 2)
+    assert str(so.graph_optimization_level).endswith("ORT_ENABLE_EXTENDED")
+    assert str(so.execution_mode).endswith("ORT_PARALLEL")
+    configs = repository_configs(preset("tiny"), serving, "cpu")
+    for model in ("unet", "vae_decoder", "personalize"):
+        parsed = text_format.Parse(configs[model], model_config_pb2.ModelConfig())
+        params = {k: {"string_value": v.string_value} for k, v in parsed.parameters.items()}
+        back = OrtOptions.from_parameters(params)
+        assert back.session_options().inter_op_num_threads == 2, model
+        assert (back.graph_optimization, back.execution_mode) == ("extended", "parallel")
+        assert back.intra_op_threads == 3
+
+
+def test_serving_files_written_before_the_ort_fields_still_load():
+    data = to_dict(ServingConfig())
+    for key in [k for k in data if k.startswith("ort_") and k != "ort_threads"]:
+        del data[key]
+    assert from_dict(ServingConfig, data) == ServingConfig()
+    with pytest.raises(ConfigError, match="ort_execution_mode='fast' is not one of"):
+        from_dict(ServingConfig, {**to_dict(ServingConfig()), "ort_execution_mode": "fast"})
+
+
+def test_io_binding_and_session_reuse_give_the_same_results(int8, checkpoint_dir):
+    _, out = int8
+    ckpt = load_checkpoint(checkpoint_dir)
+    plain = OrtRunner.from_artifacts(out, ckpt.config)
+    bound = OrtRunner.from_artifacts(
+        out, ckpt.config, OrtOptions(io_binding=("unet", "personalizer"), session_reuse=True)
+    )
+    again = OrtRunner.from_artifacts(out, ckpt.config, OrtOptions(session_reuse=True))
+    assert again.sessions["unet"] is bound.sessions["unet"]  # one session per file and settings
+    assert plain.sessions["unet"] is not bound.sessions["unet"]
+    specs = component_specs(ckpt.config)
+    for name in ("unet", "personalizer"):
+        for point in ("min", "max", "opt"):
+            feeds = sample_inputs(specs[name], ckpt.config, point)
+            want, got = plain.run(name, feeds), bound.run(name, feeds)
+            assert all(np.array_equal(want[k], got[k]) for k in want), (name, point)
+    request = GenerationRequest(
+        history=[emoji_like(i) for i in range(3)], reference=emoji_like(9), text="a cat", seed=2
+    )
+    images = [
+        PigeonPipeline(ckpt.config, ckpt.tokenizer, r)(request)[0].image for r in (plain, bound)
+    ]
+    assert np.array_equal(images[0], images[1])
