@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"
-	$(BIN)/python -m pip install -q -e ".[export,serving,dev,data]"
+	$(BIN)/python -m pip install -q -e ".[export,serving,dev,data,eval]"
 	@touch $@
 
 demo: venv

@@ -533,11 +533,11 @@ def test_killed_model_process_fails_its_request_clearly_and_is_restarted(
 
         def recovered():
             try:
-                return decode(generate(server, steps=6))
+                return [decode(generate(server, steps=6))]
             except ClientError:
                 return None
 
-        image = wait_until(recovered, STARTUP_S, "a request succeeds again", every_s=1.0)
+        [image] = wait_until(recovered, STARTUP_S, "a request succeeds again", every_s=1.0)
         assert same_image(image, answer)  # the same image as before the fault
         [fresh] = [s for s in server.stubs() if s.model == "denoise" and s.alive]
         assert fresh.pid != victim.pid

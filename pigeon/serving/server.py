@@ -41,6 +41,7 @@ import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from http.client import HTTPException
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -415,7 +416,7 @@ class TritonServer:
                 ):
                     return
                 time.sleep(0.1)
-        except (InferenceServerException, OSError) as exc:
+        except (InferenceServerException, OSError, HTTPException) as exc:  # a dead or hung server
             log.info("drain skipped: %s", exc)
         finally:
             client.close()
