@@ -8,13 +8,13 @@ Variants: fp32, fp16, int8 and mixed artifact folders of the same checkpoint (`p
 their manifest names the same checkpoint). For each variant, in this one run on this machine:
 
     size         bytes of its ONNX files (all components, and per component) and the precision kept
-    peak memory  peak RSS of a fresh process that loads the variant and generates one image (ONNX
-                 Runtime only, no torch), and its RSS after imports, before loading
+    peak memory  peak RSS (VmHWM) of a fresh process that loads the variant and generates one image
+                 (ONNX Runtime only, no torch), and its RSS after imports, before loading
     latency      per component at the declared opt shape and end to end (the same request), p50/p95;
                  the variants run round robin, so the machine's load is shared by all of them
-    quality      on the fixed test users of EmojiPrefs (`test.jsonl`, the first --users): SSIM to the
-                 ground truth, and StyleAcc / ConceptR@5 from `pigeon.evaluation` (see
-                 `evaluation_scores`: "pending" where that module's scorer is not importable)
+    quality      on the fixed test users of EmojiPrefs (`test.jsonl`, the first --users), scored by
+                 `pigeon evaluate`'s frozen metric nets: StyleAcc, ConceptR@5, SSIM to the ground
+                 truth (means over the users)
 
 One JSON line per run goes to --out; the markdown table to stdout and --table.
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -80,55 +79,57 @@ def sizes(folder: Path) -> dict:
 
 
 def benchmark_request(config, data_root: str | None, steps: int | None):
-    """The end-to-end request: the first EmojiPrefs test user, else a procedural user."""
+    """The end-to-end request: the first fixed test user of EmojiPrefs, else a procedural user."""
     from benchmarks.common import procedural_request
 
     if data_root:
-        users, dataset = test_users(data_root, 1)
-        return users_to_requests(users, dataset, config, steps)[0]
+        from pigeon.evaluation.data import load_eval_data
+
+        data = load_eval_data(data_root, "test", limit=1)
+        return quality_requests(data, data.cases, config, steps)[0]
     return procedural_request(config.image_size, steps)
 
 
-def test_users(data_root: str, n: int):
-    from pigeon.data.emojiprefs import load_emojiprefs, load_manifest
-
-    dataset = load_emojiprefs(data_root)
-    return load_manifest(Path(data_root) / "test.jsonl")[:n], dataset
-
-
-def users_to_requests(users, dataset, config, steps: int | None):
+def quality_requests(data, cases, config, steps: int | None) -> list:
+    """As `pigeon evaluate` makes them: the most recent history items that fit, seed = index."""
     from pigeon.inference.pipeline import GenerationRequest
 
-    requests = []
-    for i, u in enumerate(users):
-        history, reference, _ = dataset.user_images(u)
-        requests.append(
-            GenerationRequest(
-                history=list(history), reference=reference, text=u.text, seed=i, steps=steps
-            )
+    max_history = config.personalizer.max_history
+    return [
+        GenerationRequest(
+            history=list(data.history(c))[-max_history:],
+            reference=data.image(c.reference),
+            text=c.text,
+            seed=i,
+            steps=steps,
         )
-    return requests
+        for i, c in enumerate(cases)
+    ]
 
 
-def evaluation_scores(generated: np.ndarray, users, dataset) -> dict[str, float | str]:
-    """StyleAcc and ConceptR@5 of generated images (uint8 (N, H, W, 3)) for `users`.
+def quality_scorer(data_root: str, users: int):
+    """The frozen metric nets of `pigeon evaluate` on the first `users` fixed test users."""
+    from pigeon.evaluation.data import load_eval_data
+    from pigeon.evaluation.evaluate import Scorer
+    from pigeon.evaluation.external import External
+    from pigeon.evaluation.metric_nets import MetricNets
 
-    The hook for `pigeon.evaluation`: it calls `pigeon.evaluation.score_generated(generated, users,
-    dataset)` when that exists and returns its two columns; "pending" otherwise.
-    """
-    try:
-        from pigeon.evaluation import score_generated  # type: ignore[attr-defined]
-    except ImportError:
-        return {"StyleAcc": "pending", "ConceptR@5": "pending"}
-    scores = score_generated(generated, users, dataset)
-    return {"StyleAcc": float(scores["StyleAcc"]), "ConceptR@5": float(scores["ConceptR@5"])}
+    data = load_eval_data(data_root, "test", limit=users)
+    scorer = Scorer(data, MetricNets.load(), enl0=None, external=External())
+    return data, scorer, scorer.case_set(data.cases)
 
 
-def ssim_scores(generated: np.ndarray, truth: np.ndarray) -> float:
-    from pigeon.evaluation.metrics import resize_images, ssim
+def quality_scores(images: np.ndarray, data, scorer, case_set) -> dict[str, float]:
+    """StyleAcc, ConceptR@5 and SSIM to the ground truth (means over the users), as `pigeon
+    evaluate` computes them (images resized to the data's size first)."""
+    from pigeon.evaluation.metrics import resize_images
 
-    truth = resize_images(truth, generated.shape[1], box=True)
-    return float(np.mean(ssim(generated, truth)))
+    per, _, _ = scorer.score(resize_images(images, data.size), case_set)
+    return {
+        "StyleAcc": float(per["style_acc"].mean()),
+        "ConceptR@5": float(per["concept_r5"].mean()),
+        "SSIM": float(per["ssim"].mean()),
+    }
 
 
 def probe_memory(args: argparse.Namespace) -> None:
@@ -139,9 +140,9 @@ def probe_memory(args: argparse.Namespace) -> None:
     from pigeon.inference.runners import OrtOptions, OrtRunner
     from pigeon.vocab import TextTokenizer
 
-    def rss_mib() -> float:
+    def status_mib(key: str) -> float:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
         return float("nan")
 
@@ -149,21 +150,46 @@ def probe_memory(args: argparse.Namespace) -> None:
     tokenizer = TextTokenizer.load(
         Path(args.checkpoint) / "tokenizer" / "tokenizer.json", config.personalizer.text_vocab_size
     )
-    request = benchmark_request(config, args.data, args.steps)
-    before = rss_mib()
+    request = load_request(Path(args.probe_request), args.steps)
+    before = status_mib("VmRSS")
     options = OrtOptions.from_serving(ServingConfig())
     pipe = PigeonPipeline(config, tokenizer, OrtRunner.from_artifacts(args.probe, config, options))
-    loaded = rss_mib()
+    loaded = status_mib("VmRSS")
     pipe(request)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM: this process's peak RSS (ru_maxrss would include the parent's at fork, kept over exec)
+    peak = status_mib("VmHWM")
     print(json.dumps({"imports_mib": before, "loaded_mib": loaded, "peak_mib": peak}))
 
 
-def measure_memory(folder: Path, args: argparse.Namespace) -> dict:
+def save_request(request, path: Path) -> Path:
+    """The benchmark request as plain arrays (the memory probe must not load the dataset)."""
+    np.savez(
+        path,
+        reference=request.reference,
+        text=np.array(request.text),
+        seed=np.array(request.seed),
+        **{f"history_{i}": h for i, h in enumerate(request.history)},
+    )
+    return path
+
+
+def load_request(path: Path, steps: int | None):
+    from pigeon.inference.pipeline import GenerationRequest
+
+    with np.load(path, allow_pickle=False) as z:
+        history = [z[f"history_{i}"] for i in range(sum(k.startswith("history_") for k in z))]
+        return GenerationRequest(
+            history=history,
+            reference=z["reference"],
+            text=str(z["text"]),
+            seed=int(z["seed"]),
+            steps=steps,
+        )
+
+
+def measure_memory(folder: Path, request_file: Path, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.variants", "--probe", str(folder)]
-    cmd += ["--checkpoint", str(args.checkpoint)]
-    if args.data:
-        cmd += ["--data", args.data]
+    cmd += ["--checkpoint", str(args.checkpoint), "--probe-request", str(request_file)]
     if args.steps:
         cmd += ["--steps", str(args.steps)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
@@ -224,6 +250,34 @@ def table(record: dict) -> str:
     return "\n".join(lines)
 
 
+TUNINGS = {  # ServingConfig overrides compared side by side (end to end, one variant)
+    "default": {},
+    "io_binding": {"ort_io_binding": True},
+    "graph_optimization=basic": {"ort_graph_optimization": "basic"},
+    "execution_mode=parallel": {"ort_execution_mode": "parallel", "ort_inter_op_threads": 2},
+    "allow_spinning": {"ort_allow_spinning": True},
+    "threads=1": {"ort_threads": 1},
+}
+
+
+def tuning(folder: Path, ckpt, request, args: argparse.Namespace) -> dict:
+    """End-to-end p50/p95 of one variant under each TUNINGS setting, round robin."""
+    import dataclasses
+
+    from pigeon.config import ServingConfig
+    from pigeon.inference.pipeline import PigeonPipeline
+    from pigeon.inference.runners import OrtOptions, OrtRunner
+
+    pipes = {}
+    for name, overrides in TUNINGS.items():
+        options = OrtOptions.from_serving(dataclasses.replace(ServingConfig(), **overrides))
+        options = dataclasses.replace(options, session_reuse=False)  # separate sessions
+        runner = OrtRunner.from_artifacts(folder, ckpt.config, options)
+        pipes[name] = PigeonPipeline(ckpt.config, ckpt.tokenizer, runner)
+    times = round_robin({k: (lambda p=p: p(request)) for k, p in pipes.items()}, 1, args.runs)
+    return {k: percentiles(t) for k, t in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -240,7 +294,14 @@ def main() -> None:
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--out", default="benchmarks/results/variants.jsonl")
     parser.add_argument("--table", default=None, help="also write the markdown table here")
+    parser.add_argument(
+        "--tuning",
+        default=None,
+        choices=VARIANTS,
+        help="also compare session settings (TUNINGS) end to end on this variant",
+    )
     parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # memory child process
+    parser.add_argument("--probe-request", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
         probe_memory(args)
@@ -278,8 +339,10 @@ def main() -> None:
     print(f"variants {list(folders)}, preset {args.preset}, {env['cores']} cores", file=sys.stderr)
 
     # memory: a fresh process per variant
+    request = benchmark_request(config, args.data, args.steps)
+    request_file = save_request(request, workdir / "request.npz")
     for v, f in folders.items():
-        record["variants"][v]["memory"] = measure_memory(f, args)
+        record["variants"][v]["memory"] = measure_memory(f, request_file, args)
 
     # per component at the opt shape, round robin over the variants
     for name, spec in component_specs(config).items():
@@ -295,7 +358,6 @@ def main() -> None:
             record["variants"][v].setdefault("components_s", {})[name] = percentiles(t)
 
     # end to end: the same request, round robin; per-stage timings from the pipeline
-    request = benchmark_request(config, args.data, args.steps)
     stages: dict[str, dict[str, list[float]]] = {v: {} for v in pipes}
 
     def generate(v: str) -> None:
@@ -308,19 +370,15 @@ def main() -> None:
         record["variants"][v]["end_to_end_s"] = per_stage.pop("total")
         record["variants"][v]["stages_s"] = per_stage
 
-    # quality on the fixed test users
+    # quality on the fixed test users, scored like `pigeon evaluate`
     if args.data:
-        users, dataset = test_users(args.data, args.users)
-        requests = users_to_requests(users, dataset, config, args.steps)
-        truth = np.stack([dataset.user_images(u)[2] for u in users])
-        record["quality_users"] = len(users)
+        data, scorer, case_set = quality_scorer(args.data, args.users)
+        requests = quality_requests(data, data.cases, config, args.steps)
+        record["quality_users"] = len(requests)
         for v, pipe in pipes.items():
             start = time.perf_counter()
             images = np.stack([pipe(r)[0].image for r in requests])
-            quality = {
-                "SSIM": ssim_scores(images, truth),
-                **evaluation_scores(images, users, dataset),
-            }
+            quality = quality_scores(images, data, scorer, case_set)
             quality["seconds"] = round(time.perf_counter() - start, 1)
             record["variants"][v]["quality"] = quality
             print(f"{v}: quality {quality}", file=sys.stderr, flush=True)
@@ -332,9 +390,18 @@ def main() -> None:
                 "ConceptR@5": "needs --data",
             }
 
+    if args.tuning:
+        record["tuning"] = tuning(folders[args.tuning], ckpt, request, args)
+
     append_jsonl(args.out, record)
     text = table(record)
     print(text)
+    if "tuning" in record:
+        print(f"\nsession settings, {args.tuning} variant, end to end (round robin):")
+        for name, stats in record["tuning"].items():
+            print(
+                f"  {name:<32} p50 {stats['p50'] * 1e3:7.0f} ms  p95 {stats['p95'] * 1e3:7.0f} ms"
+            )
     if args.table:
         Path(args.table).parent.mkdir(parents=True, exist_ok=True)
         Path(args.table).write_text(text + "\n")

@@ -278,3 +278,33 @@ def test_io_binding_and_session_reuse_give_the_same_results(int8, checkpoint_dir
         PigeonPipeline(ckpt.config, ckpt.tokenizer, r)(request)[0].image for r in (plain, bound)
     ]
     assert np.array_equal(images[0], images[1])
+
+
+@pytest.mark.slow
+def test_variants_benchmark_writes_the_trade_off_record(checkpoint_dir, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    data = root / "demo" / "data" / "emojiprefs"
+    args = [sys.executable, "-m", "benchmarks.variants", "--preset", "tiny"]
+    args += ["--checkpoint", str(checkpoint_dir), "--workdir", str(tmp_path / "w")]
+    args += ["--runs", "1", "--component-runs", "2", "--warmup", "1", "--calibration-users", "4"]
+    args += ["--out", str(tmp_path / "v.jsonl"), "--users", "2"]
+    if data.is_dir():
+        args += ["--data", str(data)]
+    res = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=1800)
+    assert res.returncode == 0, res.stderr[-3000:]
+    record = json.loads((tmp_path / "v.jsonl").read_text().splitlines()[-1])
+    assert list(record["variants"]) == ["fp32", "fp16", "int8", "mixed"]
+    specs = component_specs(preset("tiny"))
+    for name, row in record["variants"].items():
+        assert set(row["components_s"]) == set(specs), name
+        assert row["end_to_end_s"]["n"] == 1 and row["memory"]["peak_mib"] > 0
+        assert row["size"]["total_bytes"] == sum(
+            c["bytes"] for c in row["size"]["components"].values()
+        )
+        if data.is_dir():
+            assert 0 <= row["quality"]["StyleAcc"] <= 1 and 0 <= row["quality"]["ConceptR@5"] <= 1
+    assert "| int8 |" in res.stdout

@@ -350,6 +350,7 @@ class TritonServer:
             self._peak[key] = max(self._peak.get(key, 0), n)
         if not suspects:
             return []
+        log.debug("suspects %s (alive %s, peak %s)", sorted(suspects), alive, self._peak)
         client = self._admin_client()
         healed = []
         try:
@@ -358,10 +359,18 @@ class TritonServer:
             ready = loaded_versions(client, self.admin_headers)
             for model, version in sorted(suspects):
                 if ready.get(model) != version:
+                    log.debug("%s %d: not the READY version (%s)", model, version, ready.get(model))
                     continue  # unloaded or switched on purpose
                 config = client.get_model_config(model, headers=self.admin_headers)
                 expected = sum(int(g.get("count", 1)) for g in config.get("instance_group", []))
                 if alive.get((model, version), 0) >= max(expected, 1):
+                    log.debug(
+                        "%s %d: %d of %d alive",
+                        model,
+                        version,
+                        alive.get((model, version), 0),
+                        expected,
+                    )
                     continue
                 log.warning(
                     "%s version %d: %d of %d stub processes alive; reloading it",
