@@ -172,6 +172,27 @@ def test_fp16_and_fp32_variants_still_validate(checkpoint_dir, tmp_path):
         }
 
 
+def test_fp16_personalizer_keeps_its_rotary_angles_in_fp32(checkpoint_dir, tmp_path):
+    import onnx
+
+    from pigeon.export.onnx_export import rotary_angle_nodes
+
+    manifest = export_onnx(
+        checkpoint_dir, tmp_path / "h", precision="fp16", components=["personalizer"]
+    )  # validates at the max shape: positions up to past_len + seq
+    graph = onnx.load(str(tmp_path / "h" / "personalizer" / "model.onnx")).graph
+    kept = set(rotary_angle_nodes(graph))
+    assert {n.op_type for n in graph.node if n.name in kept} >= {"Cos", "Sin"}
+    fp32 = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    casts = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Cast"}
+    inputs = {casts.get(i, i) for n in graph.node if n.name in kept for i in n.input}
+    assert inputs & fp32, "inv_freq reaches the angles in fp32"
+    worst = max(
+        v for e in manifest["components"]["personalizer"]["max_error"].values() for v in e.values()
+    )
+    assert worst < 0.01
+
+
 def test_quantized_variants_are_refused_for_the_gpu_target(checkpoint_dir, tmp_path):
     with pytest.raises(ExportError, match="precision='int8' is a cpu-target variant"):
         export_all(checkpoint_dir, tmp_path / "repo", 1, target="gpu", precision="int8")

@@ -187,7 +187,7 @@ class TritonServer:
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
-        self._peak: dict[tuple[str, int], int] = {}
+        self._expected: dict[tuple[str, int], int] = {}  # stub processes per READY version
         self.heals: list[dict] = []  # what the supervisor reloaded, and why
         if self.admin_header is not None:
             key, value = self.admin_header
@@ -331,66 +331,51 @@ class TritonServer:
         }
 
     def heal(self) -> list[str]:
-        """Reload every READY model that has fewer live stub processes than its configured
-        instances, on the version it serves. Returns the models reloaded."""
+        """Reload every READY Python-backend model that has fewer live stub processes than its
+        configured instances, on the version it serves. Returns the models reloaded."""
         if self.process is None or self.process.poll() is not None:
             return []
-        stubs = self.stubs()
-        alive: dict[tuple[str, int], int] = {}
-        dead: set[tuple[str, int]] = set()
-        for stub in stubs:
-            key = (stub.model, stub.version)
-            alive[key] = alive.get(key, 0) + stub.alive
-            if not stub.alive:
-                dead.add(key)
-        # a killed stub is a zombie without a command line, or gone: count the live ones against
-        # the most seen for that model and version
-        suspects = {k for k, n in self._peak.items() if alive.get(k, 0) < n} | dead
-        for key, n in alive.items():
-            self._peak[key] = max(self._peak.get(key, 0), n)
-        if not suspects:
-            return []
-        log.debug("suspects %s (alive %s, peak %s)", sorted(suspects), alive, self._peak)
+        from pigeon.serving.client import loaded_versions
+
         client = self._admin_client()
         healed = []
         try:
-            from pigeon.serving.client import loaded_versions
-
             ready = loaded_versions(client, self.admin_headers)
-            for model, version in sorted(suspects):
-                if ready.get(model) != version:
-                    log.debug("%s %d: not the READY version (%s)", model, version, ready.get(model))
-                    continue  # unloaded or switched on purpose
-                config = client.get_model_config(model, headers=self.admin_headers)
-                expected = sum(int(g.get("count", 1)) for g in config.get("instance_group", []))
-                if alive.get((model, version), 0) >= max(expected, 1):
-                    log.debug(
-                        "%s %d: %d of %d alive",
-                        model,
-                        version,
-                        alive.get((model, version), 0),
-                        expected,
+            alive: dict[tuple[str, int], int] = {}
+            for stub in self.stubs():  # a killed stub is a zombie (no command line) or gone
+                if stub.alive:
+                    alive[(stub.model, stub.version)] = alive.get((stub.model, stub.version), 0) + 1
+            for model, version in sorted(ready.items()):
+                key = (model, version)
+                if key not in self._expected:  # instances of a Python-backend model, else 0
+                    config = client.get_model_config(model, headers=self.admin_headers)
+                    groups = config.get("instance_group", [])
+                    python = config.get("backend") == "python"
+                    self._expected[key] = (
+                        sum(int(g.get("count", 1)) for g in groups) if python else 0
                     )
+                expected = self._expected[key]
+                if alive.get(key, 0) >= expected:
                     continue
                 log.warning(
                     "%s version %d: %d of %d stub processes alive; reloading it",
                     model,
                     version,
-                    alive.get((model, version), 0),
+                    alive.get(key, 0),
                     expected,
                 )
+                config = client.get_model_config(model, headers=self.admin_headers)
                 config["version_policy"] = {"specific": {"versions": [version]}}
                 # a changed parameter makes Triton reload the same version (new instances)
                 config.setdefault("parameters", {})["pigeon_restart"] = {
                     "string_value": str(time.time_ns())
                 }
                 client.load_model(model, config=json.dumps(config), headers=self.admin_headers)
-                self._peak.pop((model, version), None)
                 self.heals.append(
                     {
                         "model": model,
                         "version": version,
-                        "alive": alive.get((model, version), 0),
+                        "alive": alive.get(key, 0),
                         "expected": expected,
                         "time": time.time(),
                     }
