@@ -752,6 +752,7 @@ def main(argv: list[str] | None = None) -> int:
     from pigeon.serving.client import ClientError
     from pigeon.serving.images import ImageError
     from pigeon.serving.server import ServerError
+    from pigeon.training.loop import TrainingError
 
     try:
         summary = args.func(args)
@@ -766,6 +767,7 @@ def main(argv: list[str] | None = None) -> int:
         EvaluationError,
         ServerError,
         ClientError,
+        TrainingError,
         OSError,
     ) as exc:
         print(f"pigeon {args.command}: error: {exc}", file=sys.stderr)

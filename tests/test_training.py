@@ -168,3 +168,61 @@ def test_sft_labels_cover_only_the_target_run_and_end(setup):
     # masked history tokens enter with embed_keep 0, kept ones with 1
     hist = inputs["embed_keep"][inputs["input_ids"] >= v.visual_offset]
     assert set(hist.unique().tolist()) <= {0.0, 1.0} and (hist == 0).any()
+
+
+# --- tokenizer health: the small run's tokenizer once collapsed onto one code ---------------------
+
+
+def test_code_perplexity_counts_kept_tokens_only():
+    from pigeon.models.history_encoder import code_perplexity
+
+    ids = torch.tensor([[0, 1, 2, 3, 5, 5]])
+    keep = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    assert code_perplexity(ids, keep, 8) == pytest.approx(4.0)  # uniform over 4 codes
+    assert code_perplexity(torch.zeros(1, 6, dtype=torch.long), torch.ones(1, 6), 8) == 1.0
+    p = torch.tensor([0.5, 0.25, 0.25])
+    expected = float(torch.exp(-(p * p.log()).sum()))
+    assert code_perplexity(torch.tensor([[0, 0, 1, 2]]), torch.ones(1, 4), 8) == pytest.approx(
+        expected
+    )
+
+
+def test_dead_codes_move_onto_encoder_outputs_and_live_ones_stay():
+    from pigeon.models.history_encoder import Quantizer
+
+    torch.manual_seed(0)
+    q = Quantizer(dim=4, code_dim=3, codebook_size=8)
+    live = q.codebook.weight[0].clone()
+    z = F.normalize(torch.randn(2, 5, 3), dim=-1)
+    ids = torch.zeros(2, 5, dtype=torch.long)  # collapsed: every token on code 0
+    keep = torch.ones(2, 5)
+    keep[1, 4] = 0  # a dropped token is never a restart target
+    moved = [q.restart_dead_codes(ids, z, keep) for _ in range(200)]
+    # usage of an unused code decays as 0.9^n from uniform; below 5% of uniform after 29 calls
+    first = next(i for i, m in enumerate(moved) if m)
+    assert first == math.ceil(math.log(0.05) / math.log(0.9)) - 1
+    assert moved[first] == 7
+    assert torch.equal(q.codebook.weight[0], live)
+    pool = z.reshape(-1, 3)[keep.reshape(-1) > 0]
+    distance = torch.cdist(q.codebook.weight[1:], pool).min(dim=1).values
+    assert distance.max() < 0.1  # each restarted code sits on a kept encoder output (+1% noise)
+
+
+def test_keep_budget_judges_the_decision_serving_makes():
+    p = torch.full((2, 10), 0.6, requires_grad=True)
+    budget = O.keep_budget(p, 0.6)
+    assert float(budget.detach()) == pytest.approx(0.16)  # p = 0.6 everywhere: serving keeps every patch
+    budget.backward()
+    assert (p.grad > 0).all()  # descent lowers p(keep)
+    assert float(O.keep_budget(torch.tensor([[0.9, 0.8, 0.2, 0.1, 0.4]]), 0.4)) == 0
+
+
+def test_collapsed_tokenizer_stops_the_image_stage_after_a_quarter():
+    from pigeon.training.loop import TrainConfig, TrainingError, check_tokenizer
+
+    config = TrainConfig(stage="image", steps=100, batch_size=2, lr=1e-3, min_code_perplexity=8)
+    collapsed = {"code_perplexity": 1.0, "keep_ratio": 1.0}
+    check_tokenizer(collapsed, config, 23)  # too early to judge
+    check_tokenizer({"code_perplexity": 9.5, "keep_ratio": 0.6}, config, 99)
+    with pytest.raises(TrainingError, match=r"code perplexity 1.0 < train.min_code_perplexity=8"):
+        check_tokenizer(collapsed, config, 24)

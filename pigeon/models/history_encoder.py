@@ -5,6 +5,7 @@
       -> token selector: keep probability per patch, Gumbel in training     (batch, P)
       -> token merger: causal self-attention over kept patches, cross-attention to dropped ones
       -> quantizer: Linear-Tanh-Linear, L2-normalised, nearest code         (batch, P) code ids
+         (training restarts dead codes on encoder outputs, so the codebook cannot collapse)
 
 Tokens stay at their patch position with a keep flag rather than being compacted, so every tensor has a
 static shape; consumers read the kept tokens in raster order (pigeon-method.md: "tokens are in raster
@@ -105,13 +106,23 @@ class CausalFuserBlock(nn.Module):
 
 
 class Quantizer(nn.Module):
-    """encode_task_layer -> L2-normalise -> nearest entry of an L2-normalised codebook."""
+    """encode_task_layer -> L2-normalise -> nearest entry of an L2-normalised codebook.
+
+    Training keeps the codebook alive (`restart_dead_codes`): a code whose share of the kept tokens
+    (an exponential moving average, `usage`) falls far below uniform is moved onto a random encoder
+    output of the current batch, as in Jukebox and vector-quantize-pytorch. Without it the small
+    recipe's tokenizer collapsed onto one code and the tokens carried nothing.
+    """
 
     def __init__(self, dim: int, code_dim: int, codebook_size: int) -> None:
         super().__init__()
         self.encode = nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, code_dim))
         self.codebook = nn.Embedding(codebook_size, code_dim)
         nn.init.normal_(self.codebook.weight)
+        # share of kept tokens per code (EMA); training state only, starts uniform (every code alive)
+        self.register_buffer(
+            "usage", torch.full((codebook_size,), 1.0 / codebook_size), persistent=False
+        )
 
     def code_vectors(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (...,) -> unit code vectors (..., code_dim). Also used by the condition adapter."""
@@ -124,6 +135,45 @@ class Quantizer(nn.Module):
         ids = (z @ codebook.t()).argmax(dim=-1)  # cosine = L2 nearest on the unit sphere
         return ids, z, codebook[ids]
 
+    @torch.no_grad()
+    def restart_dead_codes(
+        self, ids: torch.Tensor, z: torch.Tensor, keep: torch.Tensor, decay: float = 0.9,
+        dead_share: float = 0.05,
+    ) -> int:
+        """Update `usage` with this batch's kept tokens, then move every code used less than
+        dead_share x uniform onto a random kept encoder output. Returns how many codes moved.
+        It edits the codebook in place: call it outside a forward pass whose backward is pending.
+
+        ids (batch, P), z (batch, P, code_dim), keep (batch, P) hard 0/1."""
+        kept = keep.reshape(-1) > 0.5
+        if not kept.any():
+            return 0
+        size = self.usage.numel()
+        counts = torch.bincount(ids.reshape(-1)[kept], minlength=size).to(self.usage)
+        self.usage.mul_(decay).add_(counts / counts.sum(), alpha=1 - decay)
+        dead = (self.usage < dead_share / size).nonzero().squeeze(1)
+        if dead.numel() == 0:
+            return 0
+        pool = z.reshape(-1, z.shape[-1])[kept]
+        pick = torch.randint(0, pool.shape[0], (dead.numel(),), device=pool.device)
+        noise = 0.01 * torch.randn(dead.numel(), pool.shape[1], device=pool.device)
+        self.codebook.weight[dead] = (pool[pick] + noise).to(self.codebook.weight.dtype)
+        self.usage[dead] = 1.0 / size  # a grace period before it can be judged dead again
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.broadcast(self.codebook.weight, 0)  # every rank, rank 0's codebook
+            torch.distributed.broadcast(self.usage, 0)
+        return int(dead.numel())
+
+
+def code_perplexity(ids: torch.Tensor, keep: torch.Tensor, codebook_size: int) -> float:
+    """exp(entropy) of the code distribution over kept tokens: 1 when every token has the same code,
+    codebook_size when all are used equally."""
+    counts = torch.bincount(ids.reshape(-1)[keep.reshape(-1) > 0.5], minlength=codebook_size)
+    if counts.sum() == 0:
+        return 0.0
+    p = counts.double() / counts.sum()
+    return float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
+
 
 @dataclass
 class TokenizerOutput:
@@ -132,6 +182,7 @@ class TokenizerOutput:
     keep_prob: torch.Tensor  # (batch, P) p(keep) from the selector
     quantized: torch.Tensor  # (batch, P, code_dim) straight-through code vectors
     commit_loss: torch.Tensor  # scalar: codebook + 0.25 * commitment (VQ-VAE)
+    encoded: torch.Tensor  # (batch, P, code_dim) unit encoder outputs z, before quantization
 
 
 class HistoryEncoder(nn.Module):
@@ -199,6 +250,7 @@ class HistoryEncoder(nn.Module):
             keep_prob=log_probs[..., 0].exp(),
             quantized=z + (z_q - z).detach(),
             commit_loss=codebook_loss + 0.25 * commitment,
+            encoded=z,
         )
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,6 +50,8 @@ Stage = Literal["vae", "image", "lmm", "sft", "dpo"]
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
+    """One stage's optimisation and data settings (`train.KEY=VALUE` overrides them)."""
+
     stage: Stage
     steps: int
     batch_size: int
@@ -68,6 +70,10 @@ class TrainConfig:
     dpo_pairs: int = 32
     dpo_ratios: tuple[float, ...] = (0.0, 0.5, 1.0)
     dpo_steps_per_candidate: int = 4
+    # image stage: fail when the tokenizer's code perplexity on validation images (exp entropy of the
+    # codes of kept tokens) is below this after a quarter of the steps: a collapsed tokenizer makes
+    # every later stage meaningless (0 = no check)
+    min_code_perplexity: float = 0.0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -103,7 +109,12 @@ def recipe(preset_name: str) -> dict[str, TrainConfig]:
     return {
         "vae": TrainConfig(stage="vae", steps=vae, batch_size=batch, lr=1e-3, val_every=every(vae)),
         "image": TrainConfig(
-            stage="image", steps=image, batch_size=batch, lr=5e-4, val_every=every(image)
+            stage="image",
+            steps=image,
+            batch_size=batch,
+            lr=5e-4,
+            val_every=every(image),
+            min_code_perplexity=0.0 if preset_name == "tiny" else 4.0,
         ),
         "lmm": TrainConfig(stage="lmm", steps=lmm, batch_size=batch, lr=5e-4, val_every=every(lmm)),
         "sft": TrainConfig(stage="sft", steps=sft, batch_size=users, lr=1e-3, val_every=every(sft)),
@@ -394,6 +405,7 @@ def train_stage(
     )
     stop_at = config.steps if stop_after is None else min(config.steps, start_step + stop_after)
     done = start_step
+    health: dict[str, float] = {}
     for step in bar:
         if step >= stop_at:
             break
@@ -425,9 +437,13 @@ def train_stage(
         last = step == config.steps - 1
         if (step + 1) % config.val_every == 0 or last or step + 1 == stop_at:
             val = validate(module, data, config, device, pairs)
+            if stage == "image":
+                health = tokenizer_health(model, data, config, device)
             if dist.main:
-                logf.write(json.dumps({"step": step, "val_loss": val}) + "\n")
+                logf.write(json.dumps({"step": step, "val_loss": val, **health}) + "\n")
                 logf.flush()
+            check_tokenizer(health, config, step)
+            if dist.main:
                 save_checkpoint(model, tokenizer, out / "last", overwrite=True)
                 if val < best:
                     best = val
@@ -445,6 +461,7 @@ def train_stage(
         "best_val_loss": best,
         "seconds": round(time.perf_counter() - started, 1),
         "world_size": dist.world,
+        **({"tokenizer": health} if health else {}),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "out": str(out),
     }
@@ -458,6 +475,40 @@ def _global_mean(value: float, dist: Dist) -> float:
     t = torch.tensor([value])
     td.all_reduce(t)
     return float(t) / dist.world
+
+
+@torch.no_grad()
+def tokenizer_health(model, data, config: TrainConfig, device: str) -> dict[str, float]:
+    """The history encoder on fixed validation images, as serving runs it (eval mode): the
+    perplexity of its codes over kept tokens and the share of patches it keeps."""
+    from pigeon.models.history_encoder import code_perplexity
+
+    encoder = model.history_encoder
+    was_training = encoder.training
+    encoder.eval()
+    images, _ = data.images(step_rng(config.seed + 2_000_003, 0), config.batch_size)
+    ids, keep = encoder(O.encoder_input(model, to_tensor(images).to(device)))
+    encoder.train(was_training)
+    return {
+        "code_perplexity": round(code_perplexity(ids, keep, encoder.config.codebook_size), 2),
+        "keep_ratio": round(float(keep.float().mean()), 3),
+    }
+
+
+def check_tokenizer(health: dict, config: TrainConfig, step: int) -> None:
+    """Stop the image stage when its tokenizer has collapsed (see TrainConfig.min_code_perplexity)."""
+    if not health or step + 1 < config.steps // 4:
+        return
+    if health["code_perplexity"] < config.min_code_perplexity:
+        raise TrainingError(
+            f"image stage, step {step + 1}: the tokenizer has collapsed: code perplexity "
+            f"{health['code_perplexity']} < train.min_code_perplexity={config.min_code_perplexity} "
+            f"(keep ratio {health['keep_ratio']}); later stages would learn nothing from its tokens"
+        )
+
+
+class TrainingError(RuntimeError):
+    """A stage that cannot produce a useful model; the message says why."""
 
 
 @torch.no_grad()

@@ -112,10 +112,21 @@ def image_objective(
 ) -> torch.Tensor:
     """LaVIT's tokenizer + diffusion decoder: denoise the image's latents conditioned on its own tokens.
 
+    The token budget (`keep_budget`) acts on the keep decision serving makes: a budget on the mean
+    p(keep) alone is met by every patch at p = 0.6, which serving then keeps in full (the collapsed
+    small run kept every patch). In training mode the codebook's dead codes are restarted on the
+    previous step's encoder outputs (after its backward, before this step uses the codebook).
+
     alphas_cumprod: (T,) from `pigeon.diffusion.scheduler.alphas_cumprod`.
     """
     b = images.shape[0]
-    tok = model.history_encoder.tokenize(encoder_input(model, images))
+    encoder = model.history_encoder
+    quantizer = encoder.quantizer
+    if encoder.training and hasattr(quantizer, "observed"):  # the previous step's codes
+        quantizer.restart_dead_codes(*quantizer.observed)  # before this step's graph uses them
+    tok = encoder.tokenize(encoder_input(model, images))
+    if encoder.training:
+        quantizer.observed = (tok.token_ids, tok.encoded.detach(), tok.token_keep.detach())
     prompt_embeds, pooled, _ = model.condition_adapter(tok.quantized, tok.token_keep)
     drop = (torch.rand(b, device=images.device) < uncond_prob).to(prompt_embeds.dtype)
     prompt_embeds = prompt_embeds * (1 - drop)[:, None, None]  # CFG: zero negatives
@@ -141,8 +152,15 @@ def image_objective(
         target = a_t.sqrt() * noise - (1 - a_t).sqrt() * latents
     else:
         target = noise
-    budget = (tok.keep_prob.mean() - keep_target) ** 2
+    budget = keep_budget(tok.keep_prob, keep_target)
     return losses.diffusion_loss(pred, target) + tok.commit_loss + budget_weight * budget
+
+
+def keep_budget(keep_prob: torch.Tensor, target: float) -> torch.Tensor:
+    """(share of patches serving keeps - target)^2, where serving keeps p(keep) > 0.5; the gradient
+    reaches p(keep) straight through. keep_prob (batch, P)."""
+    kept = (keep_prob > 0.5).to(keep_prob.dtype) - keep_prob.detach() + keep_prob
+    return (kept.mean() - target) ** 2
 
 
 # ------------------------------------------------------------------------------------------------
