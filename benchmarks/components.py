@@ -61,9 +61,18 @@ def main() -> None:
                 )
             except Exception as exc:  # torch.compile: "where it works"; the reason is kept
                 row[backend] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-                append_jsonl(args.out, {"benchmark": "components", "time": timestamp(),
-                                        "env": env, "preset": args.preset, "component": name,
-                                        "backend": backend, "error": row[backend]["error"]})
+                append_jsonl(
+                    args.out,
+                    {
+                        "benchmark": "components",
+                        "time": timestamp(),
+                        "env": env,
+                        "preset": args.preset,
+                        "component": name,
+                        "backend": backend,
+                        "error": row[backend]["error"],
+                    },
+                )
                 continue
             row[backend] = stats
             append_jsonl(

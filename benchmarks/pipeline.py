@@ -31,11 +31,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="default: the preset's")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--out", default="benchmarks/results/pipeline.jsonl")
-    parser.add_argument("--sweep", action="store_true",
-                        help="also sweep history length and sampler/steps (ONNX Runtime)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="model config override, e.g. personalizer.max_history=20 (with "
-                        "personalizer.max_positions=4096) for the long-history sweep")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also sweep history length and sampler/steps (ONNX Runtime)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model config override, e.g. personalizer.max_history=20 (with "
+        "personalizer.max_positions=4096) for the long-history sweep",
+    )
     args = parser.parse_args()
 
     from pigeon.checkpoint import load_checkpoint
@@ -101,8 +109,9 @@ def sweep(pipe, config, args, env) -> None:
     lengths = sorted({n for n in (1, 5, 10, 20) if n <= max_history} | {max_history})
     for n in lengths:
         history = (base.history * n)[:n]
-        rows.append((f"history={n}", dataclasses.replace(base, history=history, steps=25,
-                                                         sampler="ddim")))
+        rows.append(
+            (f"history={n}", dataclasses.replace(base, history=history, steps=25, sampler="ddim"))
+        )
     rows.append(("ddim 25 steps", dataclasses.replace(base, steps=25, sampler="ddim")))
     rows.append(("dpmpp_2m 10 steps", dataclasses.replace(base, steps=10, sampler="dpmpp_2m")))
     print(f"\nsweep (ONNX Runtime, {args.runs} runs each)")
@@ -111,10 +120,19 @@ def sweep(pipe, config, args, env) -> None:
         pipe(request)
         totals = [pipe(request)[0].timings["total"] for _ in range(args.runs)]
         stats = percentiles(totals)
-        append_jsonl(args.out, {"benchmark": "pipeline_sweep", "time": timestamp(), "env": env,
-                                "preset": args.preset, "overrides": args.set,
-                                "backend": "onnxruntime", "case": name,
-                                "seconds": stats})
+        append_jsonl(
+            args.out,
+            {
+                "benchmark": "pipeline_sweep",
+                "time": timestamp(),
+                "env": env,
+                "preset": args.preset,
+                "overrides": args.set,
+                "backend": "onnxruntime",
+                "case": name,
+                "seconds": stats,
+            },
+        )
         print(f"  {name:<20} p50 {stats['p50'] * 1e3:8.1f} ms  p90 {stats['p90'] * 1e3:8.1f} ms")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"  peak RSS of this process (both backends loaded): {peak:.0f} MiB")

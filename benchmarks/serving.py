@@ -49,20 +49,25 @@ def user_request(size: int, seed: int, returning: bool) -> dict:
     }
 
 
-def build_repository(checkpoint: Path, artifacts: Path, root: Path, unet_batching: bool,
-                     serving) -> Path:
-    import dataclasses
-
+def build_repository(checkpoint: Path, artifacts: Path, root: Path, variant: str, serving) -> Path:
+    """The cpu repository for one server variant (SERVER_VARIANTS), version 1 published once."""
     from pigeon.checkpoint import load_config
     from pigeon.serving.repository import publish_version, write_configs
 
-    repo = root / ("cpu" if unet_batching else "cpu-nobatch")
+    repo = root / f"cpu-{variant}"
     if not (repo / "pigeon" / "1").exists():
         shutil.rmtree(repo, ignore_errors=True)
         publish_version(repo, checkpoint, artifacts, 1)
-    write_configs(repo, load_config(checkpoint),
-                  dataclasses.replace(serving, unet_dynamic_batching=unet_batching), "cpu")
+    write_configs(repo, load_config(checkpoint), SERVER_VARIANTS[variant](serving), "cpu")
     return repo
+
+
+# server variants, each a change to the given ServingConfig; the first is the deployment default
+SERVER_VARIANTS = {
+    "batched": lambda s: dataclasses.replace(s, unet_dynamic_batching=True),
+    "unbatched": lambda s: dataclasses.replace(s, unet_dynamic_batching=False),
+    "unet-in-process": lambda s: dataclasses.replace(s, unet_in_process=True),
+}
 
 
 def stats_snapshot(client) -> dict[str, dict[str, float]]:
@@ -140,8 +145,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 request per level")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--results", default=str(RESULTS), help="folder for JSON lines and plots")
-    parser.add_argument("--serving", default=None, help="serving.json (ServingConfig) to serve with")
-    parser.add_argument("--no-unbatched", action="store_true", help="skip the batching-off server")
+    parser.add_argument(
+        "--serving", default=None, help="serving.json (ServingConfig) to serve with"
+    )
+    parser.add_argument(
+        "--skip-variants",
+        nargs="+",
+        choices=[v for v in SERVER_VARIANTS if v != "batched"],
+        help="server variants not to run (default: all of them)",
+    )
     args = parser.parse_args()
     results = Path(args.results)
     if args.quick:
@@ -198,15 +210,22 @@ def main() -> None:
     record["machine_peak_flops"] = machine_peak_flops()
     floor_s = sum(flops.values()) / record["machine_peak_flops"]
 
-    # 3. served, dynamic batching on, then off
+    # 3. served: dynamic batching on (every protocol and level), then the other server variants
+    #    (gRPC at the lowest and highest concurrency)
     levels = {}
-    for batching in (True,) if args.no_unbatched else (True, False):
-        repo = build_repository(checkpoint, artifacts, workdir / "repo", batching, serving)
+    variants = [v for v in SERVER_VARIANTS if v not in (args.skip_variants or [])]
+    for variant in variants:
+        batching = variant == "batched"
+        repo = build_repository(checkpoint, artifacts, workdir / "repo", variant, serving)
         with TritonServer(repo) as server, PigeonClient(server.grpc_url, "grpc") as stats_client:
             warm = [user_request(size, i, True) for i in range(2)]
             run_level(server.grpc_url, "grpc", 1, warm, steps, args.max_seconds)
             protocols = args.protocols if batching else ["grpc"]
-            concurrencies = args.concurrency if batching else [max(args.concurrency)]
+            concurrencies = (
+                args.concurrency
+                if batching
+                else sorted({min(args.concurrency), max(args.concurrency)})
+            )
             for protocol in protocols:
                 url = server.grpc_url if protocol == "grpc" else server.http_url
                 for c in concurrencies:
@@ -214,10 +233,10 @@ def main() -> None:
                     before = stats_snapshot(stats_client)
                     level = run_level(url, protocol, c, reqs, steps, args.max_seconds)
                     level["models"] = stats_delta(before, stats_snapshot(stats_client))
-                    levels[f"{'batched' if batching else 'unbatched'}/{protocol}/c{c}"] = level
+                    levels[f"{variant}/{protocol}/c{c}"] = level
                     lat = level["latency_s"]
                     print(
-                        f"{'batching on ' if batching else 'batching off'} {protocol:<4} c={c:<3}"
+                        f"{variant:<15} {protocol:<4} c={c:<3}"
                         f" p50 {lat['p50'] * 1e3 if lat else float('nan'):8.1f} ms  "
                         f"{level['throughput_rps']:6.2f} req/s  errors {len(level['errors'])}",
                         flush=True,
@@ -251,6 +270,18 @@ def report(record: dict, floor_s: float, quick: bool, results: Path) -> None:
             f"Triton gRPC c=1 p50 {c1['p50'] * 1e3:.1f} ms ({c1['p50'] / base - 1:+.1%} vs in "
             f"process); efficiency {floor_s / c1['p50']:.0%} of peak"
         )
+    for variant in SERVER_VARIANTS:
+        points = sorted(
+            (int(k.split("/c")[1]), v)
+            for k, v in levels.items()
+            if k.startswith(f"{variant}/grpc/") and v["latency_s"]
+        )
+        for c, v in points:
+            print(
+                f"{variant:<15} gRPC c={c:<3} p50 {v['latency_s']['p50'] * 1e3:8.1f} ms "
+                f"({v['latency_s']['p50'] / base - 1:+.1%} vs in process), "
+                f"{v['throughput_rps']:.2f} req/s"
+            )
     rates = {k: v["throughput_rps"] for k, v in levels.items() if k.startswith("batched/grpc/")}
     if "batched/grpc/c1" in rates and "batched/grpc/c8" in rates:
         print(f"throughput c=8 / c=1: {rates['batched/grpc/c8'] / rates['batched/grpc/c1']:.2f}x")

@@ -274,6 +274,9 @@ class ServingConfig:
     # generated token (each call ships the whole KV cache between processes); the file is the same
     # version's, hash-checked. The gpu target always calls the TensorRT personalizer through BLS.
     personalizer_in_process: bool = True
+    # cpu target: denoise runs the UNet's ONNX file itself instead of two BLS calls' worth of copies
+    # per step; concurrent users' steps then no longer meet in the UNet's dynamic batcher
+    unet_in_process: bool = field(default=False, metadata=_ADDED)
     # ONNX Runtime session settings, for the Triton models (config.pbtxt parameters) and the in-process
     # runner alike (pigeon.inference.runners.OrtOptions.from_serving); ort_threads is the intra-op count
     ort_inter_op_threads: int = field(default=1, metadata=_ADDED)  # used by execution mode parallel
@@ -458,9 +461,7 @@ def from_dict(cls: type, data: dict[str, Any], *, where: str = "config") -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r} for {cls.__name__}")
-    added_later = {
-        f.name for f in dataclasses.fields(cls) if "added_after_format" in f.metadata
-    }
+    added_later = {f.name for f in dataclasses.fields(cls) if "added_after_format" in f.metadata}
     missing = sorted(names - set(data) - added_later)
     if missing:
         raise ConfigError(f"{where}: missing key {missing[0]!r} for {cls.__name__}")

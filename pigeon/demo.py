@@ -167,9 +167,7 @@ MODEL_TEXT = {
 }
 
 
-def report(
-    rows: list[dict], out: Path, model: str, training: dict, latencies: list[float]
-) -> None:
+def report(rows: list[dict], out: Path, model: str, training: dict, latencies: list[float]) -> None:
     def img(image: np.ndarray, title: str = "") -> str:
         data = base64.b64encode(png_bytes(image)).decode()
         return f'<img src="data:image/png;base64,{data}" title="{html.escape(title)}" class="px">'

@@ -151,6 +151,23 @@ def test_concurrent_requests_share_unet_executions(served):
     assert executions < inferences / 2  # dynamic batching merged steps of different users
 
 
+def test_unet_in_process_gives_the_same_image_without_calling_the_unet_model(
+    tmp_path, checkpoint_dir
+):
+    """ServingConfig.unet_in_process: denoise runs the UNet's file itself (no BLS per step)."""
+    repo = tmp_path / "repo"
+    export_all(checkpoint_dir, repo, 1, serving=ServingConfig(unet_in_process=True))
+    denoise = (repo / "cpu" / "denoise" / "config.pbtxt").read_text()
+    assert 'key: "unet_in_process"' in denoise
+    with TritonServer(repo / "cpu") as server:
+        deploy(server.http_url, repo / "cpu", 1)
+        image, _ = served_image(server, strength=0.5)
+        assert int(model_stats(server, "unet").get("inference_count", 0)) == 0  # 0 is omitted
+        assert int(model_stats(server, "vae_encoder")["inference_count"]) == 1  # still over BLS
+    expected = in_process(checkpoint_dir, repo, 1, strength=0.5)
+    assert np.abs(image.astype(int) - expected.astype(int)).max() <= 2
+
+
 BOMB = png(np.zeros((1, 1, 3), np.uint8))
 
 

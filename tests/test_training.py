@@ -211,7 +211,9 @@ def test_dead_codes_move_onto_encoder_outputs_and_live_ones_stay():
 def test_keep_budget_judges_the_decision_serving_makes():
     p = torch.full((2, 10), 0.6, requires_grad=True)
     budget = O.keep_budget(p, 0.6)
-    assert float(budget.detach()) == pytest.approx(0.16)  # p = 0.6 everywhere: serving keeps every patch
+    assert float(budget.detach()) == pytest.approx(
+        0.16
+    )  # p = 0.6 everywhere: serving keeps every patch
     budget.backward()
     assert (p.grad > 0).all()  # descent lowers p(keep)
     assert float(O.keep_budget(torch.tensor([[0.9, 0.8, 0.2, 0.1, 0.4]]), 0.4)) == 0

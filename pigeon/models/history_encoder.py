@@ -137,7 +137,11 @@ class Quantizer(nn.Module):
 
     @torch.no_grad()
     def restart_dead_codes(
-        self, ids: torch.Tensor, z: torch.Tensor, keep: torch.Tensor, decay: float = 0.9,
+        self,
+        ids: torch.Tensor,
+        z: torch.Tensor,
+        keep: torch.Tensor,
+        decay: float = 0.9,
         dead_share: float = 0.05,
     ) -> int:
         """Update `usage` with this batch's kept tokens, then move every code used less than

@@ -33,7 +33,7 @@ from pigeon.inference.pipeline import (
     codes_to_tokens,
     request_streams,
 )
-from pigeon.inference.runners import OrtOptions
+from pigeon.inference.runners import OrtOptions, OrtRunner
 from pigeon.serving.images import ImageError, encode_png, load_image, to_model_input, to_uint8
 from pigeon.specs import component_specs
 from pigeon.vocab import TextTokenizer
@@ -274,35 +274,46 @@ class PreprocessModel(_Model):
         }
 
 
-class LocalPersonalizerRunner(BlsRunner):
-    """BLS for every component but the personalizer, which runs here on ONNX Runtime: its token loop
-    makes one call per generated token, and over BLS each call would copy the whole KV cache between
-    processes."""
+class InProcessRunner(BlsRunner):
+    """BLS for most components, ONNX Runtime in this process for the few a loop calls many times:
+    the personalizer (one call per generated token; over BLS each call would copy the whole KV cache
+    between processes) and, when configured, the UNet (two calls' worth of latents and embeddings
+    per denoising step). Each file is this same version's, checked against its manifest."""
 
-    def __init__(self, config: Any, onnx_path: Path, options: OrtOptions) -> None:
+    def __init__(
+        self, config: Any, version_dir: Path, components: list[str], options: OrtOptions
+    ) -> None:
         super().__init__(config)
-        self.session = options.session(onnx_path)
+        files = {}
+        for name in components:
+            folder = version_dir.parent.parent / name / version_dir.name
+            verify_version_files(folder, name)
+            files[name] = folder / "model.onnx"
+        self.local = OrtRunner.from_files(files, config, options)
 
     def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if component != "personalizer":
-            return super().run(component, feeds)
-        spec = self.specs[component]
-        outputs = self.session.run(spec.output_names, {n: feeds[n] for n in spec.input_names})
-        return dict(zip(spec.output_names, outputs, strict=True))
+        if component in self.local.sessions:
+            return self.local.run(component, feeds)
+        return super().run(component, feeds)
+
+
+def _runner(model: _Model, config: Any, local: dict[str, str]) -> BlsRunner:
+    """BLS, or an InProcessRunner for the components whose parameter (local: parameter -> component)
+    is "true" in this model's config.pbtxt."""
+    parameters = model.model_config.get("parameters", {})
+    components = [
+        c for key, c in local.items() if parameters.get(key, {}).get("string_value") == "true"
+    ]
+    if not components:
+        return BlsRunner(config)
+    options = OrtOptions.from_parameters(parameters)
+    return InProcessRunner(config, model.version_dir, components, options)
 
 
 class PersonalizeModel(_Model):
     def setup(self) -> None:
         config, tokenizer = self.pipeline_files()
-        parameters = self.model_config.get("parameters", {})
-        local = parameters.get("personalizer_in_process", {}).get("string_value") == "true"
-        runner: BlsRunner = BlsRunner(config)
-        if local:
-            # the personalizer of this same version, checked against its manifest
-            folder = self.version_dir.parent.parent / "personalizer" / self.version_dir.name
-            verify_version_files(folder, "personalizer")
-            options = OrtOptions.from_parameters(parameters)
-            runner = LocalPersonalizerRunner(config, folder / "model.onnx", options)
+        runner = _runner(self, config, {"personalizer_in_process": "personalizer"})
         self.pipeline = PigeonPipeline(config, tokenizer, runner)
 
     def handle(self, request: Any) -> dict[str, np.ndarray]:
@@ -329,7 +340,8 @@ class PersonalizeModel(_Model):
 class DenoiseModel(_Model):
     def setup(self) -> None:
         config, tokenizer = self.pipeline_files()
-        self.pipeline = PigeonPipeline(config, tokenizer, BlsRunner(config))
+        runner = _runner(self, config, {"unet_in_process": "unet"})
+        self.pipeline = PigeonPipeline(config, tokenizer, runner)
 
     def handle(self, request: Any) -> dict[str, np.ndarray]:
         start = time.perf_counter()

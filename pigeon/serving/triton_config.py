@@ -292,10 +292,13 @@ def python_config(
         + _io_block(inputs, outputs)
         + f"instance_group [ {{ count: {count}\n  kind: KIND_CPU }} ]\n"
     )
-    if name == "personalize" and target == "cpu" and serving.personalizer_in_process:
-        text += _parameters(
-            {"personalizer_in_process": "true", **OrtOptions.from_serving(serving).to_parameters()}
-        )
+    local = {
+        "personalize": ("personalizer_in_process", serving.personalizer_in_process),
+        "denoise": ("unet_in_process", serving.unet_in_process),
+    }
+    if target == "cpu" and name in local and local[name][1]:
+        key = local[name][0]
+        text += _parameters({key: "true", **OrtOptions.from_serving(serving).to_parameters()})
     return text
 
 
