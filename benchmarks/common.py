@@ -104,9 +104,27 @@ def prepare(
             TextTokenizer(train_text_tokenizer(DEFAULT_CORPUS, size), size),
             checkpoint,
         )
-    if not (artifacts / "manifest.json").exists():
-        export_onnx(checkpoint, artifacts, precision=precision)
+    if stale(artifacts, checkpoint):
+        export_onnx(checkpoint, artifacts, precision=precision, overwrite=True)
     return checkpoint, artifacts
+
+
+def stale(artifacts: Path, checkpoint: Path) -> bool:
+    """No artifacts yet, or ones made from another checkpoint or missing a declared component (an
+    older export)."""
+    import json
+
+    from pigeon.checkpoint import load_checkpoint
+    from pigeon.specs import component_specs
+
+    manifest = artifacts / "manifest.json"
+    if not manifest.exists():
+        return True
+    built = json.loads(manifest.read_text())
+    ckpt = load_checkpoint(checkpoint)
+    return built["checkpoint_sha256"] != ckpt.digest or set(built["components"]) != set(
+        component_specs(ckpt.config)
+    )
 
 
 def procedural_request(size: int, steps: int | None = None):

@@ -329,3 +329,43 @@ def test_variants_benchmark_writes_the_trade_off_record(checkpoint_dir, tmp_path
         if data.is_dir():
             assert 0 <= row["quality"]["StyleAcc"] <= 1 and 0 <= row["quality"]["ConceptR@5"] <= 1
     assert "| int8 |" in res.stdout
+
+
+def test_fp16_keeps_a_component_whose_argmax_flips_in_fp32_and_says_why(checkpoint_dir, tmp_path):
+    """A codebook of near-identical codes: in fp16 the nearest code flips for most tokens."""
+    import torch
+
+    from pigeon.checkpoint import save_checkpoint
+
+    ckpt = load_checkpoint(checkpoint_dir)
+    codebook = ckpt.model.history_encoder.quantizer.codebook.weight
+    with torch.no_grad():
+        codebook.copy_(codebook[:1] + 1e-3 * torch.randn_like(codebook))
+    clustered = save_checkpoint(ckpt.model, ckpt.tokenizer, tmp_path / "clustered")
+    with pytest.raises(ToleranceError, match="history_encoder.token_ids"):
+        export_onnx(
+            clustered,
+            tmp_path / "strict",
+            precision="fp16",
+            components=["history_encoder"],
+            strict=True,
+        )
+    assert not (tmp_path / "strict").exists()
+    manifest = export_onnx(
+        clustered, tmp_path / "a", precision="fp16", components=["history_encoder", "unet"]
+    )
+    encoder, unet = manifest["components"]["history_encoder"], manifest["components"]["unet"]
+    assert encoder["precision"] == "fp32"
+    assert "history_encoder.token_ids" in encoder["kept_fp32_because"]
+    assert "precision" not in unet  # the UNet has no discrete output: fp16 as asked
+    import onnx
+
+    weights = onnx.load(str(tmp_path / "a" / "history_encoder" / "model.onnx")).graph.initializer
+    assert onnx.TensorProto.FLOAT16 not in {w.data_type for w in weights}
+    # the kept file is the one the manifest hashes, and it reproduces PyTorch's codes exactly
+    runner = OrtRunner.from_artifacts(tmp_path / "a", load_checkpoint(clustered).config)
+    spec = component_specs(load_checkpoint(clustered).config)["history_encoder"]
+    feeds = sample_inputs(spec, load_checkpoint(clustered).config, "opt")
+    expected = TorchRunner(load_checkpoint(clustered).model).run("history_encoder", feeds)
+    got = runner.run("history_encoder", feeds)
+    assert np.array_equal(got["token_ids"], expected["token_ids"])

@@ -30,11 +30,11 @@ import torch
 from torch.export import Dim
 
 from pigeon.checkpoint import Checkpoint, load_checkpoint
-from pigeon.export.errors import ExportError
+from pigeon.export.errors import ExportError, ToleranceError
 from pigeon.export.manifest import MANIFEST, MANIFEST_FORMAT
 from pigeon.export.validate import check_graph_io, normalize_dim_names, validate
 from pigeon.files import replace_dir, sha256_file, staging_dir
-from pigeon.inference.runners import OrtRunner, TorchRunner
+from pigeon.inference.runners import OrtOptions, OrtRunner, TorchRunner
 from pigeon.models.export_wrappers import export_module
 from pigeon.specs import ComponentSpec, component_specs, sample_inputs
 
@@ -161,6 +161,11 @@ def _keep_fp32_islands(graph: onnx.GraphProto, fp32_weights: dict) -> None:
             n.input[0] = name
 
 
+def has_discrete_output(spec: ComponentSpec) -> bool:
+    """Integer outputs (token ids, keep flags) come from an argmax or a threshold."""
+    return any(t.dtype == "int64" for t in spec.outputs)
+
+
 def topological_sort(graph: onnx.GraphProto) -> None:
     """Reorder nodes so each comes after its inputs' producers (the fp16 converter appends its input
     casts at the end, which the ONNX checker rejects)."""
@@ -227,6 +232,9 @@ def export_onnx(
     purpose: validation must then reject it and nothing is written). int8 and mixed are made from a
     validated fp32 export by `pigeon.export.quantize` (`calibration`: a `Calibration`; `strict`: a
     component that fails its int8 validation is an error instead of kept in higher precision).
+    fp16: a component with integer outputs (an argmax or threshold, e.g. the history encoder's
+    nearest code) that fails fp16 validation is kept in fp32 and the manifest says why, unless
+    `strict`; any other failure is an error.
     """
     if precision not in PRECISIONS:
         raise ExportError(f"precision={precision!r} is not one of {list(PRECISIONS)}")
@@ -285,13 +293,36 @@ def export_onnx(
             {n: staging / e["file"] for n, e in entries.items()}, ckpt.config
         )
         for name, entry in entries.items():
-            errors = validate(
-                specs[name],
-                ckpt.config,
-                precision,
-                lambda f, n=name: reference.run(n, f),
-                lambda f, n=name: artifact.run(n, f),
-            )
+            try:
+                errors = validate(
+                    specs[name],
+                    ckpt.config,
+                    precision,
+                    lambda f, n=name: reference.run(n, f),
+                    lambda f, n=name: artifact.run(n, f),
+                )
+            except ToleranceError as exc:
+                if precision != "fp16" or strict or not has_discrete_output(specs[name]):
+                    raise
+                # an argmax or threshold in fp16 flips where its candidates are close: keep the
+                # component in fp32, say so in the manifest, and validate that instead
+                log.warning("%s: fp16 fails validation (%s); kept in fp32", name, exc)
+                shutil.rmtree(staging / name)
+                proto = to_onnx(ckpt.model, specs[name], ckpt.config, entry["opset"])
+                check_graph_io(specs[name], proto)
+                save_onnx(proto, staging / entry["file"])
+                artifact.sessions[name] = OrtOptions(session_reuse=False).session(
+                    staging / entry["file"]
+                )
+                entry["precision"] = "fp32"
+                entry["kept_fp32_because"] = str(exc)
+                errors = validate(
+                    specs[name],
+                    ckpt.config,
+                    "fp32",
+                    lambda f, n=name: reference.run(n, f),
+                    lambda f, n=name: artifact.run(n, f),
+                )
             entry["max_error"] = errors
             entry["files"] = {p.name: sha256_file(p) for p in sorted((staging / name).iterdir())}
             log.info(
