@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
+import json
 import shutil
 import threading
 import time
@@ -55,7 +56,14 @@ def build_repository(checkpoint: Path, artifacts: Path, root: Path, variant: str
     from pigeon.serving.repository import publish_version, write_configs
 
     repo = root / f"cpu-{variant}"
-    if not (repo / "pigeon" / "1").exists():
+    built = repo / "unet" / "1" / "manifest.json"
+    source = json.loads((artifacts / "manifest.json").read_text())
+    components = set(source["components"])
+    if (
+        not (repo / "pigeon" / "1").exists()
+        or not all((repo / c / "1").exists() for c in components)
+        or json.loads(built.read_text()).get("checkpoint_sha256") != source["checkpoint_sha256"]
+    ):  # none yet, or published from older artifacts
         shutil.rmtree(repo, ignore_errors=True)
         publish_version(repo, checkpoint, artifacts, 1)
     write_configs(repo, load_config(checkpoint), SERVER_VARIANTS[variant](serving), "cpu")
