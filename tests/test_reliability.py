@@ -327,9 +327,8 @@ def test_load_of_mixed_requests_loses_nothing(served, tmp_path):
     print(json.dumps({k: record[k] for k in ("total", "memory_bytes", "checks")}, indent=1))
 
 
-@pytest.mark.slow
-def test_long_load_run_holds(tmp_path):
-    """The standalone tool at its documented size (thousands of requests, concurrency 1, 8, 32)."""
+def run_load_tool(tmp_path, requests: int, concurrency: str, limit_s: int) -> dict:
+    """`python -m benchmarks.load` as a user runs it; returns its JSON line."""
     out = tmp_path / "load.jsonl"
     res = subprocess.run(
         [
@@ -337,11 +336,11 @@ def test_long_load_run_holds(tmp_path):
             "-m",
             "benchmarks.load",
             "--requests",
-            "3000",
+            str(requests),
             "--concurrency",
-            "1,8,32",
+            concurrency,
             "--duration-limit",
-            "3600",
+            str(limit_s),
             "--workdir",
             str(tmp_path / "w"),
             "--out",
@@ -350,10 +349,22 @@ def test_long_load_run_holds(tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=4000,
+        timeout=limit_s + 400,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    record = json.loads(out.read_text().splitlines()[-1])
+    return json.loads(out.read_text().splitlines()[-1])
+
+
+def test_load_tool_runs_end_to_end(tmp_path):
+    """The standalone tool, CI-sized: its own repository build, server, mix and checks."""
+    record = run_load_tool(tmp_path, 40, "1,4", 300)
+    assert record["held"] and record["total"]["sent"] == 40 and record["total"]["failed"] == 0
+
+
+@pytest.mark.slow
+def test_long_load_run_holds(tmp_path):
+    """The standalone tool at its documented size (thousands of requests, concurrency 1, 8, 32)."""
+    record = run_load_tool(tmp_path, 3000, "1,8,32", 3600)
     assert record["held"] and record["total"]["sent"] == 3000 and record["total"]["failed"] == 0
 
 
