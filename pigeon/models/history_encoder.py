@@ -150,23 +150,24 @@ class Quantizer(nn.Module):
 
         ids (batch, P), z (batch, P, code_dim), keep (batch, P) hard 0/1."""
         kept = keep.reshape(-1) > 0.5
-        if not kept.any():
-            return 0
         size = self.usage.numel()
-        counts = torch.bincount(ids.reshape(-1)[kept], minlength=size).to(self.usage)
-        self.usage.mul_(decay).add_(counts / counts.sum(), alpha=1 - decay)
-        dead = (self.usage < dead_share / size).nonzero().squeeze(1)
-        if dead.numel() == 0:
-            return 0
-        pool = z.reshape(-1, z.shape[-1])[kept]
-        pick = torch.randint(0, pool.shape[0], (dead.numel(),), device=pool.device)
-        noise = 0.01 * torch.randn(dead.numel(), pool.shape[1], device=pool.device)
-        self.codebook.weight[dead] = (pool[pick] + noise).to(self.codebook.weight.dtype)
-        self.usage[dead] = 1.0 / size  # a grace period before it can be judged dead again
+        moved = 0
+        if kept.any():  # always, in practice: the selector keeps at least one patch per image
+            counts = torch.bincount(ids.reshape(-1)[kept], minlength=size).to(self.usage)
+            self.usage.mul_(decay).add_(counts / counts.sum(), alpha=1 - decay)
+            dead = (self.usage < dead_share / size).nonzero().squeeze(1)
+            moved = int(dead.numel())
+            if moved:
+                pool = z.reshape(-1, z.shape[-1])[kept]
+                pick = torch.randint(0, pool.shape[0], (moved,), device=pool.device)
+                noise = 0.01 * torch.randn(moved, pool.shape[1], device=pool.device)
+                self.codebook.weight[dead] = (pool[pick] + noise).to(self.codebook.weight.dtype)
+                self.usage[dead] = 1.0 / size  # a grace period before it can be judged dead again
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.broadcast(self.codebook.weight, 0)  # every rank, rank 0's codebook
+            # every rank takes rank 0's codebook, on every call (a collective all ranks must join)
+            torch.distributed.broadcast(self.codebook.weight, 0)
             torch.distributed.broadcast(self.usage, 0)
-        return int(dead.numel())
+        return moved
 
 
 def code_perplexity(ids: torch.Tensor, keep: torch.Tensor, codebook_size: int) -> float:
