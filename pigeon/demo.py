@@ -162,8 +162,8 @@ MODEL_TEXT = {
     "small": "the <b>small</b> checkpoint committed in <code>checkpoints/small</code> (every stage of "
     "the recipe on EmojiPrefs on a 2-core CPU; how it was trained: checkpoints/small/TRAINING.md). "
     "Denoising starts from the reference noised to the checkpoint's <code>scheduler.strength</code> "
-    "(image-to-image), so the layout comes from the reference and the style from the personalized "
-    "tokens.",
+    "(image-to-image): the layout comes from the reference, and the style is meant to come from "
+    "the personalized tokens. At this scale it barely does (docs/RESULTS.md measures how little).",
 }
 
 
