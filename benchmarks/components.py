@@ -55,39 +55,26 @@ def main() -> None:
         feeds = sample_inputs(spec, ckpt.config, "opt")
         row = {}
         for backend, runner in runners.items():
+            record = {
+                "benchmark": "components",
+                "time": timestamp(),
+                "env": env,
+                "preset": args.preset,
+                "component": name,
+                "backend": backend,
+            }
             try:
                 stats = measure(
                     lambda r=runner, n=name, f=feeds: r.run(n, f), args.warmup, args.runs
                 )
             except Exception as exc:  # torch.compile: "where it works"; the reason is kept
                 row[backend] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-                append_jsonl(
-                    args.out,
-                    {
-                        "benchmark": "components",
-                        "time": timestamp(),
-                        "env": env,
-                        "preset": args.preset,
-                        "component": name,
-                        "backend": backend,
-                        "error": row[backend]["error"],
-                    },
-                )
+                append_jsonl(args.out, {**record, "error": row[backend]["error"]})
                 continue
             row[backend] = stats
+            shapes = {k: list(v.shape) for k, v in feeds.items()}
             append_jsonl(
-                args.out,
-                {
-                    "benchmark": "components",
-                    "time": timestamp(),
-                    "env": env,
-                    "preset": args.preset,
-                    "component": name,
-                    "backend": backend,
-                    "precision": "fp32",
-                    "shapes": {k: list(v.shape) for k, v in feeds.items()},
-                    "seconds": stats,
-                },
+                args.out, {**record, "precision": "fp32", "shapes": shapes, "seconds": stats}
             )
         eager, ort = row["pytorch"]["p50"], row["onnxruntime"]["p50"]
         shapes = " ".join(f"{k}{list(v.shape)}" for k, v in list(feeds.items())[:2])

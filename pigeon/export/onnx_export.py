@@ -293,14 +293,18 @@ def export_onnx(
             {n: staging / e["file"] for n, e in entries.items()}, ckpt.config
         )
         for name, entry in entries.items():
-            try:
-                errors = validate(
-                    specs[name],
+
+            def check(precision: str, n: str = name) -> dict:
+                return validate(
+                    specs[n],
                     ckpt.config,
                     precision,
-                    lambda f, n=name: reference.run(n, f),
-                    lambda f, n=name: artifact.run(n, f),
+                    lambda f: reference.run(n, f),
+                    lambda f: artifact.run(n, f),
                 )
+
+            try:
+                errors = check(precision)
             except ToleranceError as exc:
                 if precision != "fp16" or strict or not has_discrete_output(specs[name]):
                     raise
@@ -316,13 +320,7 @@ def export_onnx(
                 )
                 entry["precision"] = "fp32"
                 entry["kept_fp32_because"] = str(exc)
-                errors = validate(
-                    specs[name],
-                    ckpt.config,
-                    "fp32",
-                    lambda f, n=name: reference.run(n, f),
-                    lambda f, n=name: artifact.run(n, f),
-                )
+                errors = check("fp32")
             entry["max_error"] = errors
             entry["files"] = {p.name: sha256_file(p) for p in sorted((staging / name).iterdir())}
             log.info(

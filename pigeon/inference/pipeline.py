@@ -55,9 +55,8 @@ class GenerationRequest:
     guidance: float | None = None
     reference_mask_ratio: float | None = None
     sampler: str | None = None
-    strength: float | None = (
-        None  # None: the checkpoint's scheduler.strength (1.0: from pure noise)
-    )
+    # None: the checkpoint's scheduler.strength (1.0: from pure noise)
+    strength: float | None = None
 
 
 @dataclass

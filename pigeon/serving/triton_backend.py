@@ -35,6 +35,7 @@ from pigeon.inference.pipeline import (
 )
 from pigeon.inference.runners import OrtOptions, OrtRunner
 from pigeon.serving.images import ImageError, encode_png, load_image, to_model_input, to_uint8
+from pigeon.serving.triton_config import IN_PROCESS, in_process_key
 from pigeon.specs import component_specs
 from pigeon.vocab import TextTokenizer
 
@@ -297,23 +298,21 @@ class InProcessRunner(BlsRunner):
         return super().run(component, feeds)
 
 
-def _runner(model: _Model, config: Any, local: dict[str, str]) -> BlsRunner:
-    """BLS, or an InProcessRunner for the components whose parameter (local: parameter -> component)
-    is "true" in this model's config.pbtxt."""
+def _runner(model: _Model, config: Any) -> BlsRunner:
+    """BLS, or an InProcessRunner when this model's config.pbtxt turns on running its loop's
+    component here (`triton_config.IN_PROCESS`)."""
+    name = model.model_config["name"]
     parameters = model.model_config.get("parameters", {})
-    components = [
-        c for key, c in local.items() if parameters.get(key, {}).get("string_value") == "true"
-    ]
-    if not components:
+    if parameters.get(in_process_key(name), {}).get("string_value") != "true":
         return BlsRunner(config)
     options = OrtOptions.from_parameters(parameters)
-    return InProcessRunner(config, model.version_dir, components, options)
+    return InProcessRunner(config, model.version_dir, [IN_PROCESS[name]], options)
 
 
 class PersonalizeModel(_Model):
     def setup(self) -> None:
         config, tokenizer = self.pipeline_files()
-        runner = _runner(self, config, {"personalizer_in_process": "personalizer"})
+        runner = _runner(self, config)
         self.pipeline = PigeonPipeline(config, tokenizer, runner)
 
     def handle(self, request: Any) -> dict[str, np.ndarray]:
@@ -340,7 +339,7 @@ class PersonalizeModel(_Model):
 class DenoiseModel(_Model):
     def setup(self) -> None:
         config, tokenizer = self.pipeline_files()
-        runner = _runner(self, config, {"unet_in_process": "unet"})
+        runner = _runner(self, config)
         self.pipeline = PigeonPipeline(config, tokenizer, runner)
 
     def handle(self, request: Any) -> dict[str, np.ndarray]:

@@ -292,14 +292,19 @@ def python_config(
         + _io_block(inputs, outputs)
         + f"instance_group [ {{ count: {count}\n  kind: KIND_CPU }} ]\n"
     )
-    local = {
-        "personalize": ("personalizer_in_process", serving.personalizer_in_process),
-        "denoise": ("unet_in_process", serving.unet_in_process),
-    }
-    if target == "cpu" and name in local and local[name][1]:
-        key = local[name][0]
+    key = in_process_key(name)
+    if target == "cpu" and key and getattr(serving, key):
         text += _parameters({key: "true", **OrtOptions.from_serving(serving).to_parameters()})
     return text
+
+
+# the BLS models whose loop may run one component in their own process (cpu target): the config
+# parameter and the ServingConfig field are both "<component>_in_process"
+IN_PROCESS = {"personalize": "personalizer", "denoise": "unet"}
+
+
+def in_process_key(model: str) -> str | None:
+    return f"{IN_PROCESS[model]}_in_process" if model in IN_PROCESS else None
 
 
 def ensemble_config(config: PipelineConfig) -> str:
