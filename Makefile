@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: venv demo test test-slow bench lint clean
+.PHONY: venv demo test test-slow bench gpu-wheels lint clean
 
 venv: $(VENV)/.installed
 
@@ -30,6 +30,12 @@ test-slow: venv
 
 bench: venv
 	$(BIN)/python -m benchmarks.generate --preset tiny
+
+# What benchmarks/gpu_check.sh needs on a lent GPU machine that its image lacks (it has no network).
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 -d .whl \
+		"diffusers>=0.35,<0.50" importlib_metadata "transformers>=5.24,<6"
 
 lint: venv
 	$(BIN)/python -m ruff check pigeon tests benchmarks

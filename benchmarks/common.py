@@ -87,7 +87,6 @@ def prepare(
     from pigeon.checkpoint import save_checkpoint
     from pigeon.config import apply_overrides
     from pigeon.config import preset as make_preset
-    from pigeon.export.onnx_export import export_onnx
     from pigeon.models.pigeon import PigeonModel
     from pigeon.vocab import DEFAULT_CORPUS, TextTokenizer, train_text_tokenizer
 
@@ -104,9 +103,16 @@ def prepare(
             TextTokenizer(train_text_tokenizer(DEFAULT_CORPUS, size), size),
             checkpoint,
         )
+    export_artifacts(checkpoint, artifacts, precision)
+    return checkpoint, artifacts
+
+
+def export_artifacts(checkpoint: Path, artifacts: Path, precision: str = "fp32") -> None:
+    """Export and validate `checkpoint` into `artifacts` unless an export of it is there already."""
+    from pigeon.export.onnx_export import export_onnx
+
     if stale(artifacts, checkpoint):
         export_onnx(checkpoint, artifacts, precision=precision, overwrite=True)
-    return checkpoint, artifacts
 
 
 def stale(artifacts: Path, checkpoint: Path) -> bool:

@@ -54,7 +54,12 @@ class TorchRunner:
         args = [self.torch.from_numpy(a).to(self.device) for a in _ordered(spec, feeds)]
         with self.torch.inference_mode():
             outputs = self.modules[component](*args)
-        return {n: o.cpu().numpy() for n, o in zip(spec.output_names, outputs, strict=True)}
+        # Under autocast a float output comes back in fp16; the runner contract is the declared
+        # dtype (float32), so numpy-side scheduler math stays in fp32.
+        return {
+            n: (o.float() if o.is_floating_point() else o).cpu().numpy()
+            for n, o in zip(spec.output_names, outputs, strict=True)
+        }
 
 
 GRAPH_OPTIMIZATIONS = ("disable", "basic", "extended", "all")
