@@ -35,11 +35,9 @@ def main() -> None:
     ckpt = load_checkpoint(checkpoint)
     runners = {"pytorch": TorchRunner(ckpt.model)}
     if args.compile:
-        import torch
-
-        compiled = TorchRunner(ckpt.model)
-        compiled.modules = {n: torch.compile(m, dynamic=False) for n, m in compiled.modules.items()}
-        runners["torch.compile"] = compiled
+        runners["torch.compile"] = TorchRunner(
+            ckpt.model, compile={n: "default" for n in component_specs(ckpt.config)}
+        )
     runners["onnxruntime"] = OrtRunner.from_artifacts(artifacts, ckpt.config)
     env = environment()
     print(

@@ -6,9 +6,10 @@
 Phases, each recorded as ok / skipped (why) / failed (error) so one failure never hides the rest:
 1. per component at its opt shape, CUDA-event timings: PyTorch eager fp32 and eager under fp16
    autocast (SDPA then takes the fused flash/memory-efficient kernels);
-2. end to end (`PigeonPipeline`, one procedural request, per-stage wall times) on the device in fp32
-   and fp16 autocast, and the same request on the CPU: the max pixel difference of the device image
-   from the CPU image (same seed: the noise is drawn by numpy, so only arithmetic differs);
+2. end to end (`PigeonPipeline`, one procedural request, per-stage wall times) on the device in fp32,
+   fp16 autocast, and fp16 autocast with `runners.GPU_COMPILE` (torch.compile: CUDA graphs for the
+   fixed-shape components), and the same request on the CPU: the max pixel difference of each device
+   image from the CPU image (same seed: the noise is drawn by numpy, so only arithmetic differs);
 3. ONNX export + validation against PyTorch (CPU ONNX Runtime, as everywhere);
 4. TensorRT fp16 engines (built and validated against ONNX Runtime first) and ONNX Runtime's CUDA
    provider, each timed where it is installed (neither is in the lent machine's image, and neither
@@ -154,34 +155,40 @@ def component_calls(ckpt, model, device: str) -> dict[str, tuple]:
     return calls
 
 
-def time_pipeline(ckpt, device: str, runs: int) -> dict[str, dict]:
-    """Per-stage wall seconds end to end on `device` (fp32, and fp16 autocast on a GPU) and the max
-    pixel difference of each image from the CPU fp32 image of the same request and seed."""
+def time_pipeline(ckpt, device: str, runs: int, modes: list[str]) -> dict[str, dict]:
+    """Per-stage wall seconds end to end on `device` in each of `modes` (fp32, fp16_autocast, and
+    compiled_fp16: fp16 autocast through `GPU_COMPILE`'s torch.compile modes), and each image's pixel
+    difference from the CPU fp32 image of the same request and seed."""
     import contextlib
 
     import torch
 
     from pigeon.inference.pipeline import PigeonPipeline
-    from pigeon.inference.runners import TorchRunner
+    from pigeon.inference.runners import GPU_COMPILE, TorchRunner
 
     request = procedural_request(ckpt.config.image_size)
     cpu_image = PigeonPipeline(ckpt.config, ckpt.tokenizer, TorchRunner(ckpt.model, "cpu"))(
         request
     )[0].image
-    pipe = PigeonPipeline(ckpt.config, ckpt.tokenizer, TorchRunner(ckpt.model, device))
-    modes = {"fp32": contextlib.nullcontext}
-    if device == "cuda":
-        modes["fp16_autocast"] = lambda: torch.autocast("cuda", dtype=torch.float16)
+    compile_modes = GPU_COMPILE if "compiled_fp16" in modes else None
+    fp16 = lambda: torch.autocast(device, dtype=torch.float16)  # noqa: E731
+    contexts = {"fp32": contextlib.nullcontext, "fp16_autocast": fp16, "compiled_fp16": fp16}
+    runner = TorchRunner(ckpt.model, device, compile=compile_modes)
+    pipe = PigeonPipeline(ckpt.config, ckpt.tokenizer, runner)
     out: dict[str, dict] = {}
-    for mode, context in modes.items():
-        with context():
-            image = pipe(request)[0].image  # warm-up, and the image compared with the CPU's
+    for mode in modes:
+        with contexts[mode]():
+            begin = time.perf_counter()
+            image = pipe(request)[0].image  # warm-up (compiles), and the image compared with CPU's
+            first_call = time.perf_counter() - begin
+            pipe(request)
             stages: dict[str, list[float]] = {}
             for _ in range(runs):
                 for stage, seconds in pipe(request)[0].timings.items():
                     stages.setdefault(stage, []).append(seconds)
         diff = np.abs(image.astype(np.int16) - cpu_image.astype(np.int16))
         out[mode] = {
+            "first_call_seconds": first_call,
             "stage_seconds": {s: percentiles(v) for s, v in stages.items()},
             "max_pixel_diff_vs_cpu": int(diff.max()),
             "mean_pixel_diff_vs_cpu": float(diff.mean()),
@@ -246,6 +253,8 @@ def report(device_name: str, args, table: dict, pipeline: dict | None, phases: P
             print(f"{stage:<18}" + "".join(cells))
         diffs = [f"{pipeline[m]['max_pixel_diff_vs_cpu']:>16d}" for m in modes]
         print(f"{'max px diff vs CPU':<18}" + "".join(diffs))
+        firsts = [f"{pipeline[m]['first_call_seconds']:>16.1f}" for m in modes]
+        print(f"{'first call s':<18}" + "".join(firsts))
     print("\nphases")
     for name, outcome in phases.outcomes:
         print(f"  {name:<28} {outcome}")
@@ -287,9 +296,10 @@ def main() -> None:
 
     table = phases.run("components (eager)", lambda: time_components(ckpt, args.device, args.runs))
     table = table or {}
+    eager_modes = ["fp32", "fp16_autocast"] if args.device == "cuda" else ["fp32"]
     pipeline = phases.run(
         "end to end (PigeonPipeline)",
-        lambda: time_pipeline(ckpt, args.device, args.pipeline_runs),
+        lambda: time_pipeline(ckpt, args.device, args.pipeline_runs, eager_modes),
         needs_s=30,
     )
     exported = phases.run(
@@ -318,14 +328,20 @@ def main() -> None:
             needs_s=30,
         )
     if args.skip_compile or args.device != "cuda":
-        phases.skip("unet torch.compile", "--skip-compile or no GPU")
-    elif "unet" in table:
+        phases.skip("torch.compile", "--skip-compile or no GPU")
+    else:
         compiled = phases.run(
             "unet torch.compile",
             lambda: time_compiled_unet(ckpt, args.device, args.runs),
-            needs_s=120,
+            needs_s=60,
         )
-        table["unet"].update(compiled or {})
+        table.setdefault("unet", {}).update(compiled or {})
+        compiled = phases.run(
+            "end to end, compiled",
+            lambda: time_pipeline(ckpt, args.device, args.pipeline_runs, ["compiled_fp16"]),
+            needs_s=90,
+        )
+        pipeline = {**(pipeline or {}), **(compiled or {})}
     append_jsonl(
         RESULTS,
         {

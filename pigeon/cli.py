@@ -52,13 +52,35 @@ def run_init(args: argparse.Namespace) -> dict:
     return {"checkpoint": str(path), "preset": config.preset, "parameters": params}
 
 
-def make_pipeline(checkpoint: str, backend: str, artifacts: str | None, serving=None):
+def make_pipeline(
+    checkpoint: str,
+    backend: str,
+    artifacts: str | None,
+    serving=None,
+    device: str = "cpu",
+    compile: bool = False,
+):
     """A pipeline on the chosen backend; the checkpoint always supplies configs and the tokenizer,
-    `serving` (a ServingConfig) the ONNX Runtime session settings."""
+    `serving` (a ServingConfig) the ONNX Runtime session settings. `device` and `compile` (the
+    `runners.GPU_COMPILE` torch.compile modes) are PyTorch-backend settings."""
+    from pigeon.config import ConfigError
     from pigeon.inference.pipeline import PigeonPipeline
 
     if backend == "pytorch":
-        return PigeonPipeline.from_checkpoint(checkpoint)
+        import torch
+
+        from pigeon.inference.runners import GPU_COMPILE
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(
+                f"--device {device}: torch sees no CUDA GPU here (torch {torch.__version__})"
+            )
+        return PigeonPipeline.from_checkpoint(checkpoint, device, GPU_COMPILE if compile else None)
+    if device != "cpu" or compile:
+        raise ConfigError(
+            f"--device {device} / --compile are PyTorch-backend settings; --backend {backend} takes "
+            "its providers from --serving"
+        )
     from pigeon.checkpoint import CheckpointError, load_checkpoint, load_config
     from pigeon.export.manifest import read_manifest
     from pigeon.inference.runners import OrtOptions, OrtRunner
@@ -89,7 +111,9 @@ def run_generate(args: argparse.Namespace) -> dict:
     reference = load_image(args.reference)
     start = time.perf_counter()
     serving = load_serving(args.serving) if args.serving else None
-    pipe = make_pipeline(args.checkpoint, args.backend, args.artifacts, serving)
+    pipe = make_pipeline(
+        args.checkpoint, args.backend, args.artifacts, serving, args.device, args.compile
+    )
     load_s = time.perf_counter() - start
     request = GenerationRequest(
         history=history,
@@ -551,6 +575,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["pytorch", "onnxruntime"], default="pytorch")
     p.add_argument("--artifacts", default=None, help="ONNX artifact folder (onnxruntime backend)")
     p.add_argument("--serving", default=None, help="serving.json: ONNX Runtime session settings")
+    p.add_argument("--device", default="cpu", help="pytorch backend: cpu, cuda or cuda:N")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="pytorch backend: torch.compile the components (CUDA graphs on a GPU; the first call "
+        "compiles, so it pays off in a server or a benchmark, not in one CLI call)",
+    )
     p.set_defaults(func=run_generate)
 
     p = sub.add_parser("export", help="ONNX, TensorRT and model versions", formatter_class=fmt)

@@ -99,3 +99,33 @@ def test_generate_names_a_missing_image(tmp_path, pngs):
     )
     assert res.returncode == 2 and "missing.png: file not found" in res.stderr
     assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--device", "cuda"], "--device cuda: torch sees no CUDA GPU"),
+        (["--backend", "onnxruntime", "--compile"], "are PyTorch-backend settings"),
+    ],
+)
+def test_generate_refuses_device_settings_it_cannot_honour(tmp_path, pngs, extra, message):
+    import torch
+
+    if extra[:2] == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = tmp_path / "o.png"
+    res = pigeon(
+        "generate",
+        "--checkpoint",
+        str(tmp_path),
+        "--history",
+        pngs[0],
+        "--reference",
+        pngs[1],
+        "--text",
+        "x",
+        "--out",
+        str(out),
+        *extra,
+    )
+    assert res.returncode == 2 and message in res.stderr and not out.exists()

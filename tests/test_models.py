@@ -33,6 +33,27 @@ def test_outputs_have_the_declared_shapes_and_dtypes(tiny_model, tiny_config, na
         assert np.isfinite(out[t.name]).all(), t.name
 
 
+def test_compiled_runner_matches_eager_and_keeps_declared_dtypes(tiny_model, tiny_config):
+    """torch.compile'd components compute what eager does; under fp16 autocast the runner still
+    returns the declared float32 (numpy-side scheduler math must not drop to fp16)."""
+    name = "condition_adapter"
+    spec = component_specs(tiny_config)[name]
+    feeds = sample_inputs(spec, tiny_config, "opt")
+    eager = TorchRunner(tiny_model).run(name, feeds)
+    compiled = TorchRunner(tiny_model, compile={name: "default"})
+    assert compiled.modules[name] is not TorchRunner(tiny_model).modules[name]
+    out = compiled.run(name, feeds)
+    for t in spec.outputs:
+        np.testing.assert_allclose(out[t.name], eager[t.name], rtol=1e-4, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = TorchRunner(tiny_model).run(name, feeds)
+    for t in spec.outputs:
+        assert low[t.name].dtype == np.float32, t.name
+        np.testing.assert_allclose(low[t.name], eager[t.name], rtol=0.1, atol=0.1)
+    with pytest.raises(ValueError, match="unknown component 'unett'"):
+        TorchRunner(tiny_model, compile={"unett": "default"})
+
+
 def test_small_preset_builds_and_runs_the_unet():
     config = preset("small")
     model = make_model(config)

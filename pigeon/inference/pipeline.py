@@ -170,13 +170,16 @@ class PigeonPipeline:
         )
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> PigeonPipeline:
-        """The PyTorch pipeline of a checkpoint folder (other backends: their runner + `__init__`)."""
+    def from_checkpoint(
+        cls, path: str | Path, device: str = "cpu", compile: dict[str, str] | None = None
+    ) -> PigeonPipeline:
+        """The PyTorch pipeline of a checkpoint folder (other backends: their runner + `__init__`);
+        `compile` maps components to torch.compile modes (`runners.GPU_COMPILE` on a GPU)."""
         from pigeon.checkpoint import load_checkpoint
         from pigeon.inference.runners import TorchRunner
 
         ckpt = load_checkpoint(path)
-        return cls(ckpt.config, ckpt.tokenizer, TorchRunner(ckpt.model, device))
+        return cls(ckpt.config, ckpt.tokenizer, TorchRunner(ckpt.model, device, compile))
 
     # ----------------------------------------------------------------------------------------------
     def check_request(self, request: GenerationRequest, index: int = 0) -> GenerationRequest:
