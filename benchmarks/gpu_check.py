@@ -6,10 +6,11 @@
 Phases, each recorded as ok / skipped (why) / failed (error) so one failure never hides the rest:
 1. per component at its opt shape, CUDA-event timings: PyTorch eager fp32 and eager under fp16
    autocast (SDPA then takes the fused flash/memory-efficient kernels);
-2. end to end (`PigeonPipeline`, one procedural request, per-stage wall times) on the device in fp32,
-   fp16 autocast, and fp16 autocast with `runners.GPU_COMPILE` (torch.compile: CUDA graphs for the
-   fixed-shape components), and the same request on the CPU: the max pixel difference of each device
-   image from the CPU image (same seed: the noise is drawn by numpy, so only arithmetic differs);
+2. end to end (`PigeonPipeline`, one procedural request, per-stage wall times) on the device in fp32
+   with the KV cache round-tripping through NumPy and kept on the device, fp16 autocast, and fp16
+   autocast with `runners.GPU_COMPILE` (torch.compile: CUDA graphs for the fixed-shape components),
+   and the same request on the CPU: the max pixel difference of each device image from the CPU
+   image (same seed: the noise is drawn by numpy, so only arithmetic differs);
 3. ONNX export + validation against PyTorch (CPU ONNX Runtime, as everywhere);
 4. TensorRT fp16 engines (built and validated against ONNX Runtime first) and ONNX Runtime's CUDA
    provider, each timed where it is installed (neither is in the lent machine's image, and neither
@@ -155,10 +156,18 @@ def component_calls(ckpt, model, device: str) -> dict[str, tuple]:
     return calls
 
 
+# end-to-end modes: (fp16 autocast, torch.compile with GPU_COMPILE, KV cache resident on the device)
+PIPELINE_MODES = {
+    "fp32_host_kv": (False, False, False),  # the KV cache round-trips through NumPy every step
+    "fp32": (False, False, True),
+    "fp16_autocast": (True, False, True),
+    "compiled_fp16": (True, True, True),
+}
+
+
 def time_pipeline(ckpt, device: str, runs: int, modes: list[str]) -> dict[str, dict]:
-    """Per-stage wall seconds end to end on `device` in each of `modes` (fp32, fp16_autocast, and
-    compiled_fp16: fp16 autocast through `GPU_COMPILE`'s torch.compile modes), and each image's pixel
-    difference from the CPU fp32 image of the same request and seed."""
+    """Per-stage wall seconds end to end on `device` in each of `modes` (`PIPELINE_MODES`), and
+    each image's pixel difference from the CPU fp32 image of the same request and seed."""
     import contextlib
 
     import torch
@@ -170,14 +179,15 @@ def time_pipeline(ckpt, device: str, runs: int, modes: list[str]) -> dict[str, d
     cpu_image = PigeonPipeline(ckpt.config, ckpt.tokenizer, TorchRunner(ckpt.model, "cpu"))(
         request
     )[0].image
-    compile_modes = GPU_COMPILE if "compiled_fp16" in modes else None
-    fp16 = lambda: torch.autocast(device, dtype=torch.float16)  # noqa: E731
-    contexts = {"fp32": contextlib.nullcontext, "fp16_autocast": fp16, "compiled_fp16": fp16}
-    runner = TorchRunner(ckpt.model, device, compile=compile_modes)
-    pipe = PigeonPipeline(ckpt.config, ckpt.tokenizer, runner)
     out: dict[str, dict] = {}
     for mode in modes:
-        with contexts[mode]():
+        fp16, compiled, resident = PIPELINE_MODES[mode]
+        runner = TorchRunner(
+            ckpt.model, device, compile=GPU_COMPILE if compiled else None, resident=resident
+        )
+        pipe = PigeonPipeline(ckpt.config, ckpt.tokenizer, runner)
+        context = torch.autocast(device, dtype=torch.float16) if fp16 else contextlib.nullcontext()
+        with context:
             begin = time.perf_counter()
             image = pipe(request)[0].image  # warm-up (compiles), and the image compared with CPU's
             first_call = time.perf_counter() - begin
@@ -271,6 +281,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=50, help="timed calls per component")
     parser.add_argument("--pipeline-runs", type=int, default=10)
     parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--skip-export", action="store_true", help="no ONNX/TensorRT phases")
     parser.add_argument(
         "--budget", type=float, default=420, help="seconds for all phases (then one is interrupted)"
     )
@@ -296,17 +307,21 @@ def main() -> None:
 
     table = phases.run("components (eager)", lambda: time_components(ckpt, args.device, args.runs))
     table = table or {}
-    eager_modes = ["fp32", "fp16_autocast"] if args.device == "cuda" else ["fp32"]
+    eager_modes = ["fp32_host_kv", "fp32", "fp16_autocast"] if args.device == "cuda" else ["fp32"]
     pipeline = phases.run(
         "end to end (PigeonPipeline)",
         lambda: time_pipeline(ckpt, args.device, args.pipeline_runs, eager_modes),
         needs_s=30,
     )
-    exported = phases.run(
-        "ONNX export + validation",
-        lambda: export_artifacts(checkpoint, artifacts) or True,
-        needs_s=60,
-    )
+    exported = None
+    if args.skip_export:
+        phases.skip("ONNX export + validation", "--skip-export")
+    else:
+        exported = phases.run(
+            "ONNX export + validation",
+            lambda: export_artifacts(checkpoint, artifacts) or True,
+            needs_s=60,
+        )
     if not exported or args.device != "cuda":
         phases.skip("TensorRT engines", "no export or no GPU")
     elif importlib.util.find_spec("tensorrt") is None:

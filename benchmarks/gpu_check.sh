@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check for a lent H100/H200 (under 8 minutes): time, check parity, export, validate, TensorRT.
-#   bash benchmarks/gpu_check.sh [CHECKPOINT]      # default: the committed checkpoints/small
+#   bash benchmarks/gpu_check.sh [CHECKPOINT [gpu_check options]]   # default: checkpoints/small
 # The lent machine has torch, peft, onnx and onnxruntime, an older transformers (5.17, before the
 # decoder `cache=` API) and no diffusers, and no network: carry diffusers, importlib_metadata and
 # transformers as wheels in .whl/ (`make gpu-wheels` downloads them; the device tool's README says
@@ -19,4 +19,4 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "| onnxruntime", o
       onnxruntime.get_available_providers(), "| tensorrt:",
       "present" if importlib.util.find_spec("tensorrt") else "absent")
 PY
-timeout 450 python3 -m benchmarks.gpu_check --checkpoint "${1:-checkpoints/small}"
+timeout 450 python3 -m benchmarks.gpu_check --checkpoint "${1:-checkpoints/small}" "${@:2}"

@@ -72,11 +72,17 @@ class ComponentSpec:
     dims: dict[str, DimRange]
     tolerance: dict[str, Tolerance] = field(default_factory=dict)
     opset: int = 18
+    # state carried between calls: output name -> the input it is fed back as on the next call (the
+    # personalizer's KV cache); a GPU runner may keep these on the device between calls
+    carried: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         names = [t.name for t in self.inputs + self.outputs]
         if len(set(names)) != len(names):
             raise ValueError(f"{self.name}: input and output names must be unique, got {names}")
+        for out, inp in self.carried.items():
+            if out not in self.output_names or inp not in self.input_names:
+                raise ValueError(f"{self.name}: carried {out!r} -> {inp!r} names no output/input")
         for t in self.inputs + self.outputs:
             for s in t.symbols():
                 if s not in self.dims:
@@ -239,6 +245,7 @@ def component_specs(config: PipelineConfig) -> dict[str, ComponentSpec]:
                 ),
             },
             tolerance={"fp32": FP32, "fp16": FP16, "int8": INT8},
+            carried={t.name: k.name for t, k in zip(present, kv, strict=True)},
         ),
         ComponentSpec(
             "condition_adapter",

@@ -12,8 +12,8 @@ from pigeon.serving.decoding import Decoder
 from pigeon.serving.prompt import PromptBuilder, left_pad
 
 
-def setup(model, tokenizer, texts=("a cat", "a very small green dog")):
-    runner = TorchRunner(model)
+def setup(model, tokenizer, texts=("a cat", "a very small green dog"), resident=False):
+    runner = TorchRunner(model, resident=resident)
     c = model.config.personalizer
     decoder = Decoder(
         lambda f: runner.run("personalizer", f),
@@ -137,3 +137,19 @@ def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy(tiny_model, t
 
     assert len(greedy) == len(beam) == 4
     assert logprob(beam) >= logprob(greedy) - 1e-6
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "top_k", "beam"])
+def test_a_device_resident_cache_decodes_the_same_codes(tiny_model, tokenizer, strategy):
+    """The KV cache kept as torch tensors between steps (what a GPU runner does) gives the codes
+    of the NumPy round trip, beam reordering included."""
+    config = GenerationConfig(strategy=strategy, num_beams=3, top_k=5, min_new_tokens=8)
+    expected = setup(tiny_model, tokenizer)
+    resident = setup(tiny_model, tokenizer, resident=True)
+    past = {}
+    step = resident[0].step
+    resident[0].step = lambda feeds: past.update(feeds) or step(feeds)
+    got = resident[0].generate(resident[1], resident[2], config, 12, rngs(2))
+    assert isinstance(past["past_key_0"], torch.Tensor)  # the cache really stayed a tensor
+    want = expected[0].generate(expected[1], expected[2], config, 12, rngs(2))
+    assert [c.tolist() for c in got] == [c.tolist() for c in want]

@@ -32,7 +32,10 @@ def _ordered(spec: ComponentSpec, feeds: dict[str, np.ndarray]) -> list[np.ndarr
     missing = [n for n in spec.input_names if n not in feeds]
     if missing:
         raise KeyError(f"{spec.name}: missing input {missing[0]!r}")
-    return [np.ascontiguousarray(feeds[n]) for n in spec.input_names]
+    return [
+        np.ascontiguousarray(feeds[n]) if isinstance(feeds[n], np.ndarray) else feeds[n]
+        for n in spec.input_names
+    ]
 
 
 # torch.compile modes for a GPU: the fixed-shape components replay as CUDA graphs (reduce-overhead; at
@@ -48,12 +51,20 @@ GPU_COMPILE = {
 
 class TorchRunner:
     """The export wrappers on `device`; `compile` maps a component to a `torch.compile` mode (its
-    first call of each new shape compiles; the outputs match eager within float rounding)."""
+    first call of each new shape compiles; the outputs match eager within float rounding).
+
+    Off the CPU, the outputs a spec declares `carried` (the KV cache) come back as device tensors
+    and go straight back in on the next call: decoding then moves one logits row per step to the
+    host instead of the whole cache both ways (`resident=False` turns this off)."""
 
     name = "pytorch"
 
     def __init__(
-        self, model: Any, device: str = "cpu", compile: dict[str, str] | None = None
+        self,
+        model: Any,
+        device: str = "cpu",
+        compile: dict[str, str] | None = None,
+        resident: bool | None = None,
     ) -> None:
         import torch
 
@@ -62,6 +73,7 @@ class TorchRunner:
         self.torch = torch
         self.model = model.eval().to(device)
         self.device = device
+        self.resident = (device != "cpu") if resident is None else resident
         self.specs = component_specs(model.config)
         self.modules = {name: export_module(model, name) for name in self.specs}
         for name, mode in (compile or {}).items():
@@ -71,15 +83,23 @@ class TorchRunner:
 
     def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         spec = self.specs[component]
-        args = [self.torch.from_numpy(a).to(self.device) for a in _ordered(spec, feeds)]
-        with self.torch.inference_mode():
+        torch = self.torch
+        args = [
+            a.to(self.device)
+            if isinstance(a, torch.Tensor)
+            else torch.from_numpy(a).to(self.device)
+            for a in _ordered(spec, feeds)
+        ]
+        with torch.inference_mode():
             outputs = self.modules[component](*args)
-        # Under autocast a float output comes back in fp16; the runner contract is the declared
-        # dtype (float32), so numpy-side scheduler math stays in fp32.
-        return {
-            n: (o.float() if o.is_floating_point() else o).cpu().numpy()
-            for n, o in zip(spec.output_names, outputs, strict=True)
-        }
+        out = {}
+        for n, o in zip(spec.output_names, outputs, strict=True):
+            # Under autocast a float output comes back in fp16; the runner contract is the declared
+            # dtype (float32), so numpy-side scheduler math stays in fp32.
+            o = o.float() if o.is_floating_point() else o
+            # a resident output is cloned: a CUDA-graph replay would overwrite it
+            out[n] = o.clone() if self.resident and n in spec.carried else o.cpu().numpy()
+        return out
 
 
 GRAPH_OPTIMIZATIONS = ("disable", "basic", "extended", "all")
