@@ -189,3 +189,26 @@ def test_a_dpo_step_changes_lora_only_and_never_the_reference(tmp_path):
         assert torch.equal(v, ref_before[k]), k
     with pytest.raises(ValueError, match="unknown stage"):
         O.set_trainable(model, "ppo")
+
+
+def test_image_stage_resume_keeps_the_latent_probe(tmp_path):
+    """The reconstruction head lives in the trainer state (not the served checkpoint): a resumed
+    image stage ends where the uninterrupted one does, and the health log has condition_gain."""
+    common = {
+        "preset_name": "tiny",
+        "data_source": "procedural",
+        "progress": False,
+        "overrides": ["train.steps=4", "train.val_every=2", "train.reconstruct_weight=1.0"],
+    }
+    train_stage("image", tmp_path / "a", **common)
+    train_stage("image", tmp_path / "b", stop_after=2, **common)
+    assert "probe" in torch.load(tmp_path / "b" / "image" / "trainer_state.pt", weights_only=True)
+    train_stage("image", tmp_path / "b", resume=True, **common)
+    a, b = weights(tmp_path / "a" / "image" / "last"), weights(tmp_path / "b" / "image" / "last")
+    assert not any(k.startswith("probe") for k in a)  # training-only, not served
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    rows = [
+        json.loads(x) for x in (tmp_path / "a" / "image" / "log.jsonl").read_text().splitlines()
+    ]
+    assert any("condition_gain" in r for r in rows)

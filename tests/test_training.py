@@ -228,3 +228,44 @@ def test_collapsed_tokenizer_stops_the_image_stage_after_a_quarter():
     check_tokenizer({"code_perplexity": 9.5, "keep_ratio": 0.6}, config, 99)
     with pytest.raises(TrainingError, match=r"code perplexity 1.0 < train.min_code_perplexity=8"):
         check_tokenizer(collapsed, config, 24)
+
+
+def test_reconstruction_term_adds_the_probe_mse_to_the_image_loss(setup):
+    """image_objective with a LatentProbe = the plain objective + weight x MSE(probe(condition),
+    VAE latents), same random draws."""
+    config, _ = setup
+    model = make_model(config).eval()  # eval: no dead-code restarts between the two calls
+    probe = O.LatentProbe(config)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    ac = torch.from_numpy(alphas_cumprod(config.scheduler)).float()
+    torch.manual_seed(1)
+    plain = O.image_objective(model, images, ac)
+    torch.manual_seed(1)
+    with_probe = O.image_objective(model, images, ac, probe=probe, reconstruct_weight=2.0)
+    with torch.no_grad():
+        tok = model.history_encoder.tokenize(O.encoder_input(model, images))
+        prompt_embeds, _, _ = model.condition_adapter(tok.quantized, tok.token_keep)
+        latents = model.vae.encode(images * 2 - 1).latent_dist.mean * config.vae.scaling_factor
+        expected = F.mse_loss(probe(prompt_embeds), latents)
+    assert probe(prompt_embeds).shape == latents.shape
+    torch.testing.assert_close(with_probe - plain, 2.0 * expected, rtol=1e-4, atol=1e-6)
+
+
+def test_condition_gain_is_zero_exactly_when_the_unet_cannot_see_its_condition(setup):
+    """The health metric that would have caught the small run's UNet ignoring its tokens: cut
+    every path from the condition into the UNet (cross-attention values, pooled embedding) and
+    the gain is 0; an untouched random UNet does use the condition."""
+    from pigeon.training.loop import condition_gain
+
+    config, _ = setup
+    model = make_model(config).eval()
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert abs(condition_gain(model, images, seed=3)) > 1e-6
+        for name, module in model.unet.named_modules():
+            if name.endswith("attn2.to_v"):
+                module.weight.zero_()
+                if module.bias is not None:
+                    module.bias.zero_()
+        model.unet.add_embedding.linear_1.weight[:, : config.condition_adapter.pooled_dim] = 0
+        assert condition_gain(model, images, seed=3) == pytest.approx(0.0, abs=1e-7)

@@ -33,6 +33,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -74,6 +75,8 @@ class TrainConfig:
     # codes of kept tokens) is below this after a quarter of the steps: a collapsed tokenizer makes
     # every later stage meaningless (0 = no check)
     min_code_perplexity: float = 0.0
+    # image stage: weight of the latent reconstruction from the condition (objectives.LatentProbe)
+    reconstruct_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -115,6 +118,8 @@ def recipe(preset_name: str) -> dict[str, TrainConfig]:
             lr=5e-4,
             val_every=every(image),
             min_code_perplexity=0.0 if preset_name == "tiny" else 4.0,
+            # measured on small: without it the UNet ignored its condition (docs/RESULTS.md §4)
+            reconstruct_weight=1.0,
         ),
         "lmm": TrainConfig(stage="lmm", steps=lmm, batch_size=batch, lr=5e-4, val_every=every(lmm)),
         "sft": TrainConfig(stage="sft", steps=sft, batch_size=users, lr=1e-3, val_every=every(sft)),
@@ -180,12 +185,18 @@ class StageModule(nn.Module):
         stage: str,
         builder: PromptBuilder,
         reference_personalizer: nn.Module | None = None,
+        reconstruct_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.model = model
         self.stage = stage
         self.builder = builder
         self.reference_personalizer = reference_personalizer
+        self.reconstruct_weight = reconstruct_weight
+        # training-only head of the image stage (its weights live in the trainer state, not the model)
+        self.probe = (
+            O.LatentProbe(model.config) if stage == "image" and reconstruct_weight > 0 else None
+        )
         self.register_buffer(
             "alphas_cumprod",
             torch.from_numpy(alphas_cumprod(model.config.scheduler)).float(),
@@ -197,7 +208,13 @@ class StageModule(nn.Module):
         if self.stage == "vae":
             return O.vae_objective(m, batch["images"])
         if self.stage == "image":
-            return O.image_objective(m, batch["images"], self.alphas_cumprod)
+            return O.image_objective(
+                m,
+                batch["images"],
+                self.alphas_cumprod,
+                probe=self.probe,
+                reconstruct_weight=self.reconstruct_weight,
+            )
         if self.stage == "lmm":
             return O.lmm_objective(m, self.builder, batch["images"], batch["texts"])
         if self.stage == "sft":
@@ -284,17 +301,19 @@ def initial_model(run: Path, stage: str, config: PipelineConfig, init: str | Non
     )
 
 
-def save_state(path: Path, step: int, optimizer, scheduler, best: float) -> None:
+def save_state(
+    path: Path, step: int, optimizer, scheduler, best: float, probe: nn.Module | None = None
+) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save(
-        {
-            "step": step,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "best": best,
-        },
-        tmp,
-    )
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "best": best,
+    }
+    if probe is not None:
+        state["probe"] = probe.state_dict()
+    torch.save(state, tmp)
     tmp.replace(path)
 
 
@@ -363,7 +382,9 @@ def train_stage(
         reference = copy.deepcopy(model.personalizer).eval().requires_grad_(False)
         pairs = build_pairs(model, tokenizer, data, config, device)
         model.train()
-    module = StageModule(model, stage, builder, reference).to(device)
+    module = StageModule(model, stage, builder, reference, config.reconstruct_weight).to(device)
+    if module.probe is not None:
+        trainable.update({f"probe.{n}": p for n, p in module.probe.named_parameters()})
     wrapped = module
     if dist.world > 1:
         wrapped = nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
@@ -374,6 +395,8 @@ def train_stage(
     start_step, best = 0, math.inf
     if resume and state_path.exists():
         state = torch.load(state_path, weights_only=True)
+        if module.probe is not None and "probe" in state:
+            module.probe.load_state_dict(state["probe"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step, best = state["step"], state["best"]
@@ -448,7 +471,7 @@ def train_stage(
                 if val < best:
                     best = val
                     save_checkpoint(model, tokenizer, out / "best", overwrite=True)
-                save_state(state_path, step + 1, optimizer, scheduler, best)
+                save_state(state_path, step + 1, optimizer, scheduler, best, module.probe)
             model.train()
     if logf:
         logf.close()
@@ -484,15 +507,46 @@ def tokenizer_health(model, data, config: TrainConfig, device: str) -> dict[str,
     from pigeon.models.history_encoder import code_perplexity
 
     encoder = model.history_encoder
-    was_training = encoder.training
-    encoder.eval()
+    was_training = model.training
+    model.eval()
     images, _ = data.images(step_rng(config.seed + 2_000_003, 0), config.batch_size)
-    ids, keep = encoder(O.encoder_input(model, to_tensor(images).to(device)))
-    encoder.train(was_training)
+    images = to_tensor(images).to(device)
+    with torch.no_grad():
+        ids, keep = encoder(O.encoder_input(model, images))
+        gain = condition_gain(model, images, step_seed(config.seed + 2_000_003, 1))
+    model.train(was_training)
     return {
         "code_perplexity": round(code_perplexity(ids, keep, encoder.config.codebook_size), 2),
         "keep_ratio": round(float(keep.float().mean()), 3),
+        "condition_gain": round(gain, 5),
     }
+
+
+def condition_gain(model, images: torch.Tensor, seed: int) -> float:
+    """How much the UNet uses its condition: diffusion loss with the condition zeroed (CFG's
+    negative) minus with the images' own tokens, same noise and timesteps. About 0 means the UNet
+    ignores the tokens, and nothing the personalizer generates can change the image."""
+    g = torch.Generator().manual_seed(seed)
+    tok = model.history_encoder.tokenize(O.encoder_input(model, images))
+    prompt_embeds, pooled, _ = model.condition_adapter(tok.quantized, tok.token_keep)
+    latents = model.vae.encode(images * 2 - 1).latent_dist.mean * model.config.vae.scaling_factor
+    noise = torch.randn(latents.shape, generator=g).to(latents)
+    ac = torch.from_numpy(alphas_cumprod(model.config.scheduler)).to(latents)
+    t = torch.randint(0, len(ac), (len(images),), generator=g).to(images.device)
+    a = ac[t].view(-1, 1, 1, 1)
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    if model.config.scheduler.prediction_type == "v_prediction":
+        target = a.sqrt() * noise - (1 - a).sqrt() * latents
+    else:
+        target = noise
+    time_ids = O.time_ids_for(model, len(images), images.device)
+
+    def loss(context: torch.Tensor, pooled_embeds: torch.Tensor) -> float:
+        added = {"text_embeds": pooled_embeds, "time_ids": time_ids}
+        pred = model.unet(noisy, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
+        return float(F.mse_loss(pred, target))
+
+    return loss(prompt_embeds * 0, pooled * 0) - loss(prompt_embeds, pooled)
 
 
 def check_tokenizer(health: dict, config: TrainConfig, step: int) -> None:

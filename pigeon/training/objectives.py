@@ -14,12 +14,14 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from pigeon.models.mask_generator import random_reference_keep, select_keep
 from pigeon.models.pigeon import PigeonModel
@@ -102,6 +104,26 @@ def vae_objective(
     return losses.vae_loss(reconstruction, x, posterior.mean, posterior.logvar, kl_weight)
 
 
+class LatentProbe(nn.Module):
+    """Training-only head: the condition adapter's prompt_embeds -> the image's VAE latents.
+
+    LaVIT trains its tokenizer to reconstruct the image's features from the kept tokens; trained
+    through the UNet's loss alone, the small run's tokens carried nothing (the kept tokens' codes
+    had pairwise cosine 0.9996, and the UNet learned to ignore its condition: the diffusion loss was
+    the same with the condition zeroed). Regressing the latents from the condition makes the tokens
+    carry the image whatever the UNet does. Not part of the served model."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        ca = config.condition_adapter
+        self.latent_shape = (config.vae.latent_channels, config.latent_size, config.latent_size)
+        self.proj = nn.Linear(ca.num_queries * ca.context_dim, math.prod(self.latent_shape))
+
+    def forward(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        """(batch, Q, ctx) -> (batch, C, H, H)."""
+        return self.proj(prompt_embeds.flatten(1)).view(-1, *self.latent_shape)
+
+
 def image_objective(
     model: PigeonModel,
     images: torch.Tensor,
@@ -109,6 +131,8 @@ def image_objective(
     uncond_prob: float = 0.1,
     keep_target: float = 0.6,
     budget_weight: float = 1.0,
+    probe: LatentProbe | None = None,
+    reconstruct_weight: float = 0.0,
 ) -> torch.Tensor:
     """LaVIT's tokenizer + diffusion decoder: denoise the image's latents conditioned on its own tokens.
 
@@ -128,13 +152,16 @@ def image_objective(
     if encoder.training:
         quantizer.observed = (tok.token_ids, tok.encoded.detach(), tok.token_keep.detach())
     prompt_embeds, pooled, _ = model.condition_adapter(tok.quantized, tok.token_keep)
-    drop = (torch.rand(b, device=images.device) < uncond_prob).to(prompt_embeds.dtype)
-    prompt_embeds = prompt_embeds * (1 - drop)[:, None, None]  # CFG: zero negatives
-    pooled = pooled * (1 - drop)[:, None]
     with torch.no_grad():
         latents = (
             model.vae.encode(images * 2 - 1).latent_dist.mean * model.config.vae.scaling_factor
         )
+    reconstruction = torch.zeros((), device=images.device)
+    if probe is not None and reconstruct_weight > 0:
+        reconstruction = F.mse_loss(probe(prompt_embeds), latents)
+    drop = (torch.rand(b, device=images.device) < uncond_prob).to(prompt_embeds.dtype)
+    prompt_embeds = prompt_embeds * (1 - drop)[:, None, None]  # CFG: zero negatives
+    pooled = pooled * (1 - drop)[:, None]
     noise = torch.randn_like(latents)
     t = torch.randint(0, len(alphas_cumprod), (b,), device=images.device)
     a_t = alphas_cumprod.to(latents)[t].view(b, 1, 1, 1)
@@ -153,7 +180,12 @@ def image_objective(
     else:
         target = noise
     budget = keep_budget(tok.keep_prob, keep_target)
-    return losses.diffusion_loss(pred, target) + tok.commit_loss + budget_weight * budget
+    return (
+        losses.diffusion_loss(pred, target)
+        + tok.commit_loss
+        + budget_weight * budget
+        + reconstruct_weight * reconstruction
+    )
 
 
 def keep_budget(keep_prob: torch.Tensor, target: float) -> torch.Tensor:
