@@ -163,7 +163,8 @@ MODEL_TEXT = {
     "the recipe on EmojiPrefs on a 2-core CPU; how it was trained: checkpoints/small/TRAINING.md). "
     "Denoising starts from the reference noised to the checkpoint's <code>scheduler.strength</code> "
     "(image-to-image): the layout comes from the reference, and the style is meant to come from "
-    "the personalized tokens. At this scale it barely does (docs/RESULTS.md measures how little).",
+    "the personalized tokens. With this checkpoint it does not: its UNet ignores the tokens "
+    "(docs/RESULTS.md §4 measures it).",
 }
 
 
