@@ -286,6 +286,7 @@ def main() -> None:
         "--budget", type=float, default=420, help="seconds for all phases (then one is interrupted)"
     )
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--out", default=RESULTS, help="JSON lines file to append the record to")
     args = parser.parse_args()
 
     import onnxruntime as ort
@@ -358,7 +359,7 @@ def main() -> None:
         )
         pipeline = {**(pipeline or {}), **(compiled or {})}
     append_jsonl(
-        RESULTS,
+        args.out,
         {
             "benchmark": "gpu_check",
             "time": timestamp(),

@@ -78,3 +78,34 @@ def test_components_and_pipeline_benchmarks_run(tmp_path):
     )
     rows = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert [r["backend"] for r in rows] == ["pytorch", "onnxruntime"]
+
+
+def test_gpu_check_dry_runs_on_the_cpu(tmp_path):
+    """The GPU script's CPU path (what a lent GPU runs, minus CUDA): every phase that can run here
+    is ok, the GPU-only ones say why they were skipped, and the device image is the CPU image."""
+    out = tmp_path / "g.jsonl"
+    run(
+        "benchmarks.gpu_check",
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--runs",
+        "2",
+        "--pipeline-runs",
+        "1",
+        "--workdir",
+        str(tmp_path / "w"),
+        "--out",
+        str(out),
+    )
+    (record,) = [json.loads(x) for x in out.read_text().splitlines()]
+    phases = record["phases"]
+    assert phases["components (eager)"].startswith("ok")
+    assert phases["ONNX export + validation"].startswith("ok")
+    assert phases["TensorRT engines"].startswith("skipped") and "GPU" in phases["TensorRT engines"]
+    assert record["pipeline"]["fp32"]["max_pixel_diff_vs_cpu"] == 0
+    from pigeon.config import preset
+    from pigeon.specs import component_specs
+
+    assert set(record["components"]) == set(component_specs(preset("tiny")))
