@@ -39,7 +39,7 @@ def _ordered(spec: ComponentSpec, feeds: dict[str, np.ndarray]) -> list[np.ndarr
 
 
 # torch.compile modes for a GPU: the fixed-shape components replay as CUDA graphs (reduce-overhead; at
-# this model size a UNet call is launch-bound: measured on an H100, 13.1 ms eager vs 1.7 ms compiled);
+# this model size a UNet call is launch-bound: on an H100, 11.6-13.1 ms eager vs 1.5-1.7 ms compiled);
 # the personalizer's decode step grows by one cache position per call, so it compiles without graphs.
 GPU_COMPILE = {
     "history_encoder": "reduce-overhead",
