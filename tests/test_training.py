@@ -245,7 +245,7 @@ def test_reconstruction_term_adds_the_probe_mse_to_the_image_loss(setup):
     with torch.no_grad():
         tok = model.history_encoder.tokenize(O.encoder_input(model, images))
         prompt_embeds, _, _ = model.condition_adapter(tok.quantized, tok.token_keep)
-        latents = model.vae.encode(images * 2 - 1).latent_dist.mean * config.vae.scaling_factor
+        latents = O.image_latents(model, images)
         expected = F.mse_loss(probe(prompt_embeds), latents)
     assert probe(prompt_embeds).shape == latents.shape
     torch.testing.assert_close(with_probe - plain, 2.0 * expected, rtol=1e-4, atol=1e-6)

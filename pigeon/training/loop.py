@@ -33,7 +33,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -529,22 +528,13 @@ def condition_gain(model, images: torch.Tensor, seed: int) -> float:
     g = torch.Generator().manual_seed(seed)
     tok = model.history_encoder.tokenize(O.encoder_input(model, images))
     prompt_embeds, pooled, _ = model.condition_adapter(tok.quantized, tok.token_keep)
-    latents = model.vae.encode(images * 2 - 1).latent_dist.mean * model.config.vae.scaling_factor
+    latents = O.image_latents(model, images)
     noise = torch.randn(latents.shape, generator=g).to(latents)
     ac = torch.from_numpy(alphas_cumprod(model.config.scheduler)).to(latents)
     t = torch.randint(0, len(ac), (len(images),), generator=g).to(images.device)
-    a = ac[t].view(-1, 1, 1, 1)
-    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-    if model.config.scheduler.prediction_type == "v_prediction":
-        target = a.sqrt() * noise - (1 - a).sqrt() * latents
-    else:
-        target = noise
-    time_ids = O.time_ids_for(model, len(images), images.device)
 
     def loss(context: torch.Tensor, pooled_embeds: torch.Tensor) -> float:
-        added = {"text_embeds": pooled_embeds, "time_ids": time_ids}
-        pred = model.unet(noisy, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
-        return float(F.mse_loss(pred, target))
+        return float(O.denoising_loss(model, latents, noise, t, ac, context, pooled_embeds))
 
     return loss(prompt_embeds * 0, pooled * 0) - loss(prompt_embeds, pooled)
 

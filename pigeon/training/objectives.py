@@ -153,9 +153,7 @@ def image_objective(
         quantizer.observed = (tok.token_ids, tok.encoded.detach(), tok.token_keep.detach())
     prompt_embeds, pooled, _ = model.condition_adapter(tok.quantized, tok.token_keep)
     with torch.no_grad():
-        latents = (
-            model.vae.encode(images * 2 - 1).latent_dist.mean * model.config.vae.scaling_factor
-        )
+        latents = image_latents(model, images)
     reconstruction = torch.zeros((), device=images.device)
     if probe is not None and reconstruct_weight > 0:
         reconstruction = F.mse_loss(probe(prompt_embeds), latents)
@@ -164,28 +162,38 @@ def image_objective(
     pooled = pooled * (1 - drop)[:, None]
     noise = torch.randn_like(latents)
     t = torch.randint(0, len(alphas_cumprod), (b,), device=images.device)
+    diffusion = denoising_loss(model, latents, noise, t, alphas_cumprod, prompt_embeds, pooled)
+    budget = keep_budget(tok.keep_prob, keep_target)
+    return (
+        diffusion + tok.commit_loss + budget_weight * budget + reconstruct_weight * reconstruction
+    )
+
+
+def image_latents(model: PigeonModel, images: torch.Tensor) -> torch.Tensor:
+    """images in [0, 1] (batch, 3, S, S) -> the VAE's scaled posterior-mean latents."""
+    return model.vae.encode(images * 2 - 1).latent_dist.mean * model.config.vae.scaling_factor
+
+
+def denoising_loss(
+    model: PigeonModel,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    pooled: torch.Tensor,
+) -> torch.Tensor:
+    """L_diff of the UNet on latents noised to timesteps t (batch,), given its condition."""
+    b = latents.shape[0]
     a_t = alphas_cumprod.to(latents)[t].view(b, 1, 1, 1)
     noisy = a_t.sqrt() * latents + (1 - a_t).sqrt() * noise
-    pred = model.unet(
-        noisy,
-        t,
-        encoder_hidden_states=prompt_embeds,
-        added_cond_kwargs={
-            "text_embeds": pooled,
-            "time_ids": time_ids_for(model, b, images.device),
-        },
-    ).sample
+    added = {"text_embeds": pooled, "time_ids": time_ids_for(model, b, latents.device)}
+    pred = model.unet(noisy, t, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added).sample
     if model.config.scheduler.prediction_type == "v_prediction":
         target = a_t.sqrt() * noise - (1 - a_t).sqrt() * latents
     else:
         target = noise
-    budget = keep_budget(tok.keep_prob, keep_target)
-    return (
-        losses.diffusion_loss(pred, target)
-        + tok.commit_loss
-        + budget_weight * budget
-        + reconstruct_weight * reconstruction
-    )
+    return losses.diffusion_loss(pred, target)
 
 
 def keep_budget(keep_prob: torch.Tensor, target: float) -> torch.Tensor:

@@ -18,9 +18,8 @@ import torch.nn.functional as F
 
 from pigeon.checkpoint import load_checkpoint
 from pigeon.diffusion.scheduler import alphas_cumprod
-from pigeon.training import losses
 from pigeon.training.data import EmojiPrefsData, to_tensor
-from pigeon.training.objectives import encoder_input, time_ids_for
+from pigeon.training.objectives import denoising_loss, encoder_input, image_latents
 
 BATCH = 32
 
@@ -35,18 +34,6 @@ def condition(model, images, unit_scale: bool):
     return prompt_embeds, pooled
 
 
-def diffusion_loss(model, ac, latents, noise, t, prompt_embeds, pooled):
-    a = ac[t].view(-1, 1, 1, 1)
-    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-    added = {"text_embeds": pooled, "time_ids": time_ids_for(model, latents.shape[0], "cpu")}
-    pred = model.unet(noisy, t, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added).sample
-    if model.config.scheduler.prediction_type == "v_prediction":
-        target = a.sqrt() * noise - (1 - a).sqrt() * latents
-    else:
-        target = noise
-    return losses.diffusion_loss(pred, target)
-
-
 def main() -> None:
     steps = int(sys.argv[1]) if len(sys.argv) > 1 else 300
     torch.manual_seed(0)
@@ -57,7 +44,7 @@ def main() -> None:
     val_images = to_tensor(data.images(np.random.default_rng(123), 64)[0])
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
-        val_latents = base.vae.encode(val_images * 2 - 1).latent_dist.mean * cfg.vae.scaling_factor
+        val_latents = image_latents(base, val_images)
     val_noise = torch.randn(val_latents.shape, generator=g)
     val_t = torch.randint(0, len(ac), (64,), generator=g)
 
@@ -65,11 +52,11 @@ def main() -> None:
         model.eval()
         with torch.no_grad():
             pe, pooled = condition(model, val_images, unit_scale)
-            args = (model, ac, val_latents, val_noise, val_t)
-            own = diffusion_loss(*args, pe, pooled).item()
-            zero = diffusion_loss(*args, pe * 0, pooled * 0).item()
+            args = (model, val_latents, val_noise, val_t, ac)
+            own = denoising_loss(*args, pe, pooled).item()
+            zero = denoising_loss(*args, pe * 0, pooled * 0).item()
             other = torch.roll(torch.arange(64), 1)
-            swapped = diffusion_loss(*args, pe[other], pooled[other]).item()
+            swapped = denoising_loss(*args, pe[other], pooled[other]).item()
         model.train()
         return [round(x, 5) for x in (own, zero - own, swapped - own, pe.abs().mean().item())]
 
@@ -88,9 +75,9 @@ def main() -> None:
             drop = (torch.rand(BATCH) < 0.1).float()  # CFG: zeroed negatives, as in training
             pe, pooled = pe * (1 - drop)[:, None, None], pooled * (1 - drop)[:, None]
             with torch.no_grad():
-                latents = model.vae.encode(images * 2 - 1).latent_dist.mean * cfg.vae.scaling_factor
+                latents = image_latents(model, images)
             t = torch.randint(0, len(ac), (BATCH,))
-            loss = diffusion_loss(model, ac, latents, torch.randn_like(latents), t, pe, pooled)
+            loss = denoising_loss(model, latents, torch.randn_like(latents), t, ac, pe, pooled)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
