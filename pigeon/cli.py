@@ -71,7 +71,11 @@ def make_pipeline(
 
         from pigeon.inference.runners import GPU_COMPILE
 
-        if device.startswith("cuda") and not torch.cuda.is_available():
+        try:
+            kind = torch.device(device).type
+        except RuntimeError as exc:
+            raise ConfigError(f"--device {device!r} is not a torch device: {exc}") from None
+        if kind == "cuda" and not torch.cuda.is_available():
             raise ConfigError(
                 f"--device {device}: torch sees no CUDA GPU here (torch {torch.__version__})"
             )

@@ -105,6 +105,7 @@ def test_generate_names_a_missing_image(tmp_path, pngs):
     "extra,message",
     [
         (["--device", "cuda"], "--device cuda: torch sees no CUDA GPU"),
+        (["--device", "gpu"], "--device 'gpu' is not a torch device"),
         (["--backend", "onnxruntime", "--compile"], "are PyTorch-backend settings"),
     ],
 )
