@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = Path(args.workdir or f"runs/load-{args.preset}")
     checkpoint, artifacts = prepare(args.preset, workdir)
-    repo = build_repository(checkpoint, artifacts, workdir / "repo", "batched", ServingConfig())
+    repo = build_repository(checkpoint, artifacts, workdir / "repo", "default", ServingConfig())
     record = {"time": timestamp(), "env": environment(), "preset": args.preset}
     with TritonServer(repo, log_file=workdir / "tritonserver.log") as server:
         record.update(

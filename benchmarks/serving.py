@@ -70,12 +70,19 @@ def build_repository(checkpoint: Path, artifacts: Path, root: Path, variant: str
     return repo
 
 
-# server variants, each a change to the given ServingConfig; the first is the deployment default
+# server variants, each a change to the given ServingConfig. The first is that config unchanged (the
+# deployment default: on the cpu target the denoise loop runs the UNet in process) and gets the full
+# sweep; the others call the UNet model over BLS, with and without its dynamic batcher.
 SERVER_VARIANTS = {
-    "batched": lambda s: dataclasses.replace(s, unet_dynamic_batching=True),
-    "unbatched": lambda s: dataclasses.replace(s, unet_dynamic_batching=False),
-    "unet-in-process": lambda s: dataclasses.replace(s, unet_in_process=True),
+    "default": lambda s: s,
+    "unet-batched": lambda s: dataclasses.replace(
+        s, unet_in_process=False, unet_dynamic_batching=True
+    ),
+    "unet-unbatched": lambda s: dataclasses.replace(
+        s, unet_in_process=False, unet_dynamic_batching=False
+    ),
 }
+FULL_SWEEP = next(iter(SERVER_VARIANTS))
 
 
 def stats_snapshot(client) -> dict[str, dict[str, float]]:
@@ -159,7 +166,7 @@ def main() -> None:
     parser.add_argument(
         "--skip-variants",
         nargs="+",
-        choices=[v for v in SERVER_VARIANTS if v != "batched"],
+        choices=[v for v in SERVER_VARIANTS if v != FULL_SWEEP],
         help="server variants not to run (default: all of them)",
     )
     args = parser.parse_args()
@@ -223,16 +230,14 @@ def main() -> None:
     levels = {}
     variants = [v for v in SERVER_VARIANTS if v not in (args.skip_variants or [])]
     for variant in variants:
-        batching = variant == "batched"
+        full = variant == FULL_SWEEP
         repo = build_repository(checkpoint, artifacts, workdir / "repo", variant, serving)
         with TritonServer(repo) as server, PigeonClient(server.grpc_url, "grpc") as stats_client:
             warm = [user_request(size, i, True) for i in range(2)]
             run_level(server.grpc_url, "grpc", 1, warm, steps, args.max_seconds)
-            protocols = args.protocols if batching else ["grpc"]
+            protocols = args.protocols if full else ["grpc"]
             concurrencies = (
-                args.concurrency
-                if batching
-                else sorted({min(args.concurrency), max(args.concurrency)})
+                args.concurrency if full else sorted({min(args.concurrency), max(args.concurrency)})
             )
             for protocol in protocols:
                 url = server.grpc_url if protocol == "grpc" else server.http_url
@@ -249,7 +254,7 @@ def main() -> None:
                         f"{level['throughput_rps']:6.2f} req/s  errors {len(level['errors'])}",
                         flush=True,
                     )
-            if batching:  # 4. returning users (cache hits) vs new users, sequential
+            if full:  # 4. returning users (cache hits) vs new users, sequential
                 for kind, returning in (("new", False), ("returning", True)):
                     reqs = [
                         user_request(size, 100 + i, returning)
@@ -267,7 +272,7 @@ def main() -> None:
 def report(record: dict, floor_s: float, quick: bool, results: Path) -> None:
     levels = record["levels"]
     base = record["in_process_s"]["p50"]
-    c1 = levels.get("batched/grpc/c1", {}).get("latency_s") or {}
+    c1 = levels.get(f"{FULL_SWEEP}/grpc/c1", {}).get("latency_s") or {}
     print(
         f"\nin-process ONNX Runtime p50 {base * 1e3:.1f} ms; floor {floor_s * 1e3:.1f} ms "
         f"({sum(record['flops_per_request'].values()) / 1e9:.1f} GFLOP at "
@@ -290,9 +295,13 @@ def report(record: dict, floor_s: float, quick: bool, results: Path) -> None:
                 f"({v['latency_s']['p50'] / base - 1:+.1%} vs in process), "
                 f"{v['throughput_rps']:.2f} req/s"
             )
-    rates = {k: v["throughput_rps"] for k, v in levels.items() if k.startswith("batched/grpc/")}
-    if "batched/grpc/c1" in rates and "batched/grpc/c8" in rates:
-        print(f"throughput c=8 / c=1: {rates['batched/grpc/c8'] / rates['batched/grpc/c1']:.2f}x")
+    rates = {
+        int(k.split("/c")[1]): v["throughput_rps"]
+        for k, v in levels.items()
+        if k.startswith(f"{FULL_SWEEP}/grpc/")
+    }
+    if 1 in rates and 8 in rates:
+        print(f"throughput c=8 / c=1: {rates[8] / rates[1]:.2f}x")
     for kind in ("new", "returning"):
         level = levels.get(f"cache/{kind}")
         if level:
@@ -324,7 +333,7 @@ def plot(record: dict, results: Path) -> None:
         points = sorted(
             (int(k.split("/c")[1]), v["latency_s"]["p50"] * 1e3, v["throughput_rps"])
             for k, v in record["levels"].items()
-            if k.startswith(f"batched/{protocol}/") and v["latency_s"]
+            if k.startswith(f"{FULL_SWEEP}/{protocol}/") and v["latency_s"]
         )
         if points:
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=protocol)

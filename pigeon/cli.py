@@ -638,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=run_serve)
 
     p = sub.add_parser("train", help="train a stage, or the whole recipe", formatter_class=fmt)
-    p.add_argument("stage", choices=["vae", "image", "lmm", "sft", "dpo", "all"])
+    p.add_argument("stage", choices=["vae", "image", "decoder", "lmm", "sft", "dpo", "all"])
     p.add_argument("--preset", default="tiny")
     p.add_argument("--data", default="procedural", help="'procedural' or an EmojiPrefs folder")
     p.add_argument("--out", required=True, help="run folder")

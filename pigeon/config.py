@@ -3,7 +3,8 @@
 Every config file carries `_class` and `_format`. Loading is strict: an unknown or a missing key is a
 `ConfigError` that names the key and the file, never a silent default; the one exception is a field
 marked `added_after_format` (added since the format was fixed), which files written before it may omit
-and which then takes its default: the behaviour those files were written with. Presets:
+and which then takes the behaviour those files were written with: its default, or its `when_omitted`
+value where the default has changed since. Presets:
 
     tiny   seconds on a laptop CPU (tests, CI)
     small  EmojiPrefs at 64 px on a 2-core CPU
@@ -148,6 +149,11 @@ class UNetConfig:
     attention_head_dim: int = 8
     addition_time_embed_dim: int = 8
     norm_num_groups: int = 8
+    # The reference image's VAE latents concatenated to the noisy latents as extra input channels
+    # (InstructPix2Pix): reference and target are near pixel-aligned, so the concept arrives
+    # spatially and the tokens only need to carry the style. The `decoder` training stage turns it on
+    # (zero-initialised channels) and trains the UNet alone, so a model fresh from a preset has it off.
+    reference_input: bool = field(default=False, metadata={"added_after_format": 1})
 
     def __post_init__(self) -> None:
         for ch in self.block_out_channels:
@@ -275,8 +281,10 @@ class ServingConfig:
     # version's, hash-checked. The gpu target always calls the TensorRT personalizer through BLS.
     personalizer_in_process: bool = True
     # cpu target: denoise runs the UNet's ONNX file itself instead of two BLS calls' worth of copies
-    # per step; concurrent users' steps then no longer meet in the UNet's dynamic batcher
-    unet_in_process: bool = field(default=False, metadata=_ADDED)
+    # per step; concurrent users' steps then no longer meet in the UNet's dynamic batcher. On by
+    # default: two benchmark runs on the 2-core CPU measured lower p50 and higher throughput with it
+    # (benchmarks/README.md). A serving.json written before it existed keeps serving as it did.
+    unet_in_process: bool = field(default=True, metadata={**_ADDED, "when_omitted": False})
     # ONNX Runtime session settings, for the Triton models (config.pbtxt parameters) and the in-process
     # runner alike (pigeon.inference.runners.OrtOptions.from_serving); ort_threads is the intra-op count
     ort_inter_op_threads: int = field(default=1, metadata=_ADDED)  # used by execution mode parallel
@@ -468,6 +476,9 @@ def from_dict(cls: type, data: dict[str, Any], *, where: str = "config") -> Any:
     kwargs = {
         name: _coerce(hints[name], data[name], f"{where}.{name}") for name in names if name in data
     }
+    for f in dataclasses.fields(cls):  # omitted, and its default has changed since: the old one
+        if f.name not in data and "when_omitted" in f.metadata:
+            kwargs[f.name] = f.metadata["when_omitted"]
     try:
         return cls(**kwargs)
     except TypeError as exc:  # pragma: no cover - guarded by the checks above

@@ -31,7 +31,6 @@ from pigeon.files import write_atomic
 
 STEPS = 6
 COMMITTED = Path(__file__).resolve().parents[1] / "checkpoints" / "small"
-TRAINING_STAGES = ("vae", "image", "lmm", "sft", "dpo")
 
 
 class DemoError(RuntimeError):
@@ -75,7 +74,9 @@ def build_data(out: Path) -> Path:
 def run_summary(run: Path) -> dict:
     """Per training stage: steps, first and last loss, best validation loss and seconds (log.jsonl)."""
     summary = {}
-    for stage in TRAINING_STAGES:
+    from pigeon.training.objectives import STAGES
+
+    for stage in STAGES:
         path = run / stage / "log.jsonl"
         if not path.exists():
             continue

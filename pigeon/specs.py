@@ -205,6 +205,12 @@ def component_specs(config: PipelineConfig) -> dict[str, ComponentSpec]:
         for kind in ("present_key", "present_value")
     ]
     max_seq = pz.max_positions
+    # the reference's latents as extra UNet input channels (config.unet.reference_input)
+    reference_latents = (
+        (TensorSpec("reference_latents", "float32", ("batch", c, h, h)),)
+        if config.unet.reference_input
+        else ()
+    )
     specs = [
         ComponentSpec(
             "history_encoder",
@@ -276,6 +282,7 @@ def component_specs(config: PipelineConfig) -> dict[str, ComponentSpec]:
                 TensorSpec("prompt_embeds", "float32", ("batch", ca.num_queries, ca.context_dim)),
                 TensorSpec("pooled_embeds", "float32", ("batch", ca.pooled_dim)),
                 TensorSpec("time_ids", "float32", ("batch", TIME_IDS)),
+                *reference_latents,
             ),
             outputs=(TensorSpec("noise_pred", "float32", ("batch", c, h, h)),),
             dims={"batch": DimRange(1, 2, 32)},  # 2 x requests under classifier-free guidance

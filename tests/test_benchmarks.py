@@ -30,9 +30,10 @@ def test_serving_quick_writes_a_complete_record(tmp_path):
     record = json.loads((tmp_path / "r" / "serving.jsonl").read_text().splitlines()[-1])
     assert record["quick"] and record["preset"] == "tiny"
     assert {
-        "batched/grpc/c1",
-        "batched/http/c2",
-        "unbatched/grpc/c2",
+        "default/grpc/c1",
+        "default/http/c2",
+        "unet-batched/grpc/c2",
+        "unet-unbatched/grpc/c2",
         "cache/new",
         "cache/returning",
     } <= set(record["levels"])

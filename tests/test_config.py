@@ -53,6 +53,19 @@ def test_a_field_added_after_the_format_takes_its_default_when_absent():
         cfg.SchedulerConfig(strength=0.0)
 
 
+def test_an_omitted_field_keeps_the_behaviour_its_file_was_written_with():
+    """A checkpoint from before `unet.reference_input` has a UNet without it; a serving.json from
+    before `unet_in_process` served the UNet over BLS, although both defaults differ now."""
+    data = cfg.to_dict(cfg.preset("tiny"))
+    del data["unet"]["reference_input"]
+    assert cfg.from_dict(cfg.PipelineConfig, data).unet.reference_input is False
+    serving = cfg.to_dict(cfg.ServingConfig())
+    assert cfg.ServingConfig().unet_in_process is True
+    del serving["unet_in_process"]
+    assert cfg.from_dict(cfg.ServingConfig, serving).unet_in_process is False
+    assert cfg.from_dict(cfg.ServingConfig, serving) == cfg.ServingConfig(unet_in_process=False)
+
+
 def test_nested_errors_name_the_path():
     data = cfg.to_dict(cfg.preset("tiny"))
     data["unet"]["layers_per_block"] = "two"

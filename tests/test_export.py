@@ -75,6 +75,33 @@ def test_onnxruntime_pipeline_gives_the_pytorch_image(artifacts, checkpoint_dir)
     assert np.abs(torch_image.image.astype(int) - ort_image.image.astype(int)).max() <= 2
 
 
+def test_a_reference_input_unet_exports_and_serves_the_pytorch_image(
+    tiny_config, tokenizer, tmp_path
+):
+    """unet.reference_input: the UNet's extra input is declared, exported and fed by the pipeline."""
+    from pigeon.checkpoint import save_checkpoint
+
+    from .conftest import make_model
+
+    model = make_model(tiny_config)
+    model.enable_reference_input()
+    with torch.no_grad():  # as if trained: the reference's channels matter
+        model.unet.conv_in.weight[:, tiny_config.vae.latent_channels :].normal_(0, 0.2)
+    ckpt_dir = save_checkpoint(model, tokenizer, tmp_path / "ckpt")
+    export_onnx(ckpt_dir, tmp_path / "art")
+    ckpt = load_checkpoint(ckpt_dir)
+    assert ckpt.config.unet.reference_input
+    graph = onnx.load(str(tmp_path / "art" / "unet" / "model.onnx")).graph
+    assert [i.name for i in graph.input][-1] == "reference_latents"
+    request = GenerationRequest(
+        history=[emoji_like(i) for i in range(3)], reference=emoji_like(9), text="a cat", seed=2
+    )
+    torch_pipe = PigeonPipeline(ckpt.config, ckpt.tokenizer, TorchRunner(ckpt.model))
+    ort = OrtRunner.from_artifacts(tmp_path / "art", ckpt.config)
+    ort_image = PigeonPipeline(ckpt.config, ckpt.tokenizer, ort)(request)[0].image
+    assert np.abs(torch_pipe(request)[0].image.astype(int) - ort_image.astype(int)).max() <= 2
+
+
 def test_an_altered_artifact_is_refused(artifacts, tmp_path, tiny_config):
     copy = tmp_path / "copy"
     shutil.copytree(artifacts, copy)

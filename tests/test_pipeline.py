@@ -4,6 +4,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 from pigeon.diffusion.scheduler import make_sampler
 from pigeon.inference.pipeline import GenerationRequest, PigeonPipeline, RequestError
@@ -107,6 +108,53 @@ def test_guidance_one_equals_the_conditional_branch(pipe, images):
         )["noise_pred"]
         x = sampler.step(eps, i, x)
     np.testing.assert_allclose(latents, x, atol=1e-6)
+
+
+def test_the_reference_input_reaches_every_unet_call_in_both_branches(
+    tiny_config, tokenizer, images
+):
+    """unet.reference_input at guidance 2: the loop equals a hand-written CFG loop whose conditional
+    and unconditional halves both carry the reference's latents; another reference, another image."""
+    from pigeon.serving.images import to_model_input
+
+    from .conftest import make_model
+
+    model = make_model(tiny_config)
+    model.enable_reference_input()
+    with torch.no_grad():  # as if trained: the reference's channels matter
+        model.unet.conv_in.weight[:, tiny_config.vae.latent_channels :].normal_(0, 0.2)
+    pipe = PigeonPipeline(model.config, tokenizer, TorchRunner(model))
+    run, size = pipe.runner.run, tiny_config.image_size
+    cond = pipe.condition([np.arange(10)])
+    reference = to_model_input(images[5], size)[None]
+
+    def loop(ref):
+        rng = [np.random.default_rng(0)]
+        return pipe.denoise(cond["prompt_embeds"], cond["pooled_embeds"], 3, 2.0, "ddim", rng, ref)
+
+    clean = run("vae_encoder", {"images": reference})["latents"]
+    sampler = make_sampler(pipe.config.scheduler, 3, "ddim")
+    x = np.random.default_rng(0).standard_normal((1, 4, 16, 16), dtype=np.float32)
+    s = float(size)
+    for i, t in enumerate(sampler.timesteps):
+        eps = run(
+            "unet",
+            {
+                "latents": np.concatenate([x, x]),
+                "timestep": np.full(2, t, np.float32),
+                "prompt_embeds": np.concatenate([cond["prompt_embeds"], 0 * cond["prompt_embeds"]]),
+                "pooled_embeds": np.concatenate([cond["pooled_embeds"], 0 * cond["pooled_embeds"]]),
+                "time_ids": np.array([[s, s, 0, 0, s, s]] * 2, np.float32),
+                "reference_latents": np.concatenate([clean, clean]),
+            },
+        )["noise_pred"]
+        eps_cond, eps_uncond = np.split(eps, 2)
+        x = sampler.step(eps_uncond + 2.0 * (eps_cond - eps_uncond), i, x)
+    np.testing.assert_allclose(loop(reference), x, atol=1e-5)
+    other = loop(to_model_input(images[0], size)[None])
+    assert np.abs(other - x).mean() > 1e-3
+    with pytest.raises(RequestError, match="reference input needs the reference images"):
+        loop(None)
 
 
 def test_both_samplers_and_the_request_overrides_run(pipe, images):

@@ -10,6 +10,7 @@ test asserts a speed.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import io
 import ipaddress
 import json
@@ -48,7 +49,10 @@ ROOT = Path(__file__).resolve().parents[1]
 STARTUP_S = 600  # bounded: a server that never gets ready fails the test (slow shared machines)
 TIMEOUT_S = 300  # every client call's deadline (generous: CI machines are shared)
 ADMIN = ("admin-key", "pigeon-test-key")
-LIGHT = ServingConfig(bls_instances=1)  # fault servers: one process per Python model
+# the suite unloads, kills and counts the `unet` model, so its servers call it over BLS
+BLS_UNET = ServingConfig(unet_in_process=False)
+# fault servers: one process per Python model
+LIGHT = dataclasses.replace(BLS_UNET, bls_instances=1)
 
 pytestmark = pytest.mark.triton
 
@@ -78,7 +82,7 @@ def make_repository(root: Path, checkpoint: Path, artifacts: Path, versions=(1,)
 def served(tmp_path_factory, checkpoint_dir, artifacts):
     """The default serving config (4 instances of each loop model), admin APIs behind a key."""
     repo = make_repository(
-        tmp_path_factory.mktemp("served"), checkpoint_dir, artifacts, serving=ServingConfig()
+        tmp_path_factory.mktemp("served"), checkpoint_dir, artifacts, serving=BLS_UNET
     )
     with TritonServer(repo, admin_header=ADMIN, startup_timeout_s=STARTUP_S) as server:
         yield server

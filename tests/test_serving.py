@@ -38,14 +38,19 @@ HISTORY = [png(emoji_like(i)) for i in range(4)]
 REFERENCE = png(emoji_like(9))
 
 
+# the shared server calls the UNet model over BLS, so its dynamic batcher can be observed; the
+# default (the UNet in the denoise process) has its own test below
+BLS_UNET = ServingConfig(unet_in_process=False)
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, checkpoint_dir, tokenizer):
     repo = tmp_path_factory.mktemp("repo")
-    export_all(checkpoint_dir, repo, 1)
+    export_all(checkpoint_dir, repo, 1, serving=BLS_UNET)
     other = save_checkpoint(
         make_model(preset("tiny"), seed=3), tokenizer, tmp_path_factory.mktemp("ck2") / "v2"
     )
-    export_all(other, repo, 2)
+    export_all(other, repo, 2, serving=BLS_UNET)
     with TritonServer(repo / "cpu") as server:
         deploy(server.http_url, repo / "cpu", 1)
         yield server, repo, other
@@ -154,9 +159,10 @@ def test_concurrent_requests_share_unet_executions(served):
 def test_unet_in_process_gives_the_same_image_without_calling_the_unet_model(
     tmp_path, checkpoint_dir
 ):
-    """ServingConfig.unet_in_process: denoise runs the UNet's file itself (no BLS per step)."""
+    """ServingConfig.unet_in_process (the default): denoise runs the UNet's file itself (no BLS
+    per step)."""
     repo = tmp_path / "repo"
-    export_all(checkpoint_dir, repo, 1, serving=ServingConfig(unet_in_process=True))
+    export_all(checkpoint_dir, repo, 1)
     denoise = (repo / "cpu" / "denoise" / "config.pbtxt").read_text()
     assert 'key: "unet_in_process"' in denoise
     with TritonServer(repo / "cpu") as server:

@@ -81,6 +81,10 @@ def run_stage(model, tokenizer, stage):
         return O.image_objective(
             model, images, torch.from_numpy(alphas_cumprod(model.config.scheduler)).float()
         )
+    if stage == "decoder":
+        references = torch.rand(2, 3, 32, 32, generator=g)
+        ac = torch.from_numpy(alphas_cumprod(model.config.scheduler)).float()
+        return O.decoder_objective(model, images, references, ac)
     if stage == "lmm":
         return O.lmm_objective(model, builder, images, ["a cat", "a dog"])
     if stage == "sft":
@@ -106,6 +110,8 @@ def test_a_stage_changes_exactly_its_own_parameters(setup, stage):
         with torch.no_grad():
             for p in model.personalizer.lora_parameters():
                 p.normal_(0, 0.1)
+    if stage == "decoder":
+        model.enable_reference_input()  # as train_stage does
     trainable = O.set_trainable(model, stage)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     loss = run_stage(model, tokenizer, stage)

@@ -358,5 +358,7 @@ def text_only_generate(pipe, requests) -> np.ndarray:
         first.guidance,
         first.sampler,
         latent_rngs,
+        pipe.reference_pixels(requests, first.strength),
+        first.strength,
     )
     return to_uint8(pipe.runner.run("vae_decoder", {"latents": latents})["images"])

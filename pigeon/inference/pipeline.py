@@ -7,7 +7,8 @@ Stages (architecture.md §5), each timed:
                       condition adapter -> <emb>; prompt assembly; personalizer generation (KV cache)
     condition         generated tokens -> prompt_embeds, pooled_embeds (condition adapter)
     denoise           sampler loop over the UNet with classifier-free guidance (zero negatives);
-                      with strength < 1 it starts from the reference's latents (vae_encoder), noised
+                      with strength < 1 it starts from the reference's latents (vae_encoder), noised;
+                      with unet.reference_input every UNet call also sees those latents as channels
     vae_decoder       latents -> pixels
 
 All glue is NumPy and lives in `pigeon.serving` and `pigeon.diffusion`, so the Triton models run the
@@ -232,10 +233,6 @@ class PigeonPipeline:
         with _timer(timings, "condition"):
             cond = self.condition(codes)
         with _timer(timings, "denoise"):
-            references = None
-            if first.strength < 1.0:
-                size = self.config.image_size
-                references = np.stack([to_model_input(r.reference, size) for r in requests])
             latents = self.denoise(
                 cond["prompt_embeds"],
                 cond["pooled_embeds"],
@@ -243,7 +240,7 @@ class PigeonPipeline:
                 first.guidance,
                 first.sampler,
                 latent_rngs,
-                references,
+                self.reference_pixels(requests, first.strength),
                 first.strength,
             )
         with _timer(timings, "vae_decoder"):
@@ -326,6 +323,16 @@ class PigeonPipeline:
         ids, keep = codes_to_tokens(codes, self.config.history_encoder.num_patches)
         return self.runner.run("condition_adapter", {"token_ids": ids, "token_keep": keep})
 
+    def reference_pixels(
+        self, requests: list[GenerationRequest], strength: float
+    ) -> np.ndarray | None:
+        """The requests' references as `denoise` takes them (batch, 3, S, S) in [0, 1], or None when
+        neither the image-to-image start nor the UNet's reference input needs them."""
+        if strength >= 1.0 and not self.config.unet.reference_input:
+            return None
+        size = self.config.image_size
+        return np.stack([to_model_input(r.reference, size) for r in requests])
+
     def denoise(
         self,
         prompt_embeds: np.ndarray,
@@ -340,16 +347,21 @@ class PigeonPipeline:
         """The visible denoising loop: sampler + classifier-free guidance over the UNet.
 
         strength < 1 (image-to-image): `references` (batch, 3, S, S) in [0, 1] are encoded, noised to
-        the first timestep kept by `start_index`, and the loop runs only the remaining steps.
+        the first timestep kept by `start_index`, and the loop runs only the remaining steps. With
+        `unet.reference_input` their latents are also an input of every UNet call, in both branches.
         """
         c, h = self.config.vae.latent_channels, self.config.latent_size
         sampler = make_sampler(self.config.scheduler, steps, sampler_name)
         noise = np.stack([g.standard_normal((c, h, h), dtype=np.float32) for g in rngs])
         start = start_index(steps, strength)
-        if strength < 1.0:
+        reference_input = self.config.unet.reference_input
+        clean = None
+        if strength < 1.0 or reference_input:
             if references is None:
-                raise RequestError(f"strength={strength} needs the reference images")
+                why = "the UNet's reference input" if reference_input else f"strength={strength}"
+                raise RequestError(f"{why} needs the reference images")
             clean = self.runner.run("vae_encoder", {"images": references})["latents"]
+        if strength < 1.0:
             a_start = sampler.a(int(sampler.timesteps[start]))
             latents = add_noise(clean, noise, np.float32(a_start)).astype(np.float32)
         else:
@@ -357,9 +369,14 @@ class PigeonPipeline:
         context, pooled = cfg_batch(prompt_embeds, pooled_embeds, guidance)
         s = float(self.config.image_size)
         time_ids = np.tile(np.array([s, s, 0, 0, s, s], np.float32), (len(context), 1))
+        branches = len(context) // len(latents)  # 2 under classifier-free guidance
+        # the reference stays in both branches: guidance amplifies the personalized tokens only
+        reference = (
+            {"reference_latents": np.concatenate([clean] * branches)} if reference_input else {}
+        )
         for i in range(start, len(sampler.timesteps)):
             t = sampler.timesteps[i]
-            model_input = np.concatenate([latents] * (len(context) // len(latents)))
+            model_input = np.concatenate([latents] * branches)
             noise_pred = self.runner.run(
                 "unet",
                 {
@@ -368,6 +385,7 @@ class PigeonPipeline:
                     "prompt_embeds": context,
                     "pooled_embeds": pooled,
                     "time_ids": time_ids,
+                    **reference,
                 },
             )["noise_pred"]
             latents = sampler.step(split_guidance(noise_pred, guidance), i, latents)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from pigeon.models.pigeon import PigeonModel
+from pigeon.models.unet import unet_input
 
 
 class HistoryEncoderForExport(nn.Module):
@@ -89,9 +90,12 @@ class ConditionAdapterForExport(nn.Module):
 
 
 class UNetForExport(nn.Module):
+    """reference_latents: the last input only when `unet.reference_input` is on (see pigeon.specs)."""
+
     def __init__(self, model: PigeonModel) -> None:
         super().__init__()
         self.unet = model.unet
+        self.config = model.config
 
     def forward(
         self,
@@ -100,9 +104,10 @@ class UNetForExport(nn.Module):
         prompt_embeds: torch.Tensor,
         pooled_embeds: torch.Tensor,
         time_ids: torch.Tensor,
+        reference_latents: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor]:
         noise_pred = self.unet(
-            latents,
+            unet_input(self.config, latents, reference_latents),
             timestep,
             encoder_hidden_states=prompt_embeds,
             added_cond_kwargs={"text_embeds": pooled_embeds, "time_ids": time_ids},

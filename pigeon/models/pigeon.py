@@ -10,7 +10,7 @@ from pigeon.models.condition_adapter import ConditionAdapter
 from pigeon.models.history_encoder import HistoryEncoder
 from pigeon.models.mask_generator import MaskGenerator
 from pigeon.models.personalizer import Personalizer
-from pigeon.models.unet import build_unet
+from pigeon.models.unet import add_reference_input, build_unet
 from pigeon.models.vae import build_vae
 from pigeon.vocab import vocab_layout
 
@@ -32,6 +32,11 @@ class PigeonModel(nn.Module):
         )
         self.unet = build_unet(config)
         self.vae = build_vae(config)
+
+    def enable_reference_input(self) -> None:
+        """Give the UNet the reference's latents as extra input channels (`unet.reference_input`),
+        zero-initialised so the model computes what it did before; the `decoder` stage trains them."""
+        self.unet, self.config = add_reference_input(self.unet, self.config)
 
     def components(self) -> dict[str, nn.Module]:
         return {name: getattr(self, name) for name in COMPONENT_MODULES}

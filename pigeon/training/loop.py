@@ -45,7 +45,7 @@ from pigeon.training.data import User, load_data, to_tensor
 from pigeon.vocab import DEFAULT_CORPUS, TextTokenizer, train_text_tokenizer
 
 log = logging.getLogger(__name__)
-Stage = Literal["vae", "image", "lmm", "sft", "dpo"]
+Stage = Literal["vae", "image", "decoder", "lmm", "sft", "dpo"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,25 +85,25 @@ class TrainConfig:
             )
 
 
-# Steps per stage (vae, image, lmm, sft, dpo) and batch sizes (images, users).
+# Steps per stage (vae, image, decoder, lmm, sft, dpo) and batch sizes (images, users).
 # `small` is sized from measured step times on the 2-core CPU with EmojiPrefs at 64 px (s/step: vae 2.4,
-# image 1.3, lmm 0.6, sft 0.7, dpo 1.6, pair building 1.5 s per user): about 85 minutes in all,
-# peak RSS 2.2 GiB. It has not been run to completion yet.
+# image 1.3, decoder 0.9, lmm 0.6, sft 0.7, dpo 1.6, pair building 1.5 s per user): about 100 minutes
+# in all, peak RSS 2.2 GiB. It has not been run to completion in one go yet.
 RECIPE_STEPS = {
-    "tiny": ((4, 16, 8, 8, 2), (4, 4)),
-    "small": ((300, 2000, 800, 1200, 200), (32, 8)),
-    "base": ((10000, 40000, 20000, 20000, 5000), (64, 16)),
+    "tiny": ((4, 16, 8, 8, 8, 2), (4, 4)),
+    "small": ((300, 2000, 1000, 800, 1200, 200), (32, 8)),
+    "base": ((10000, 40000, 20000, 20000, 20000, 5000), (64, 16)),
 }
 
 
 def recipe(preset_name: str) -> dict[str, TrainConfig]:
     """Per-stage defaults: `tiny` runs the whole recipe in about a minute on 2 cores; `small` is sized
-    for EmojiPrefs at 64 px on a 2-core CPU in about 85 minutes; `base` for GPUs."""
+    for EmojiPrefs at 64 px on a 2-core CPU in about 100 minutes; `base` for GPUs."""
     if preset_name not in RECIPE_STEPS:
         raise ConfigError(
             f"no training recipe for preset {preset_name!r}; choose {sorted(RECIPE_STEPS)}"
         )
-    (vae, image, lmm, sft, dpo), (batch, users) = RECIPE_STEPS[preset_name]
+    (vae, image, decoder, lmm, sft, dpo), (batch, users) = RECIPE_STEPS[preset_name]
 
     def every(steps: int) -> int:
         return max(2, steps // 4)
@@ -119,6 +119,9 @@ def recipe(preset_name: str) -> dict[str, TrainConfig]:
             min_code_perplexity=0.0 if preset_name == "tiny" else 4.0,
             # measured on small: without it the UNet ignored its condition (docs/RESULTS.md §4)
             reconstruct_weight=1.0,
+        ),
+        "decoder": TrainConfig(
+            stage="decoder", steps=decoder, batch_size=batch, lr=5e-4, val_every=every(decoder)
         ),
         "lmm": TrainConfig(stage="lmm", steps=lmm, batch_size=batch, lr=5e-4, val_every=every(lmm)),
         "sft": TrainConfig(stage="sft", steps=sft, batch_size=users, lr=1e-3, val_every=every(sft)),
@@ -214,6 +217,10 @@ class StageModule(nn.Module):
                 probe=self.probe,
                 reconstruct_weight=self.reconstruct_weight,
             )
+        if self.stage == "decoder":
+            return O.decoder_objective(
+                m, batch["targets"], batch["references"], self.alphas_cumprod
+            )
         if self.stage == "lmm":
             return O.lmm_objective(m, self.builder, batch["images"], batch["texts"])
         if self.stage == "sft":
@@ -243,6 +250,13 @@ def users_batch(users: list[User], config: TrainConfig, device: str) -> O.Person
     )
 
 
+def decoder_batch(users: list[User], device: str) -> dict[str, torch.Tensor]:
+    return {
+        "targets": to_tensor([u.target for u in users]).to(device),
+        "references": to_tensor([u.reference for u in users]).to(device),
+    }
+
+
 def make_batch(
     data, config: TrainConfig, step: int, dist: Dist, device: str, pairs: list | None = None
 ) -> dict:
@@ -256,6 +270,8 @@ def make_batch(
     if config.stage in ("vae", "image", "lmm"):
         images, texts = data.images(rng, config.batch_size)
         return {"images": to_tensor(images[share]).to(device), "texts": texts[share]}
+    if config.stage == "decoder":  # a target and its concept in another style; no history needed
+        return decoder_batch(data.users(rng, config.batch_size, 1, 0.0)[share], device)
     if config.stage == "sft":
         users = data.users(rng, config.batch_size, config.history_length, config.noise_ratio)
         return {"users": users_batch(users[share], config, device), "generator": generator}
@@ -370,6 +386,13 @@ def train_stage(
         resume = False
         pipeline_config = apply_overrides(preset(preset_name), model_overrides)
         model, tokenizer, source = initial_model(run, stage, pipeline_config, init)
+    if stage == "decoder" and not model.config.unet.reference_input:
+        model.enable_reference_input()  # zero-initialised: the model computes what it did
+    if stage == "image" and model.config.unet.reference_input:
+        raise ConfigError(
+            f"{source}: the image stage trains the UNet without a reference, but this model's "
+            "unet.reference_input is on (the decoder stage, which comes after it, turns it on)"
+        )
     model.to(device).train()
     data = load_data(data_source, model.config.image_size)
     builder = PromptBuilder(tokenizer, model.vocab)
@@ -461,6 +484,8 @@ def train_stage(
             val = validate(module, data, config, device, pairs)
             if stage == "image":
                 health = tokenizer_health(model, data, config, device)
+            if stage == "decoder":
+                health = decoder_health(model, data, config, device)
             if dist.main:
                 logf.write(json.dumps({"step": step, "val_loss": val, **health}) + "\n")
                 logf.flush()
@@ -521,27 +546,46 @@ def tokenizer_health(model, data, config: TrainConfig, device: str) -> dict[str,
     }
 
 
-def condition_gain(model, images: torch.Tensor, seed: int) -> float:
+@torch.no_grad()
+def decoder_health(model, data, config: TrainConfig, device: str) -> dict[str, float]:
+    """The decoder stage's condition gain on fixed validation users (target tokens, reference)."""
+    was_training = model.training
+    model.eval()
+    batch = decoder_batch(data.validation_users(config.batch_size, 1), device)
+    seed = step_seed(config.seed + 2_000_003, 1)
+    gain = condition_gain(model, batch["targets"], seed, batch["references"])
+    model.train(was_training)
+    return {"condition_gain": round(gain, 5)}
+
+
+def condition_gain(
+    model, images: torch.Tensor, seed: int, references: torch.Tensor | None = None
+) -> float:
     """How much the UNet uses its condition: diffusion loss with the condition zeroed (CFG's
-    negative) minus with the images' own tokens, same noise and timesteps. About 0 means the UNet
-    ignores the tokens, and nothing the personalizer generates can change the image."""
+    negative) minus with the images' own tokens, same noise and timesteps (and the same reference,
+    for a UNet with `unet.reference_input`). About 0 means the UNet ignores the tokens, and nothing
+    the personalizer generates can change the image."""
     g = torch.Generator().manual_seed(seed)
-    tok = model.history_encoder.tokenize(O.encoder_input(model, images))
-    prompt_embeds, pooled, _ = model.condition_adapter(tok.quantized, tok.token_keep)
+    prompt_embeds, pooled = O.serving_condition(model, images)
     latents = O.image_latents(model, images)
+    reference_latents = None if references is None else O.image_latents(model, references)
     noise = torch.randn(latents.shape, generator=g).to(latents)
     ac = torch.from_numpy(alphas_cumprod(model.config.scheduler)).to(latents)
     t = torch.randint(0, len(ac), (len(images),), generator=g).to(images.device)
 
     def loss(context: torch.Tensor, pooled_embeds: torch.Tensor) -> float:
-        return float(O.denoising_loss(model, latents, noise, t, ac, context, pooled_embeds))
+        return float(
+            O.denoising_loss(
+                model, latents, noise, t, ac, context, pooled_embeds, reference_latents
+            )
+        )
 
     return loss(prompt_embeds * 0, pooled * 0) - loss(prompt_embeds, pooled)
 
 
 def check_tokenizer(health: dict, config: TrainConfig, step: int) -> None:
     """Stop the image stage when its tokenizer has collapsed (see TrainConfig.min_code_perplexity)."""
-    if not health or step + 1 < config.steps // 4:
+    if config.stage != "image" or not health or step + 1 < config.steps // 4:
         return
     if health["code_perplexity"] < config.min_code_perplexity:
         raise TrainingError(
@@ -565,7 +609,11 @@ def validate(
     val_config = dataclasses.replace(config, seed=config.seed + 1_000_003)
     for k in range(config.val_batches):
         reseed_torch(val_config.seed, k, 0)
-        if config.stage == "sft":
+        if config.stage == "decoder":
+            n = config.batch_size
+            users = data.validation_users(n * config.val_batches, 1)
+            batch = decoder_batch(users[k * n : (k + 1) * n], device)
+        elif config.stage == "sft":
             users = data.validation_users(
                 config.batch_size * config.val_batches, config.history_length
             )

@@ -4,6 +4,8 @@
     vae    VAE                                               L1 reconstruction + KL
     image  history encoder, condition adapter, UNet          diffusion on images conditioned on their
                                                              own tokens + VQ + token budget
+    decoder UNet (turns on unet.reference_input)             diffusion on the target conditioned on its
+                                                             own tokens + the reference's latents
     lmm    LLM base weights                                  next-token loss on [text, <img>, codes, </img>]
     sft    LoRA, reference adapter, mask generator (switch)  masked preference reconstruction (L_MPR)
     dpo    LoRA                                              sigmoid DPO, beta 0.1, policy and reference
@@ -25,11 +27,12 @@ from torch import nn
 
 from pigeon.models.mask_generator import random_reference_keep, select_keep
 from pigeon.models.pigeon import PigeonModel
+from pigeon.models.unet import unet_input
 from pigeon.serving.masking import mask_sequence, pad_right
 from pigeon.serving.prompt import PromptBatch, PromptBuilder, left_pad
 from pigeon.training import losses
 
-STAGES = ("vae", "image", "lmm", "sft", "dpo")
+STAGES = ("vae", "image", "decoder", "lmm", "sft", "dpo")
 
 
 def stage_parameters(model: PigeonModel, stage: str) -> dict[str, torch.nn.Parameter]:
@@ -40,6 +43,9 @@ def stage_parameters(model: PigeonModel, stage: str) -> dict[str, torch.nn.Param
     prefixes = {
         "vae": ("vae.",),
         "image": ("history_encoder.", "condition_adapter.", "unet."),
+        # the UNet alone: the tokens, the condition and the reference embedding the personalizer
+        # reads stay as the image stage left them
+        "decoder": ("unet.",),
         "lmm": ("personalizer.llm.",),
         "sft": ("personalizer.reference_adapter.",)
         + (
@@ -182,13 +188,18 @@ def denoising_loss(
     alphas_cumprod: torch.Tensor,
     prompt_embeds: torch.Tensor,
     pooled: torch.Tensor,
+    reference_latents: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """L_diff of the UNet on latents noised to timesteps t (batch,), given its condition."""
+    """L_diff of the UNet on latents noised to timesteps t (batch,), given its condition (and the
+    reference's latents as input channels when `unet.reference_input` is on)."""
     b = latents.shape[0]
     a_t = alphas_cumprod.to(latents)[t].view(b, 1, 1, 1)
     noisy = a_t.sqrt() * latents + (1 - a_t).sqrt() * noise
     added = {"text_embeds": pooled, "time_ids": time_ids_for(model, b, latents.device)}
-    pred = model.unet(noisy, t, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added).sample
+    sample = unet_input(model.config, noisy, reference_latents)
+    pred = model.unet(
+        sample, t, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added
+    ).sample
     if model.config.scheduler.prediction_type == "v_prediction":
         target = a_t.sqrt() * noise - (1 - a_t).sqrt() * latents
     else:
@@ -201,6 +212,55 @@ def keep_budget(keep_prob: torch.Tensor, target: float) -> torch.Tensor:
     reaches p(keep) straight through. keep_prob (batch, P)."""
     kept = (keep_prob > 0.5).to(keep_prob.dtype) - keep_prob.detach() + keep_prob
     return (kept.mean() - target) ** 2
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 0b, second half (`decoder`): the detokenizer with a spatial reference
+
+
+def serving_condition(
+    model: PigeonModel, images: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The condition serving builds from these images' tokens: the history encoder in eval mode
+    (deterministic keep), its kept codes' unit vectors through the condition adapter, as
+    `ConditionAdapterForExport` runs them. -> prompt_embeds, pooled_embeds."""
+    encoder = model.history_encoder
+    was_training = encoder.training
+    encoder.eval()
+    with torch.no_grad():
+        ids, keep = encoder(encoder_input(model, images))
+    encoder.train(was_training)
+    prompt_embeds, pooled, _ = model.condition_adapter(encoder.quantizer.code_vectors(ids), keep)
+    return prompt_embeds, pooled
+
+
+def decoder_objective(
+    model: PigeonModel,
+    targets: torch.Tensor,
+    references: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    uncond_prob: float = 0.1,
+) -> torch.Tensor:
+    """LaVIT's detokenizer on a frozen tokenizer, with the reference as a spatial input: denoise the
+    target's latents given its own tokens (cross-attention) and the reference's latents (input
+    channels, `unet.reference_input`). The reference shows the target's concept in another style,
+    so what the tokens add is the style, which is what the personalizer generates.
+
+    targets, references in [0, 1] (batch, 3, S, S). CFG drops the tokens only: serving keeps the
+    reference in both branches."""
+    b = targets.shape[0]
+    with torch.no_grad():  # the tokenizer, the condition adapter and the VAE are frozen
+        prompt_embeds, pooled = serving_condition(model, targets)
+        latents = image_latents(model, targets)
+        reference_latents = image_latents(model, references)
+    drop = (torch.rand(b, device=targets.device) < uncond_prob).to(prompt_embeds.dtype)
+    prompt_embeds = prompt_embeds * (1 - drop)[:, None, None]  # CFG: zero negatives
+    pooled = pooled * (1 - drop)[:, None]
+    noise = torch.randn_like(latents)
+    t = torch.randint(0, len(alphas_cumprod), (b,), device=targets.device)
+    return denoising_loss(
+        model, latents, noise, t, alphas_cumprod, prompt_embeds, pooled, reference_latents
+    )
 
 
 # ------------------------------------------------------------------------------------------------

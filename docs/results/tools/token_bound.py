@@ -11,6 +11,8 @@ condition adapter + UNet + VAE decoder (same seeds, same sampler) are fed three 
 and each is scored with the frozen StyleNet / ConceptNet of `pigeon evaluate`, at each strength.
 If `target` is far above `generated`, the personalizer is what misses; if `target` is near the
 fixed-style baseline, the tokenizer + UNet cannot carry a style and better decoding will not help.
+First it scores the target images passed through the VAE alone (encode, decode): no generated image
+can carry more of the style than the VAE's reconstruction does.
 """
 
 import argparse
@@ -41,8 +43,6 @@ def kept_codes(pipe: PigeonPipeline, images: list[np.ndarray]) -> list[np.ndarra
 def draw(pipe: PigeonPipeline, codes: list[np.ndarray], requests, strength: float) -> np.ndarray:
     """condition -> denoise -> decode with the requests' own latent streams (seeds)."""
     cond = pipe.condition(codes)
-    size = pipe.config.image_size
-    references = np.stack([to_model_input(r.reference, size) for r in requests])
     latents = pipe.denoise(
         cond["prompt_embeds"],
         cond["pooled_embeds"],
@@ -50,7 +50,7 @@ def draw(pipe: PigeonPipeline, codes: list[np.ndarray], requests, strength: floa
         pipe.config.scheduler.guidance_scale,
         pipe.config.scheduler.sampler,
         [request_streams(r.seed)[2] for r in requests],
-        references if strength < 1.0 else None,
+        pipe.reference_pixels(requests, strength),
         strength,
     )
     return to_uint8(pipe.runner.run("vae_decoder", {"latents": latents})["images"])
@@ -75,6 +75,15 @@ def main() -> None:
         "history": kept_codes(pipe, [r.history[-1] for r in requests]),
     }
     print(f"{args.checkpoint}, {len(requests)} val users")
+    size = ckpt.config.image_size
+    targets = np.stack([to_model_input(t, size) for t in data.truth(data.cases)])
+    latents = pipe.runner.run("vae_encoder", {"images": targets})["latents"]
+    reconstructed = to_uint8(pipe.runner.run("vae_decoder", {"latents": latents})["images"])
+    per, _, _ = scorer.score(resize_images(reconstructed, data.size), case_set)
+    print(
+        f"VAE reconstruction of the targets (the ceiling): StyleAcc {per['style_acc'].mean():.3f}, "
+        f"R@5 {per['concept_r5'].mean():.3f}"
+    )
     print(
         f"{'tokens':<10}{'strength':>9}{'StyleAcc':>10}{'R@5':>7}{'distinct seqs':>15}{'mean len':>10}"
     )
