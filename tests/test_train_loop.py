@@ -38,6 +38,15 @@ def test_tiny_recipe_runs_every_stage_on_procedural_data(tmp_path):
         assert np.isfinite(s["last_loss"]) and s["completed"]
     image = summaries[1]
     assert image["last_loss"] < image["first_loss"]  # the diffusion loss goes down in 16 steps
+    # the decoder stage turns the UNet's reference input on and changes nothing but the UNet
+    before, after = (weights(tmp_path / "run" / s / "best") for s in ("image", "decoder"))
+    assert after["unet.conv_in.weight"].shape[1] == 2 * before["unet.conv_in.weight"].shape[1]
+    changed = {
+        k.split(".")[0] for k in after if k not in before or not torch.equal(after[k], before[k])
+    }
+    assert changed == {"unet"}
+    lmm = json.loads((tmp_path / "run" / "lmm" / "best" / "unet" / "config.json").read_text())
+    assert lmm["reference_input"] is True  # the later stages keep it
     dpo = summaries[-1]
     assert abs(dpo["first_loss"] - np.log(2)) < 1e-3  # policy == reference at the start
 
@@ -65,6 +74,36 @@ def test_resume_gives_the_uninterrupted_result(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_model_overrides_apply_to_a_loaded_checkpoint(tmp_path, tokenizer):
+    """`--set mask_generator.training=frozen` on a stage that starts from a checkpoint: the same
+    weights under the changed config (it was silently ignored); a shape change is refused."""
+    from pigeon.checkpoint import load_checkpoint, save_checkpoint
+    from pigeon.config import ConfigError
+
+    init = save_checkpoint(make_model(preset("tiny")), tokenizer, tmp_path / "init")
+    common = {
+        "preset_name": "tiny",
+        "data_source": "procedural",
+        "progress": False,
+        "init": str(init),
+    }
+    steps = ["train.steps=2", "train.val_every=2"]
+    train_stage(
+        "sft", tmp_path / "run", overrides=[*steps, "mask_generator.training=frozen"], **common
+    )
+    trained = load_checkpoint(tmp_path / "run" / "sft" / "last")
+    assert trained.config.mask_generator.training == "frozen"
+    before, after = weights(init), weights(tmp_path / "run" / "sft" / "last")
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("mask_generator."))
+    with pytest.raises(ConfigError, match="history_encoder.codebook_size=32 changes the shape"):
+        train_stage(
+            "sft",
+            tmp_path / "other",
+            overrides=[*steps, "history_encoder.codebook_size=32"],
+            **common,
+        )
 
 
 def log_losses(path: Path) -> list[float]:

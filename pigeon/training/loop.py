@@ -316,6 +316,27 @@ def initial_model(run: Path, stage: str, config: PipelineConfig, init: str | Non
     )
 
 
+def with_model_overrides(model, overrides: list[str], source: str):
+    """`--set` model overrides on a model loaded from a checkpoint (a previous stage's, --init's or
+    --resume's): the same weights under the changed config, e.g. `mask_generator.training=frozen`
+    for the sft stage. An override that would change a weight's shape is refused: it needs a
+    fresh run (or, for unet.reference_input, the decoder stage)."""
+    from pigeon.models.pigeon import PigeonModel
+
+    config = apply_overrides(model.config, overrides)
+    if config == model.config:
+        return model
+    rebuilt = PigeonModel(config)
+    try:
+        rebuilt.load_state_dict(model.state_dict(), strict=True)
+    except RuntimeError:
+        raise ConfigError(
+            f"{source}: --set {' '.join(overrides)} changes the shape of its weights; "
+            "start a fresh run (a new --out) with it"
+        ) from None
+    return rebuilt
+
+
 def save_state(
     path: Path, step: int, optimizer, scheduler, best: float, probe: nn.Module | None = None
 ) -> None:
@@ -386,6 +407,7 @@ def train_stage(
         resume = False
         pipeline_config = apply_overrides(preset(preset_name), model_overrides)
         model, tokenizer, source = initial_model(run, stage, pipeline_config, init)
+    model = with_model_overrides(model, model_overrides, source)
     if stage == "decoder" and not model.config.unet.reference_input:
         model.enable_reference_input()  # zero-initialised: the model computes what it did
     if stage == "image" and model.config.unet.reference_input:
