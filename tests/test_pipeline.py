@@ -218,6 +218,17 @@ def test_bad_image_arrays_are_named(pipe, images, bad, message):
         pipe(GenerationRequest(history=[images[0], bad], reference=images[1], text="x"))
 
 
+def test_a_prompt_over_the_personalizer_context_is_named(pipe, images):
+    """939 text tokens + 4 history images are over tiny's 256-token prompt (max_positions 512)."""
+    text = " ".join(f"qzx{i}" for i in range(150))[:999]
+    long = GenerationRequest(history=images[:4], reference=images[5], text=text)
+    message = (
+        r"more than the personalizer's maximum of 256 \(half of personalizer.max_positions=512\)"
+    )
+    with pytest.raises(RequestError, match=message):
+        pipe(long)
+
+
 def test_a_good_request_works_after_a_bad_one(pipe, images):
     with pytest.raises(RequestError):
         pipe(dataclasses.replace(request(images), text=""))

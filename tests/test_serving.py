@@ -174,6 +174,29 @@ def test_unet_in_process_gives_the_same_image_without_calling_the_unet_model(
     assert np.abs(image.astype(int) - expected.astype(int)).max() <= 2
 
 
+def test_a_reference_input_checkpoint_is_served_with_the_in_process_image(
+    tmp_path, tiny_config, tokenizer
+):
+    """unet.reference_input through the BLS UNet: the generated unet config declares
+    reference_latents, the denoise model feeds it, and the image is the in-process one."""
+    import torch
+
+    model = make_model(tiny_config)
+    model.enable_reference_input()
+    with torch.no_grad():  # as if trained: the reference's channels matter
+        model.unet.conv_in.weight[:, tiny_config.vae.latent_channels :].normal_(0, 0.2)
+    checkpoint = save_checkpoint(model, tokenizer, tmp_path / "ckpt")
+    repo = tmp_path / "repo"
+    export_all(checkpoint, repo, 1, serving=BLS_UNET)
+    assert 'name: "reference_latents"' in (repo / "cpu" / "unet" / "config.pbtxt").read_text()
+    with TritonServer(repo / "cpu") as server:
+        deploy(server.http_url, repo / "cpu", 1)
+        image, _ = served_image(server)
+        assert int(model_stats(server, "vae_encoder")["inference_count"]) == 1  # strength 1
+    expected = in_process(checkpoint, repo, 1)
+    assert np.abs(image.astype(int) - expected.astype(int)).max() <= 2
+
+
 BOMB = png(np.zeros((1, 1, 3), np.uint8))
 
 

@@ -311,8 +311,10 @@ class PigeonPipeline:
         seq_max = self.specs["personalizer"].dims["seq"].max
         if batch.input_ids.shape[1] > seq_max:
             raise RequestError(
-                f"prompt has {batch.input_ids.shape[1]} tokens, more than the "
-                f"personalizer's maximum of {seq_max}; shorten the text"
+                f"prompt has {batch.input_ids.shape[1]} tokens (history images and text), more "
+                f"than the personalizer's maximum of {seq_max} (half of "
+                f"personalizer.max_positions={self.config.personalizer.max_positions}); send fewer "
+                "history images or a shorter text"
             )
         return self.decoder.generate(
             batch, reference["reference_embedding"], self.config.generation, p, token_rngs
