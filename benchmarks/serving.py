@@ -199,19 +199,24 @@ def main() -> None:
     serving = load_json(ServingConfig, args.serving) if args.serving else ServingConfig()
     record["serving"] = dataclasses.asdict(serving)
 
-    # 1. the in-process ONNX Runtime pipeline, same requests
+    # 1. the in-process ONNX Runtime pipeline on the very requests of a served level (same users and
+    #    seeds: the seed decides how many tokens the personalizer generates before </img>)
     pipe = PigeonPipeline(
         ckpt.config, ckpt.tokenizer, OrtRunner.from_artifacts(artifacts, ckpt.config)
     )
-    base = user_request(size, 0, returning=True)
-    request = GenerationRequest(
-        history=[load_image(h) for h in base["history"]],
-        reference=load_image(base["reference"]),
-        text=base["text"],
-        steps=steps,
-    )
+    same = [
+        GenerationRequest(
+            history=[load_image(h) for h in r["history"]],
+            reference=load_image(r["reference"]),
+            text=r["text"],
+            seed=r["seed"],
+            steps=steps,
+        )
+        for r in (user_request(size, i, returning=True) for i in range(args.requests))
+    ]
+    request = same[0]
     pipe(request)
-    runs = [pipe(request)[0] for _ in range(2 if args.quick else 8)]
+    runs = [pipe(r)[0] for r in same]
     record["in_process_s"] = percentiles([r.timings["total"] for r in runs])
     record["in_process_stage_s"] = {
         k: float(np.median([r.timings[k] for r in runs])) for k in runs[0].timings
