@@ -282,7 +282,7 @@ class ServingConfig:
     personalizer_in_process: bool = True
     # cpu target: denoise runs the UNet's ONNX file itself instead of two BLS calls' worth of copies
     # per step; concurrent users' steps then no longer meet in the UNet's dynamic batcher. On by
-    # default: two benchmark runs on the 2-core CPU measured lower p50 and higher throughput with it
+    # default: four serving benchmark runs on the 2-core CPU measured higher throughput with it
     # (benchmarks/README.md). A serving.json written before it existed keeps serving as it did.
     unet_in_process: bool = field(default=True, metadata={**_ADDED, "when_omitted": False})
     # ONNX Runtime session settings, for the Triton models (config.pbtxt parameters) and the in-process
