@@ -1,6 +1,7 @@
 """Can the image generator draw a style from tokens at all? (docs/RESULTS.md §4)
 
-    PYTHONPATH=. python docs/results/tools/token_bound.py [--checkpoint checkpoints/small] [--users 64]
+    PYTHONPATH=. python docs/results/tools/token_bound.py [--checkpoint checkpoints/small] [--users 64] \
+        [--strengths 1.0 0.8] [--guidances 1 3 7]
 
 Splits Pigeon's miss between its two halves on the first validation users of EmojiPrefs. The same
 condition adapter + UNet + VAE decoder (same seeds, same sampler) are fed three token sets:
@@ -16,6 +17,7 @@ can carry more of the style than the VAE's reconstruction does.
 """
 
 import argparse
+import itertools
 
 import numpy as np
 
@@ -40,14 +42,16 @@ def kept_codes(pipe: PigeonPipeline, images: list[np.ndarray]) -> list[np.ndarra
     return [ids[keep > 0] for ids, keep in zip(out["token_ids"], out["token_keep"], strict=True)]
 
 
-def draw(pipe: PigeonPipeline, codes: list[np.ndarray], requests, strength: float) -> np.ndarray:
+def draw(
+    pipe: PigeonPipeline, codes: list[np.ndarray], requests, strength: float, guidance: float
+) -> np.ndarray:
     """condition -> denoise -> decode with the requests' own latent streams (seeds)."""
     cond = pipe.condition(codes)
     latents = pipe.denoise(
         cond["prompt_embeds"],
         cond["pooled_embeds"],
         pipe.config.scheduler.num_inference_steps,
-        pipe.config.scheduler.guidance_scale,
+        guidance,
         pipe.config.scheduler.sampler,
         [request_streams(r.seed)[2] for r in requests],
         pipe.reference_pixels(requests, strength),
@@ -62,6 +66,9 @@ def main() -> None:
     parser.add_argument("--data", default="demo/data/emojiprefs")
     parser.add_argument("--users", type=int, default=64)
     parser.add_argument("--strengths", type=float, nargs="+", default=[1.0, 0.8])
+    parser.add_argument(
+        "--guidances", type=float, nargs="+", default=None, help="default: the checkpoint's"
+    )
     args = parser.parse_args()
     ckpt = load_checkpoint(args.checkpoint)
     pipe = PigeonPipeline(ckpt.config, ckpt.tokenizer, TorchRunner(ckpt.model))
@@ -85,20 +92,22 @@ def main() -> None:
         f"R@5 {per['concept_r5'].mean():.3f}"
     )
     print(
-        f"{'tokens':<10}{'strength':>9}{'StyleAcc':>10}{'R@5':>7}{'distinct seqs':>15}{'mean len':>10}"
+        f"{'tokens':<10}{'strength':>9}{'guidance':>9}{'StyleAcc':>10}{'R@5':>7}"
+        f"{'distinct seqs':>15}{'mean len':>10}"
     )
-    for strength in args.strengths:
+    guidances = args.guidances or [ckpt.config.scheduler.guidance_scale]
+    for strength, guidance in itertools.product(args.strengths, guidances):
         for name, codes in token_sets.items():
             images = np.concatenate(
                 [
-                    draw(pipe, codes[i : i + 8], requests[i : i + 8], strength)
+                    draw(pipe, codes[i : i + 8], requests[i : i + 8], strength, guidance)
                     for i in range(0, len(requests), 8)
                 ]
             )
             per, _, _ = scorer.score(resize_images(images, data.size), case_set)
             distinct = len({tuple(c.tolist()) for c in codes})
             print(
-                f"{name:<10}{strength:>9.1f}{per['style_acc'].mean():>10.3f}"
+                f"{name:<10}{strength:>9.1f}{guidance:>9.1f}{per['style_acc'].mean():>10.3f}"
                 f"{per['concept_r5'].mean():>7.3f}{distinct:>15d}{np.mean([len(c) for c in codes]):>10.1f}",
                 flush=True,
             )
