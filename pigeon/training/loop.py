@@ -629,20 +629,17 @@ def validate(
     module.eval()
     losses = []
     val_config = dataclasses.replace(config, seed=config.seed + 1_000_003)
+    n = config.batch_size
+    if config.stage in ("decoder", "sft"):  # the fixed validation users, loaded once
+        history = 1 if config.stage == "decoder" else config.history_length
+        users = data.validation_users(n * config.val_batches, history)
     for k in range(config.val_batches):
         reseed_torch(val_config.seed, k, 0)
         if config.stage == "decoder":
-            n = config.batch_size
-            users = data.validation_users(n * config.val_batches, 1)
             batch = decoder_batch(users[k * n : (k + 1) * n], device)
         elif config.stage == "sft":
-            users = data.validation_users(
-                config.batch_size * config.val_batches, config.history_length
-            )
             batch = {
-                "users": users_batch(
-                    users[k * config.batch_size : (k + 1) * config.batch_size], config, device
-                ),
+                "users": users_batch(users[k * n : (k + 1) * n], config, device),
                 "generator": random.Random(k),
             }
         else:

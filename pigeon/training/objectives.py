@@ -149,7 +149,6 @@ def image_objective(
 
     alphas_cumprod: (T,) from `pigeon.diffusion.scheduler.alphas_cumprod`.
     """
-    b = images.shape[0]
     encoder = model.history_encoder
     quantizer = encoder.quantizer
     if encoder.training and hasattr(quantizer, "observed"):  # the previous step's codes
@@ -163,12 +162,9 @@ def image_objective(
     reconstruction = torch.zeros((), device=images.device)
     if probe is not None and reconstruct_weight > 0:
         reconstruction = F.mse_loss(probe(prompt_embeds), latents)
-    drop = (torch.rand(b, device=images.device) < uncond_prob).to(prompt_embeds.dtype)
-    prompt_embeds = prompt_embeds * (1 - drop)[:, None, None]  # CFG: zero negatives
-    pooled = pooled * (1 - drop)[:, None]
-    noise = torch.randn_like(latents)
-    t = torch.randint(0, len(alphas_cumprod), (b,), device=images.device)
-    diffusion = denoising_loss(model, latents, noise, t, alphas_cumprod, prompt_embeds, pooled)
+    diffusion = sampled_denoising_loss(
+        model, latents, alphas_cumprod, prompt_embeds, pooled, uncond_prob
+    )
     budget = keep_budget(tok.keep_prob, keep_target)
     return (
         diffusion + tok.commit_loss + budget_weight * budget + reconstruct_weight * reconstruction
@@ -205,6 +201,28 @@ def denoising_loss(
     else:
         target = noise
     return losses.diffusion_loss(pred, target)
+
+
+def sampled_denoising_loss(
+    model: PigeonModel,
+    latents: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    pooled: torch.Tensor,
+    uncond_prob: float,
+    reference_latents: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`denoising_loss` at random noise and timesteps, the condition zeroed for a share uncond_prob
+    of the batch (CFG's negatives; a reference input stays)."""
+    b = latents.shape[0]
+    drop = (torch.rand(b, device=latents.device) < uncond_prob).to(prompt_embeds.dtype)
+    prompt_embeds = prompt_embeds * (1 - drop)[:, None, None]  # CFG: zero negatives
+    pooled = pooled * (1 - drop)[:, None]
+    noise = torch.randn_like(latents)
+    t = torch.randint(0, len(alphas_cumprod), (b,), device=latents.device)
+    return denoising_loss(
+        model, latents, noise, t, alphas_cumprod, prompt_embeds, pooled, reference_latents
+    )
 
 
 def keep_budget(keep_prob: torch.Tensor, target: float) -> torch.Tensor:
@@ -248,18 +266,12 @@ def decoder_objective(
 
     targets, references in [0, 1] (batch, 3, S, S). CFG drops the tokens only: serving keeps the
     reference in both branches."""
-    b = targets.shape[0]
     with torch.no_grad():  # the tokenizer, the condition adapter and the VAE are frozen
         prompt_embeds, pooled = serving_condition(model, targets)
         latents = image_latents(model, targets)
         reference_latents = image_latents(model, references)
-    drop = (torch.rand(b, device=targets.device) < uncond_prob).to(prompt_embeds.dtype)
-    prompt_embeds = prompt_embeds * (1 - drop)[:, None, None]  # CFG: zero negatives
-    pooled = pooled * (1 - drop)[:, None]
-    noise = torch.randn_like(latents)
-    t = torch.randint(0, len(alphas_cumprod), (b,), device=targets.device)
-    return denoising_loss(
-        model, latents, noise, t, alphas_cumprod, prompt_embeds, pooled, reference_latents
+    return sampled_denoising_loss(
+        model, latents, alphas_cumprod, prompt_embeds, pooled, uncond_prob, reference_latents
     )
 
 
