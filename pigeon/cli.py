@@ -456,7 +456,12 @@ def run_checkpoint_convert(args: argparse.Namespace) -> dict:
 
 
 def run_evaluate(args: argparse.Namespace) -> dict:
-    """Baselines, stage ablations and Pigeon scored by the frozen metrics (pigeon.evaluation)."""
+    """Baselines, stage ablations and Pigeon scored by the frozen metrics (pigeon.evaluation); with
+    --chain, the image chain of one checkpoint instead (pigeon.evaluation.chain)."""
+    if args.chain:
+        from pigeon.evaluation.chain import command as chain_command
+
+        return chain_command(args)
     from pigeon.evaluation.evaluate import command
 
     return command(args)

@@ -146,14 +146,26 @@ class UNetConfig:
 
     block_out_channels: tuple[int, ...] = (32, 64)
     layers_per_block: int = 1
-    attention_head_dim: int = 8
+    attention_head_dim: int = 8  # the width of every attention head; a block has ch // it heads
     addition_time_embed_dim: int = 8
     norm_num_groups: int = 8
+    # "width": attention_head_dim is each head's width. "count": it is handed to diffusers as is,
+    # which reads it as the number of heads of every block (heads of width ch // attention_head_dim:
+    # 4 at `small`); checkpoints written before this field were built that way and keep it.
+    attention_head_layout: Literal["width", "count"] = field(
+        default="width", metadata={"added_after_format": 1, "when_omitted": "count"}
+    )
     # The reference image's VAE latents concatenated to the noisy latents as extra input channels
     # (InstructPix2Pix): reference and target are near pixel-aligned, so the concept arrives
     # spatially and the tokens only need to carry the style. The `decoder` training stage turns it on
     # (zero-initialised channels) and trains the UNet alone, so a model fresh from a preset has it off.
     reference_input: bool = field(default=False, metadata={"added_after_format": 1})
+    # The condition drawn as latents by a linear map of prompt_embeds (pigeon.models.unet
+    # .ConditionSketch), concatenated as input channels: the tokens' spatial route into the UNet. The
+    # image stage trains it to reconstruct the image's latents. Files written before it: off.
+    condition_sketch: bool = field(
+        default=True, metadata={"added_after_format": 1, "when_omitted": False}
+    )
 
     def __post_init__(self) -> None:
         for ch in self.block_out_channels:
@@ -162,6 +174,19 @@ class UNetConfig:
                     f"unet.block_out_channels has {ch}, not a multiple of "
                     f"norm_num_groups={self.norm_num_groups}"
                 )
+            if self.attention_head_layout == "width" and ch % self.attention_head_dim:
+                raise ConfigError(
+                    f"unet.block_out_channels has {ch}, not a multiple of "
+                    f"attention_head_dim={self.attention_head_dim} (the head width)"
+                )
+
+    @property
+    def attention_heads(self) -> tuple[int, ...]:
+        """Heads per block, as diffusers' `attention_head_dim` argument takes them (it is read as
+        the head count when `num_attention_heads` is absent, as in SD 1.5's config)."""
+        if self.attention_head_layout == "count":
+            return (self.attention_head_dim,) * len(self.block_out_channels)
+        return tuple(ch // self.attention_head_dim for ch in self.block_out_channels)
 
 
 @dataclass(frozen=True, kw_only=True)

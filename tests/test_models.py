@@ -151,3 +151,53 @@ def test_lora_starts_as_identity_and_targets_q_and_v(tiny_model):
     for n, param in tiny_model.personalizer.llm.named_parameters():
         if "lora_B" in n:
             assert torch.count_nonzero(param) == 0
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "base"])
+def test_attention_heads_have_the_configured_width(name):
+    """diffusers reads `attention_head_dim` as the head count; the config's is the head width.
+    Every self- and cross-attention of the built UNet must have heads of exactly that width."""
+    from pigeon.models.unet import build_unet
+
+    config = preset(name)
+    width = config.unet.attention_head_dim
+    unet = build_unet(config)
+    attentions = [m for n, m in unet.named_modules() if n.endswith(("attn1", "attn2"))]
+    assert attentions
+    for attn in attentions:
+        channels = attn.to_q.out_features
+        assert attn.heads == channels // width and channels // attn.heads == width
+
+
+def test_files_written_before_the_head_layout_keep_their_head_count(tiny_config):
+    """A unet config without `attention_head_layout` (the committed checkpoint's) builds the UNet
+    those weights were trained in: `attention_head_dim` heads per block."""
+    from pigeon import config as cfg
+    from pigeon.models.unet import build_unet
+
+    data = cfg.to_dict(preset("small"))
+    del data["unet"]["attention_head_layout"], data["unet"]["condition_sketch"]
+    old = cfg.from_dict(cfg.PipelineConfig, data)
+    assert old.unet.attention_head_layout == "count" and not old.unet.condition_sketch
+    heads = {m.heads for n, m in build_unet(old).named_modules() if n.endswith("attn2")}
+    assert heads == {old.unet.attention_head_dim}
+
+
+def test_condition_sketch_is_a_linear_map_of_the_condition(tiny_model, tiny_config):
+    """The sketch channels hold Linear(flattened prompt_embeds) reshaped to the latents; the
+    zeroed condition (CFG's negative) gives the bias alone; the UNet's input has C per part."""
+    from pigeon.models.unet import input_channels, unet_input
+
+    c, h = tiny_config.vae.latent_channels, tiny_config.latent_size
+    ca = tiny_config.condition_adapter
+    assert input_channels(tiny_config) == 2 * c
+    sketch = tiny_model.unet.condition_sketch
+    embeds = torch.randn(3, ca.num_queries, ca.context_dim)
+    latents = torch.randn(3, c, h, h)
+    x = unet_input(tiny_model.unet, tiny_config, latents, embeds, None)
+    assert x.shape == (3, 2 * c, h, h)
+    torch.testing.assert_close(x[:, :c], latents)
+    expected = (embeds.reshape(3, -1) @ sketch.proj.weight.T + sketch.proj.bias).view(3, c, h, h)
+    torch.testing.assert_close(x[:, c:], expected)
+    zero = unet_input(tiny_model.unet, tiny_config, latents, embeds * 0, None)[:, c:]
+    torch.testing.assert_close(zero, sketch.proj.bias.view(1, c, h, h).expand(3, -1, -1, -1))

@@ -40,7 +40,9 @@ def test_tiny_recipe_runs_every_stage_on_procedural_data(tmp_path):
     assert image["last_loss"] < image["first_loss"]  # the diffusion loss goes down in 16 steps
     # the decoder stage turns the UNet's reference input on and changes nothing but the UNet
     before, after = (weights(tmp_path / "run" / s / "best") for s in ("image", "decoder"))
-    assert after["unet.conv_in.weight"].shape[1] == 2 * before["unet.conv_in.weight"].shape[1]
+    c = preset("tiny").vae.latent_channels  # noisy latents + sketch, then + the reference
+    assert before["unet.conv_in.weight"].shape[1] == 2 * c
+    assert after["unet.conv_in.weight"].shape[1] == 3 * c
     changed = {
         k.split(".")[0] for k in after if k not in before or not torch.equal(after[k], before[k])
     }
@@ -231,13 +233,19 @@ def test_a_dpo_step_changes_lora_only_and_never_the_reference(tmp_path):
 
 
 def test_image_stage_resume_keeps_the_latent_probe(tmp_path):
-    """The reconstruction head lives in the trainer state (not the served checkpoint): a resumed
-    image stage ends where the uninterrupted one does, and the health log has condition_gain."""
+    """Without `unet.condition_sketch` the reconstruction head lives in the trainer state (not the
+    served checkpoint): a resumed image stage ends where the uninterrupted one does, and the health
+    log has condition_gain."""
     common = {
         "preset_name": "tiny",
         "data_source": "procedural",
         "progress": False,
-        "overrides": ["train.steps=4", "train.val_every=2", "train.reconstruct_weight=1.0"],
+        "overrides": [
+            "train.steps=4",
+            "train.val_every=2",
+            "train.reconstruct_weight=1.0",
+            "unet.condition_sketch=false",
+        ],
     }
     train_stage("image", tmp_path / "a", **common)
     train_stage("image", tmp_path / "b", stop_after=2, **common)

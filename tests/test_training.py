@@ -1,6 +1,7 @@
 """Losses against references, and which parameters each stage may change."""
 
 import copy
+import dataclasses
 import math
 import random
 
@@ -240,6 +241,9 @@ def test_reconstruction_term_adds_the_probe_mse_to_the_image_loss(setup):
     """image_objective with a LatentProbe = the plain objective + weight x MSE(probe(condition),
     VAE latents), same random draws."""
     config, _ = setup
+    config = dataclasses.replace(
+        config, unet=dataclasses.replace(config.unet, condition_sketch=False)
+    )
     model = make_model(config).eval()  # eval: no dead-code restarts between the two calls
     probe = O.LatentProbe(config)
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -257,9 +261,30 @@ def test_reconstruction_term_adds_the_probe_mse_to_the_image_loss(setup):
     torch.testing.assert_close(with_probe - plain, 2.0 * expected, rtol=1e-4, atol=1e-6)
 
 
+def test_the_condition_sketch_is_the_probe_of_a_sketching_unet(setup):
+    """With `unet.condition_sketch` the reconstruction term trains the UNet's own sketch: the loss
+    is the plain one + weight x MSE(sketch(condition), latents)."""
+    config, _ = setup
+    model = make_model(config).eval()
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    ac = torch.from_numpy(alphas_cumprod(config.scheduler)).float()
+    torch.manual_seed(1)
+    plain = O.image_objective(model, images, ac)
+    torch.manual_seed(1)
+    weighted = O.image_objective(model, images, ac, reconstruct_weight=3.0)
+    with torch.no_grad():
+        tok = model.history_encoder.tokenize(O.encoder_input(model, images))
+        prompt_embeds, _, _ = model.condition_adapter(tok.quantized, tok.token_keep)
+        expected = F.mse_loss(
+            model.unet.condition_sketch(prompt_embeds), O.image_latents(model, images)
+        )
+    torch.testing.assert_close(weighted - plain, 3.0 * expected, rtol=1e-4, atol=1e-6)
+
+
 def test_condition_gain_is_zero_exactly_when_the_unet_cannot_see_its_condition(setup):
     """The health metric that would have caught the small run's UNet ignoring its tokens: cut
-    every path from the condition into the UNet (cross-attention values, pooled embedding) and
+    every path from the condition into the UNet (cross-attention values, pooled embedding, the
+    sketch's weights) and
     the gain is 0; an untouched random UNet does use the condition."""
     from pigeon.training.loop import condition_gain
 
@@ -274,4 +299,84 @@ def test_condition_gain_is_zero_exactly_when_the_unet_cannot_see_its_condition(s
                 if module.bias is not None:
                     module.bias.zero_()
         model.unet.add_embedding.linear_1.weight[:, : config.condition_adapter.pooled_dim] = 0
+        model.unet.condition_sketch.proj.weight.zero_()  # the sketch: its bias alone
         assert condition_gain(model, images, seed=3) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_perceptual_distance_is_the_evaluation_lpips_made_differentiable():
+    """The VAE stage's perceptual term against the evaluation's own LPIPS-like distance on the same
+    images (uint8 in, EfficientNet-Lite0 at the same size and blocks): the same number, zero for
+    identical images, and a gradient that reaches the reconstruction."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from pigeon.evaluation.features import EfficientNetLite0, ENL0Config, lpips_from_maps
+    from pigeon.training.perceptual import BLOCKS, PerceptualDistance
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    distance = PerceptualDistance(size=64)
+    reference = EfficientNetLite0(ENL0Config(image_size=64, lpips_blocks=BLOCKS))
+    expected = [
+        lpips_from_maps(fa[1], fb[1])
+        for fa, fb in zip(reference.features(a), reference.features(b), strict=True)
+    ]
+
+    def signed(x):
+        return torch.from_numpy(x).float().permute(0, 3, 1, 2) / 127.5 - 1
+
+    x = signed(a).requires_grad_()
+    d = distance(x, signed(b))
+    # float16 maps in the evaluation's cache; antialiasing is a no-op when upsampling
+    assert float(d.detach()) == pytest.approx(np.mean(expected), rel=2e-3)
+    assert float(distance(signed(a), signed(a))) == pytest.approx(0.0, abs=1e-6)
+    d.backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in distance.parameters())
+
+
+def test_dpo_candidates_of_a_user_share_their_noise(setup):
+    """One user's candidates differ by their reference mask ratio only: the same seed, hence the
+    same initial latents and sampling streams in the pipeline."""
+    from pigeon.inference.pipeline import request_streams
+    from pigeon.training.data import ProceduralData
+    from pigeon.training.dpo import candidate_requests
+    from pigeon.training.loop import recipe
+
+    config = recipe("small")["dpo"]
+    assert config.dpo_seeds == "shared"
+    user = ProceduralData(32).users(np.random.default_rng(0), 1, 3, 0.2)[0]
+    requests = candidate_requests(user, config, seed=5)
+    assert [r.reference_mask_ratio for r in requests] == list(config.dpo_ratios)
+    assert len({r.seed for r in requests}) == 1
+    noise = [request_streams(r.seed)[2].standard_normal(8) for r in requests]
+    for n in noise[1:]:
+        np.testing.assert_array_equal(n, noise[0])
+
+
+def test_dpo_policy_trains_without_dropout(setup):
+    """Stage 2's policy runs like its frozen reference (every dropout off, TRL's disable_dropout);
+    other stages keep their dropout."""
+    from pigeon.training.loop import StageModule
+
+    config, tokenizer = setup
+    builder = PromptBuilder(tokenizer, make_model(config).vocab)
+    for stage, expect_training in (("dpo", False), ("sft", True)):
+        model = make_model(config)
+        module = StageModule(model, stage, builder).train()
+        dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+        assert dropouts and all(m.training == expect_training for m in dropouts), stage
+        assert model.personalizer.training  # the rest stays in training mode
+
+
+def test_bf16_autocast_keeps_the_vae_loss(setup):
+    """The bf16 recipe's forward pass gives the float32 loss within bfloat16 rounding."""
+    config, _ = setup
+    model = make_model(config).train()
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    fp32 = O.vae_objective(model, images)
+    torch.manual_seed(0)
+    with torch.autocast("cpu", torch.bfloat16):
+        bf16 = O.vae_objective(model, images)
+    assert bf16.dtype == torch.float32
+    assert float(bf16) == pytest.approx(float(fp32), rel=0.03)

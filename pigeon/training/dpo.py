@@ -22,6 +22,7 @@ from pigeon.inference.runners import TorchRunner
 from pigeon.training.data import to_tensor
 
 log = logging.getLogger(__name__)
+SEED_ATTEMPTS = 4
 
 
 @torch.no_grad()
@@ -40,6 +41,26 @@ def personalization_scores(model, candidates: np.ndarray, history: np.ndarray) -
     return (c @ h.t()).mean(dim=1).numpy()
 
 
+def candidate_requests(user, config, seed: int) -> list[GenerationRequest]:
+    """One request per reference mask ratio. `dpo_seeds="shared"`: all with the same seed, so the
+    candidates share their sampling noise and initial latents and differ by the mask ratio alone
+    (the official code fixes the seed across a user's candidates). "per_candidate": seeds
+    seed*k .. seed*k+k-1, for a model too untrained for the mask ratio to change its tokens."""
+    reference = user.target if config.reference == "target" else user.reference
+    k = len(config.dpo_ratios)
+    return [
+        GenerationRequest(
+            history=user.history,
+            reference=reference,
+            text=user.text,
+            seed=seed if config.dpo_seeds == "shared" else seed * k + j,
+            steps=config.dpo_steps_per_candidate,
+            reference_mask_ratio=float(r),
+        )
+        for j, r in enumerate(config.dpo_ratios)
+    ]
+
+
 def build_pairs(model, tokenizer, data, config, device: str = "cpu") -> list[dict]:
     """`config.dpo_pairs` users -> [{user, chosen, rejected, scores}] (codes as int64 arrays)."""
     model.eval()
@@ -54,37 +75,28 @@ def build_pairs(model, tokenizer, data, config, device: str = "cpu") -> list[dic
     users = data.users(rng, config.dpo_pairs, config.history_length, config.noise_ratio)
     pairs = []
     for i, user in enumerate(users):
-        reference = user.target if config.reference == "target" else user.reference
-        requests = [
-            GenerationRequest(
-                history=user.history,
-                reference=reference,
-                text=user.text,
-                seed=i * len(config.dpo_ratios) + j,
-                steps=config.dpo_steps_per_candidate,
-                reference_mask_ratio=float(r),
+        # a user whose candidates all generate the same tokens under one seed gives no pair; its
+        # candidates are drawn again under the next seed (still one seed for all of them)
+        for attempt in range(SEED_ATTEMPTS):
+            results = pipe(candidate_requests(user, config, seed=i + attempt * len(users)))
+            scores = personalization_scores(
+                model, np.stack([r.image for r in results]), np.stack(user.history)
             )
-            for j, r in enumerate(config.dpo_ratios)
-        ]
-        results = pipe(requests)
-        scores = personalization_scores(
-            model, np.stack([r.image for r in results]), np.stack(user.history)
-        )
-        best, worst = int(np.argmax(scores)), int(np.argmin(scores))
-        if np.array_equal(results[best].tokens, results[worst].tokens):
-            continue
-        pairs.append(
-            {
-                "user": user,
-                "chosen": results[best].tokens,
-                "rejected": results[worst].tokens,
-                "scores": scores.tolist(),
-            }
-        )
+            best, worst = int(np.argmax(scores)), int(np.argmin(scores))
+            if not np.array_equal(results[best].tokens, results[worst].tokens):
+                pairs.append(
+                    {
+                        "user": user,
+                        "chosen": results[best].tokens,
+                        "rejected": results[worst].tokens,
+                        "scores": scores.tolist(),
+                    }
+                )
+                break
     if not pairs:
         raise RuntimeError(
             f"no preference pair: every user's {len(config.dpo_ratios)} candidates "
-            "generated the same tokens; add mask ratios or users"
+            f"generated the same tokens under {SEED_ATTEMPTS} seeds; add mask ratios or users"
         )
     log.info("dpo: %d pairs from %d users", len(pairs), len(users))
     return pairs

@@ -1,7 +1,7 @@
 """What each training stage trains and the loss it minimises (architecture.md §3).
 
     stage  trains                                            loss
-    vae    VAE                                               L1 reconstruction + KL
+    vae    VAE                                               L1 reconstruction + KL + perceptual
     image  history encoder, condition adapter, UNet          diffusion on images conditioned on their
                                                              own tokens + VQ + token budget
     decoder UNet (turns on unet.reference_input)             diffusion on the target conditioned on its
@@ -27,7 +27,7 @@ from torch import nn
 
 from pigeon.models.mask_generator import random_reference_keep, select_keep
 from pigeon.models.pigeon import PigeonModel
-from pigeon.models.unet import unet_input
+from pigeon.models.unet import unet_forward
 from pigeon.serving.masking import mask_sequence, pad_right
 from pigeon.serving.prompt import PromptBatch, PromptBuilder, left_pad
 from pigeon.training import losses
@@ -101,17 +101,26 @@ def time_ids_for(model: PigeonModel, batch: int, device: torch.device) -> torch.
 
 
 def vae_objective(
-    model: PigeonModel, images: torch.Tensor, kl_weight: float = 1e-6
+    model: PigeonModel,
+    images: torch.Tensor,
+    kl_weight: float = 1e-6,
+    perceptual: nn.Module | None = None,
+    perceptual_weight: float = 0.0,
 ) -> torch.Tensor:
-    """images in [0, 1] (batch, 3, H, W)."""
+    """L1 + KL (+ perceptual_weight * a perceptual distance, `pigeon.training.perceptual`).
+    images in [0, 1] (batch, 3, H, W)."""
     x = images * 2 - 1
     posterior = model.vae.encode(x).latent_dist
     reconstruction = model.vae.decode(posterior.sample()).sample
-    return losses.vae_loss(reconstruction, x, posterior.mean, posterior.logvar, kl_weight)
+    loss = losses.vae_loss(reconstruction.float(), x, posterior.mean, posterior.logvar, kl_weight)
+    if perceptual is not None and perceptual_weight > 0:
+        loss = loss + perceptual_weight * perceptual(reconstruction.float(), x)
+    return loss
 
 
 class LatentProbe(nn.Module):
-    """Training-only head: the condition adapter's prompt_embeds -> the image's VAE latents.
+    """Training-only head: the condition adapter's prompt_embeds -> the image's VAE latents, for a
+    UNet without `unet.condition_sketch` (with it, the sketch is trained as this probe and kept).
 
     LaVIT trains its tokenizer to reconstruct the image's features from the kept tokens; trained
     through the UNet's loss alone, the small run's tokens carried nothing (the kept tokens' codes
@@ -160,6 +169,8 @@ def image_objective(
     with torch.no_grad():
         latents = image_latents(model, images)
     reconstruction = torch.zeros((), device=images.device)
+    if model.config.unet.condition_sketch:  # the model's own sketch is the probe
+        probe = model.unet.condition_sketch
     if probe is not None and reconstruct_weight > 0:
         reconstruction = F.mse_loss(probe(prompt_embeds), latents)
     diffusion = sampled_denoising_loss(
@@ -191,11 +202,16 @@ def denoising_loss(
     b = latents.shape[0]
     a_t = alphas_cumprod.to(latents)[t].view(b, 1, 1, 1)
     noisy = a_t.sqrt() * latents + (1 - a_t).sqrt() * noise
-    added = {"text_embeds": pooled, "time_ids": time_ids_for(model, b, latents.device)}
-    sample = unet_input(model.config, noisy, reference_latents)
-    pred = model.unet(
-        sample, t, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added
-    ).sample
+    pred = unet_forward(
+        model.unet,
+        model.config,
+        noisy,
+        t,
+        prompt_embeds,
+        pooled,
+        time_ids_for(model, b, latents.device),
+        reference_latents,
+    )
     if model.config.scheduler.prediction_type == "v_prediction":
         target = a_t.sqrt() * noise - (1 - a_t).sqrt() * latents
     else:
