@@ -301,7 +301,8 @@ class TrainingLink:
         was_training = model.training
         model.eval()
         try:
-            pipe = PigeonPipeline(model.config, tokenizer, TorchRunner(model))
+            device = str(next(model.parameters()).device)
+            pipe = PigeonPipeline(model.config, tokenizer, TorchRunner(model, device))
             rows = chain_images(pipe, self.data, self.data.cases, [1.0], links=(link[stage],))
         finally:
             model.train(was_training)

@@ -79,15 +79,12 @@ class Calibration:
 
 
 def quant_method(proto: onnx.ModelProto) -> str:
-    """'static' (calibrated activation ranges) when convolutions hold more weights than MatMul/Gemm
-    (the UNet and the VAE), else 'dynamic' (the transformers; the ViT's one patch-embedding
-    convolution does not make the history encoder a convolutional network)."""
-    sizes = {i.name: int(np.prod(i.dims)) for i in proto.graph.initializer}
-
-    def weights(ops: tuple[str, ...]) -> int:
-        return sum(sizes.get(n.input[1], 0) for n in proto.graph.node if n.op_type in ops)
-
-    return "static" if weights(("Conv",)) > weights(("MatMul", "Gemm")) else "dynamic"
+    """'static' (calibrated activation ranges) for a convolutional network, more than one Conv node
+    (the UNet and the VAE halves), else 'dynamic' (the transformers; the ViT's one patch-embedding
+    convolution does not make the history encoder a convolutional network). Counting nodes, not
+    weights: the UNet's condition sketch is one large Gemm that outweighs the tiny UNet's convolutions."""
+    convolutions = sum(n.op_type == "Conv" for n in proto.graph.node)
+    return "static" if convolutions > 1 else "dynamic"
 
 
 # --------------------------------------------------------------------------------------------------

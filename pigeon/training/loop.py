@@ -103,7 +103,7 @@ class TrainConfig:
 # in all, peak RSS 2.2 GiB. It has not been run to completion in one go yet.
 RECIPE_STEPS = {
     "tiny": ((4, 16, 8, 8, 8, 2), (4, 4)),
-    "small": ((1500, 2000, 1000, 800, 1200, 200), (32, 8)),
+    "small": ((1500, 2000, 1000, 800, 800, 200), (32, 8)),
     "base": ((10000, 40000, 20000, 20000, 20000, 5000), (64, 16)),
 }
 
