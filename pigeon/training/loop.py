@@ -98,9 +98,9 @@ class TrainConfig:
 
 
 # Steps per stage (vae, image, decoder, lmm, sft, dpo) and batch sizes (images, users).
-# `small` is sized from measured step times on the 2-core CPU with EmojiPrefs at 64 px (s/step: vae 2.4,
-# image 1.3, decoder 0.9, lmm 0.6, sft 0.7, dpo 1.6, pair building 1.5 s per user): about 100 minutes
-# in all, peak RSS 2.2 GiB. It has not been run to completion in one go yet.
+# `small` on the 2-core CPU with EmojiPrefs at 64 px, bf16 for the convolutional stages, measured with
+# nothing else running (s/step): vae 1.3-1.9 (perceptual term included), image 0.85-1.0, decoder 0.8,
+# lmm 0.6, sft 0.7, dpo 1.6 plus 1.5 s per user for pair building: about 110 minutes in all.
 RECIPE_STEPS = {
     "tiny": ((4, 16, 8, 8, 8, 2), (4, 4)),
     "small": ((1500, 2000, 1000, 800, 800, 200), (32, 8)),
