@@ -110,7 +110,7 @@ RECIPE_STEPS = {
 
 def recipe(preset_name: str) -> dict[str, TrainConfig]:
     """Per-stage defaults: `tiny` runs the whole recipe in about a minute on 2 cores; `small` is sized
-    for EmojiPrefs at 64 px on a 2-core CPU in about 100 minutes; `base` for GPUs."""
+    for EmojiPrefs at 64 px on a 2-core CPU in about 110 minutes; `base` for GPUs."""
     if preset_name not in RECIPE_STEPS:
         raise ConfigError(
             f"no training recipe for preset {preset_name!r}; choose {sorted(RECIPE_STEPS)}"
