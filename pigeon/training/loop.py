@@ -98,9 +98,10 @@ class TrainConfig:
 
 
 # Steps per stage (vae, image, decoder, lmm, sft, dpo) and batch sizes (images, users).
-# `small` on the 2-core CPU with EmojiPrefs at 64 px, bf16 for the convolutional stages, measured with
-# nothing else running (s/step): vae 1.3-1.9 (perceptual term included), image 0.85-1.0, decoder 0.8,
-# lmm 0.6, sft 0.7, dpo 1.6 plus 1.5 s per user for pair building: about 110 minutes in all.
+# `small` on the 2-core CPU with EmojiPrefs at 64 px, bf16 for the convolutional stages; step times
+# (s/step) read from the runs/small5 progress bars at moments when nothing else ran: vae 1.3-1.9
+# (perceptual term included), image 0.85-1.0, decoder 0.8, lmm 0.6, sft 0.7, dpo 1.0 plus pair
+# building: about 110 minutes in all. The whole recipe has not been timed with nothing else running.
 RECIPE_STEPS = {
     "tiny": ((4, 16, 8, 8, 8, 2), (4, 4)),
     "small": ((1500, 2000, 1000, 800, 800, 200), (32, 8)),
@@ -116,8 +117,8 @@ def recipe(preset_name: str) -> dict[str, TrainConfig]:
             f"no training recipe for preset {preset_name!r}; choose {sorted(RECIPE_STEPS)}"
         )
     (vae, image, decoder, lmm, sft, dpo), (batch, users) = RECIPE_STEPS[preset_name]
-    # the convolutional stages under bf16 autocast: 2.3x faster VAE steps on the 2-core CPU (AVX-512
-    # bf16); the small transformer stages stay float32
+    # the convolutional stages under bf16 autocast: about 2x faster VAE steps on the 2-core CPU
+    # (AVX-512 bf16); the small transformer stages stay float32
     precision = "fp32" if preset_name == "tiny" else "bf16"
 
     def every(steps: int) -> int:
