@@ -92,19 +92,9 @@ def benchmark_request(config, data_root: str | None, steps: int | None):
 
 def quality_requests(data, cases, config, steps: int | None) -> list:
     """As `pigeon evaluate` makes them: the most recent history items that fit, seed = index."""
-    from pigeon.inference.pipeline import GenerationRequest
+    from pigeon.evaluation.methods import evaluation_requests
 
-    max_history = config.personalizer.max_history
-    return [
-        GenerationRequest(
-            history=list(data.history(c))[-max_history:],
-            reference=data.image(c.reference),
-            text=c.text,
-            seed=i,
-            steps=steps,
-        )
-        for i, c in enumerate(cases)
-    ]
+    return evaluation_requests(data, cases, config, steps=steps)
 
 
 def quality_scorer(data_root: str, users: int):

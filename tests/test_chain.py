@@ -13,8 +13,8 @@ import torch
 
 from pigeon.checkpoint import load_checkpoint
 from pigeon.evaluation import chain as C
-from pigeon.evaluation.data import procedural_data
 from pigeon.evaluation.evaluate import Scorer
+from pigeon.evaluation.methods import evaluation_requests
 from pigeon.inference.pipeline import PigeonPipeline
 from pigeon.inference.runners import TorchRunner
 
@@ -38,7 +38,7 @@ def test_chain_rows_against_the_pipeline_and_the_vae(pipe, proc):  # noqa: F811
     }
     np.testing.assert_array_equal(rows["ground_truth"], proc.truth(cases))
     # generated at a strength = what the pipeline itself returns for the same requests
-    requests = C.requests_for(proc, cases, pipe.config)
+    requests = evaluation_requests(proc, cases, pipe.config)
     for s in (1.0, strength):
         for r in requests:
             r.strength = s
@@ -86,8 +86,13 @@ def test_curves_keep_the_last_record_of_a_repeated_step(tmp_path):
         {"step": 0, "loss": 2.0},
         {"step": 10, "loss": 1.5},
         {"step": 10, "loss": 1.4},
-        {"step": 19, "val_loss": 1.2, "link": "vae_round_trip", "link_style_acc": 0.3,
-         "link_concept_r5": 0.5},
+        {
+            "step": 19,
+            "val_loss": 1.2,
+            "link": "vae_round_trip",
+            "link_style_acc": 0.3,
+            "link_concept_r5": 0.5,
+        },
     ]
     log.write_text("".join(json.dumps(x) + "\n" for x in lines))
     records = read_log(log)

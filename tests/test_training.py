@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from pigeon.config import MaskGeneratorConfig, preset
 from pigeon.diffusion.scheduler import alphas_cumprod
+from pigeon.models.unet import ConditionSketch
 from pigeon.serving.prompt import IGNORE, PromptBuilder
 from pigeon.training import losses
 from pigeon.training import objectives as O
@@ -238,14 +239,15 @@ def test_collapsed_tokenizer_stops_the_image_stage_after_a_quarter():
 
 
 def test_reconstruction_term_adds_the_probe_mse_to_the_image_loss(setup):
-    """image_objective with a LatentProbe = the plain objective + weight x MSE(probe(condition),
+    """image_objective with a training-only probe (a ConditionSketch beside a UNet without one) = the
+    plain objective + weight x MSE(probe(condition),
     VAE latents), same random draws."""
     config, _ = setup
     config = dataclasses.replace(
         config, unet=dataclasses.replace(config.unet, condition_sketch=False)
     )
     model = make_model(config).eval()  # eval: no dead-code restarts between the two calls
-    probe = O.LatentProbe(config)
+    probe = ConditionSketch(config)
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     ac = torch.from_numpy(alphas_cumprod(config.scheduler)).float()
     torch.manual_seed(1)
@@ -362,7 +364,7 @@ def test_dpo_policy_trains_without_dropout(setup):
     builder = PromptBuilder(tokenizer, make_model(config).vocab)
     for stage, expect_training in (("dpo", False), ("sft", True)):
         model = make_model(config)
-        module = StageModule(model, stage, builder).train()
+        StageModule(model, stage, builder).train()
         dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
         assert dropouts and all(m.training == expect_training for m in dropouts), stage
         assert model.personalizer.training  # the rest stays in training mode

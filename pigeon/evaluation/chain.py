@@ -82,27 +82,13 @@ def round_trip(pipe, images: np.ndarray) -> np.ndarray:
     return to_uint8(pipe.runner.run("vae_decoder", {"latents": latents})["images"])
 
 
-def requests_for(data, cases, config, seed: int = 0) -> list:
-    """As `pigeon evaluate` makes them: the most recent history items that fit, seed = seed + index."""
-    from pigeon.inference.pipeline import GenerationRequest
-
-    max_history = config.personalizer.max_history
-    return [
-        GenerationRequest(
-            history=list(data.history(c))[-max_history:],
-            reference=data.image(c.reference),
-            text=c.text,
-            seed=seed + i,
-        )
-        for i, c in enumerate(cases)
-    ]
-
-
 def chain_images(
     pipe, data, cases, strengths: list[float], batch: int = 8, links=LINKS
 ) -> dict[str, np.ndarray]:
     """{row name: uint8 images at the data's size}; token rows are named `link@strength`."""
-    requests = requests_for(data, cases, pipe.config)
+    from pigeon.evaluation.methods import evaluation_requests
+
+    requests = evaluation_requests(data, cases, pipe.config)
     truth = data.truth(cases)
     rows: dict[str, np.ndarray] = {}
     if "ground_truth" in links:
@@ -118,7 +104,9 @@ def chain_images(
         codes["history_tokens"] = kept_codes(pipe, [r.history[-1] for r in requests])
     if "generated" in links:
         codes["generated"] = [
-            c for i in range(0, len(requests), batch) for c in _generated(pipe, requests[i : i + batch])
+            c
+            for i in range(0, len(requests), batch)
+            for c in _generated(pipe, requests[i : i + batch])
         ]
     for strength in strengths:
         for name in (n for n in TOKEN_LINKS if n in codes):
@@ -209,15 +197,22 @@ def command(args) -> dict:
         raise EvaluationError("--chain needs --checkpoint (a run folder or one checkpoint)")
     data_source = args.data or default_data(args.checkpoint)
     if not data_source:
-        raise EvaluationError("--data is needed (the checkpoint's run folder records no data folder)")
+        raise EvaluationError(
+            "--data is needed (the checkpoint's run folder records no data folder)"
+        )
     data = load_eval_data(data_source, args.split, seed=args.seed)
     if args.limit is not None:
         if args.limit < 1:
             raise EvaluationError(f"--limit {args.limit} must be >= 1")
         data.cases = data.cases[: args.limit]
     specs, skipped = resolve_model_specs(
-        args.checkpoint, ("pigeon",), checkpoint_for={}, overrides=args.set or [], request={},
-        ratios=args.ratios, batch=args.batch,
+        args.checkpoint,
+        ("pigeon",),
+        checkpoint_for={},
+        overrides=args.set or [],
+        request={},
+        ratios=args.ratios,
+        batch=args.batch,
     )
     if not specs:
         raise EvaluationError(f"--checkpoint {args.checkpoint}: {skipped.get('pigeon')}")

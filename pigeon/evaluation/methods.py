@@ -218,6 +218,24 @@ def resolve_model_specs(
     return specs, skipped
 
 
+def evaluation_requests(data: EvalData, cases: list[EvalCase], config, seed: int = 0, **fields):
+    """One GenerationRequest per case, as every model method is asked: the most recent history items
+    that fit the model, the case's reference and text, seed = seed + index; `fields` set the rest."""
+    from pigeon.inference.pipeline import GenerationRequest
+
+    max_history = config.personalizer.max_history
+    return [
+        GenerationRequest(
+            history=list(data.history(c))[-max_history:],
+            reference=data.image(c.reference),
+            text=c.text,
+            seed=seed + i,
+            **fields,
+        )
+        for i, c in enumerate(cases)
+    ]
+
+
 class ModelRunner:
     """Loads checkpoints once and generates for a ModelSpec; outputs are resized to the data size."""
 
@@ -251,20 +269,7 @@ class ModelRunner:
                 f"--request {bad[0]}=...: GenerationRequest has no field {bad[0]!r} "
                 f"(fields: {', '.join(sorted(fields - {'history', 'reference', 'text'}))})"
             )
-        max_history = pipe.config.personalizer.max_history
-        out = []
-        for i, c in enumerate(cases):
-            history = list(data.history(c))[-max_history:]  # the most recent items fit the model
-            out.append(
-                GenerationRequest(
-                    history=history,
-                    reference=data.image(c.reference),
-                    text=c.text,
-                    seed=seed + i,
-                    **spec.request,
-                )
-            )
-        return out
+        return evaluation_requests(data, cases, pipe.config, seed, **spec.request)
 
     def generate(
         self, spec: ModelSpec, data: EvalData, cases: list[EvalCase], seed: int = 0

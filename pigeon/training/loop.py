@@ -39,6 +39,7 @@ from tqdm import tqdm
 from pigeon.checkpoint import load_checkpoint, save_checkpoint
 from pigeon.config import ConfigError, PipelineConfig, apply_overrides, preset, save_json, to_dict
 from pigeon.diffusion.scheduler import alphas_cumprod
+from pigeon.models.unet import ConditionSketch
 from pigeon.serving.prompt import PromptBuilder
 from pigeon.training import objectives as O
 from pigeon.training.curves import plot_curves
@@ -78,7 +79,8 @@ class TrainConfig:
     # codes of kept tokens) is below this after a quarter of the steps: a collapsed tokenizer makes
     # every later stage meaningless (0 = no check)
     min_code_perplexity: float = 0.0
-    # image stage: weight of the latent reconstruction from the condition (objectives.LatentProbe)
+    # image stage: weight of the latent reconstruction from the condition (the UNet's condition
+    # sketch, or a training-only probe of the same form for a UNet without one)
     reconstruct_weight: float = 0.0
     # vae stage: weight of the perceptual distance (pigeon.training.perceptual) beside L1
     perceptual_weight: float = 0.0
@@ -236,8 +238,10 @@ class StageModule(nn.Module):
             self.perceptual = PerceptualDistance()
         # training-only head of the image stage (its weights live in the trainer state, not the model)
         self.probe = (
-            O.LatentProbe(model.config)
-            if stage == "image" and reconstruct_weight > 0 and not model.config.unet.condition_sketch
+            ConditionSketch(model.config)
+            if stage == "image"
+            and reconstruct_weight > 0
+            and not model.config.unet.condition_sketch
             else None
         )
         self.register_buffer(

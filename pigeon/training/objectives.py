@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 
@@ -27,7 +26,7 @@ from torch import nn
 
 from pigeon.models.mask_generator import random_reference_keep, select_keep
 from pigeon.models.pigeon import PigeonModel
-from pigeon.models.unet import unet_forward
+from pigeon.models.unet import ConditionSketch, unet_forward
 from pigeon.serving.masking import mask_sequence, pad_right
 from pigeon.serving.prompt import PromptBatch, PromptBuilder, left_pad
 from pigeon.training import losses
@@ -118,27 +117,6 @@ def vae_objective(
     return loss
 
 
-class LatentProbe(nn.Module):
-    """Training-only head: the condition adapter's prompt_embeds -> the image's VAE latents, for a
-    UNet without `unet.condition_sketch` (with it, the sketch is trained as this probe and kept).
-
-    LaVIT trains its tokenizer to reconstruct the image's features from the kept tokens; trained
-    through the UNet's loss alone, the small run's tokens carried nothing (the kept tokens' codes
-    had pairwise cosine 0.9996, and the UNet learned to ignore its condition: the diffusion loss was
-    the same with the condition zeroed). Regressing the latents from the condition makes the tokens
-    carry the image whatever the UNet does. Not part of the served model."""
-
-    def __init__(self, config) -> None:
-        super().__init__()
-        ca = config.condition_adapter
-        self.latent_shape = (config.vae.latent_channels, config.latent_size, config.latent_size)
-        self.proj = nn.Linear(ca.num_queries * ca.context_dim, math.prod(self.latent_shape))
-
-    def forward(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
-        """(batch, Q, ctx) -> (batch, C, H, H)."""
-        return self.proj(prompt_embeds.flatten(1)).view(-1, *self.latent_shape)
-
-
 def image_objective(
     model: PigeonModel,
     images: torch.Tensor,
@@ -146,7 +124,7 @@ def image_objective(
     uncond_prob: float = 0.1,
     keep_target: float = 0.6,
     budget_weight: float = 1.0,
-    probe: LatentProbe | None = None,
+    probe: ConditionSketch | None = None,
     reconstruct_weight: float = 0.0,
 ) -> torch.Tensor:
     """LaVIT's tokenizer + diffusion decoder: denoise the image's latents conditioned on its own tokens.
@@ -155,6 +133,12 @@ def image_objective(
     p(keep) alone is met by every patch at p = 0.6, which serving then keeps in full (the collapsed
     small run kept every patch). In training mode the codebook's dead codes are restarted on the
     previous step's encoder outputs (after its backward, before this step uses the codebook).
+
+    The reconstruction term regresses the image's latents from the condition, as LaVIT trains its
+    tokenizer to reconstruct features from the kept tokens: trained through the UNet's loss alone, an
+    earlier small run's tokens carried nothing (the UNet's loss was the same with the condition
+    zeroed). The regressor is the UNet's own condition sketch, or `probe` (a training-only
+    `ConditionSketch` kept in the trainer state) for a UNet without one.
 
     alphas_cumprod: (T,) from `pigeon.diffusion.scheduler.alphas_cumprod`.
     """

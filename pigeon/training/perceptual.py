@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pigeon.evaluation.features import enl0_forward, load_enl0
+
 # strides 4, 8, 16 at the input size: strokes and outlines, parts, shapes
 BLOCKS = (2, 4, 10)
 
@@ -25,19 +27,17 @@ class PerceptualDistance(nn.Module):
 
     def __init__(self, size: int = 96) -> None:
         super().__init__()
-        from pigeon.evaluation.features import load_enl0
-
         self.net, _ = load_enl0()
         self.size = size
 
-    def train(self, mode: bool = True) -> PerceptualDistance:  # the network's BatchNorms stay frozen
+    def train(
+        self, mode: bool = True
+    ) -> PerceptualDistance:  # the network's BatchNorms stay frozen
         super().train(mode)
         self.net.eval()
         return self
 
     def _maps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        from pigeon.evaluation.features import enl0_forward
-
         x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
         x = ((x + 1) * 127.5 - 127.0) / 128.0  # [-1, 1] -> the TF-Lite range of the uint8 input
         return enl0_forward(self.net, x, BLOCKS, pooled=False)[1]

@@ -22,42 +22,16 @@ import itertools
 import numpy as np
 
 from benchmarks.variants import quality_requests
+from pigeon.evaluation.chain import draw, kept_codes
 from pigeon.checkpoint import load_checkpoint
 from pigeon.evaluation.data import load_eval_data
 from pigeon.evaluation.evaluate import Scorer
 from pigeon.evaluation.external import External
 from pigeon.evaluation.metric_nets import MetricNets
 from pigeon.evaluation.metrics import resize_images
-from pigeon.inference.pipeline import PigeonPipeline, request_streams, to_model_input
+from pigeon.inference.pipeline import PigeonPipeline, to_model_input
 from pigeon.inference.runners import TorchRunner
 from pigeon.serving.images import to_uint8
-
-
-def kept_codes(pipe: PigeonPipeline, images: list[np.ndarray]) -> list[np.ndarray]:
-    """Each image's kept codes in raster order, as the personalizer is trained to emit them."""
-    size = pipe.config.history_encoder.image_size
-    out = pipe.runner.run(
-        "history_encoder", {"images": np.stack([to_model_input(i, size) for i in images])}
-    )
-    return [ids[keep > 0] for ids, keep in zip(out["token_ids"], out["token_keep"], strict=True)]
-
-
-def draw(
-    pipe: PigeonPipeline, codes: list[np.ndarray], requests, strength: float, guidance: float
-) -> np.ndarray:
-    """condition -> denoise -> decode with the requests' own latent streams (seeds)."""
-    cond = pipe.condition(codes)
-    latents = pipe.denoise(
-        cond["prompt_embeds"],
-        cond["pooled_embeds"],
-        pipe.config.scheduler.num_inference_steps,
-        guidance,
-        pipe.config.scheduler.sampler,
-        [request_streams(r.seed)[2] for r in requests],
-        pipe.reference_pixels(requests, strength),
-        strength,
-    )
-    return to_uint8(pipe.runner.run("vae_decoder", {"latents": latents})["images"])
 
 
 def main() -> None:
@@ -97,10 +71,12 @@ def main() -> None:
     )
     guidances = args.guidances or [ckpt.config.scheduler.guidance_scale]
     for strength, guidance in itertools.product(args.strengths, guidances):
+        for r in requests:  # draw() takes the guidance from the requests
+            r.guidance = guidance
         for name, codes in token_sets.items():
             images = np.concatenate(
                 [
-                    draw(pipe, codes[i : i + 8], requests[i : i + 8], strength, guidance)
+                    draw(pipe, codes[i : i + 8], requests[i : i + 8], strength)
                     for i in range(0, len(requests), 8)
                 ]
             )
