@@ -170,7 +170,18 @@ def run_inspect(args: argparse.Namespace) -> dict:
 
 
 def run_data_procedural(args: argparse.Namespace) -> dict:
-    """Synthetic users from the procedural shapes set: one folder of PNGs per user + users.jsonl."""
+    """Synthetic users from the procedural shapes set: one folder of PNGs per user + users.jsonl
+    (`--format folders`), or an interaction log in the user-data format (`--format user`)."""
+    if args.format == "user":
+        from pigeon.data.user_data import write_procedural_user_data
+
+        info = write_procedural_user_data(
+            args.out, args.users, args.sequence_length, args.size, args.noise_ratio, args.seed
+        )
+        log.info(
+            "wrote %d users' interactions over %d items to %s", args.users, info["items"], args.out
+        )
+        return {k: info[k] for k in ("out", "items", "users", "interactions")}
     import numpy as np
 
     from pigeon.data.procedural import render, sample_user
@@ -457,11 +468,21 @@ def run_checkpoint_convert(args: argparse.Namespace) -> dict:
 
 def run_evaluate(args: argparse.Namespace) -> dict:
     """Baselines, stage ablations and Pigeon scored by the frozen metrics (pigeon.evaluation); with
-    --chain, the image chain of one checkpoint instead (pigeon.evaluation.chain)."""
+    --chain, the image chain of one checkpoint instead (pigeon.evaluation.chain); on a user-data
+    folder, the metrics that need no per-style ground truth (pigeon.evaluation.user_eval)."""
     if args.chain:
         from pigeon.evaluation.chain import command as chain_command
 
         return chain_command(args)
+    from pigeon.evaluation.user_eval import command as user_data_command
+    from pigeon.evaluation.user_eval import is_user_data
+
+    if args.data is None:
+        from pigeon.evaluation.evaluate import default_data
+
+        args.data = default_data(args.checkpoint)
+    if is_user_data(args.data):
+        return user_data_command(args)
     from pigeon.evaluation.evaluate import command
 
     return command(args)
@@ -721,6 +742,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--history-length", type=_positive_int, default=5)
     q.add_argument("--noise-ratio", type=_unit_float, default=0.2)
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument(
+        "--format",
+        choices=["folders", "user"],
+        default="folders",
+        help="folders: history/reference/target PNGs per user (what `pigeon generate` reads); "
+        "user: items.jsonl + interactions.jsonl + images (what `pigeon train --data` reads)",
+    )
+    q.add_argument(
+        "--sequence-length",
+        type=_positive_int,
+        default=8,
+        help="--format user: interactions per user (a user gives length - history windows)",
+    )
     q.set_defaults(func=run_data_procedural)
     q = dsub.add_parser(
         "emojiprefs", help="build EmojiPrefs from open emoji sets (npm)", formatter_class=fmt

@@ -15,6 +15,7 @@ from pigeon.data.user_data import (
     load_user_data,
     parse_time,
     split_windows,
+    write_procedural_user_data,
 )
 from pigeon.serving.images import save_png
 
@@ -222,3 +223,60 @@ def test_parse_time():
 
 def test_problem_str():
     assert str(Problem("items.jsonl", 3, "x")) == "items.jsonl:3: x"
+
+
+# --- the procedural shapes in this format, and the training source that reads it -----------------
+
+
+def test_procedural_user_data_writes_the_drawn_shapes_in_time_order(tmp_path):
+    from pigeon.data import procedural
+
+    info = write_procedural_user_data(tmp_path, users=5, sequence_length=9, size=24, seed=3)
+    data = load_user_data(tmp_path, history_length=5, on_error="raise")
+    assert data.summary()["items"] == len(procedural.CONCEPTS) * len(procedural.STYLES)
+    assert len(data.windows()) == 5 * (9 - 5)  # one window per interaction after the first five
+    # the log replays procedural.sample_sequence with the same seed, user by user
+    rng = np.random.default_rng(3)
+    expected = {f"user{u}": procedural.sample_sequence(rng, 9, 0.2) for u in range(5)}
+    assert info["styles"] == {u: style for u, (style, _) in expected.items()}
+    for w in data.windows():
+        log = [f"{c}-{s}" for c, s in expected[w.user][1]]
+        assert [*w.history, w.target] in [log[i : i + 6] for i in range(len(log) - 5)]
+    concept, style = data.windows()[0].target.split("-")
+    np.testing.assert_array_equal(
+        data.image(data.windows()[0].target), procedural.render(concept, style, 24)
+    )
+    assert data.items[data.windows()[0].target].caption == f"a {concept}"
+
+
+def test_user_format_training_data_draws_train_windows_with_the_target_as_reference(tmp_path):
+    from pigeon.training.data import UserFormatData, load_data, resize
+
+    write_procedural_user_data(tmp_path, users=6, sequence_length=8, size=24, seed=1)
+    data = load_data(str(tmp_path), 16)
+    assert isinstance(data, UserFormatData) and not data.paired_reference
+    split = data.data.splits
+    train_items = {i for w in split["train"] for i in (*w.history, w.target)}
+    users = data.users(np.random.default_rng(0), 20, 3, noise_ratio=0.9)
+    for u in users:
+        assert u.reference is u.target and u.target.shape == (16, 16, 3) and len(u.history) == 3
+        # every drawn user is one train window: its last three history items, target and caption
+        match = [
+            w
+            for w in split["train"]
+            if np.array_equal(u.target, resize(data.data.image(w.target), 16))
+            and all(
+                np.array_equal(h, resize(data.data.image(i), 16))
+                for h, i in zip(u.history, w.history[-3:], strict=True)
+            )
+        ]
+        assert match and u.text == data.data.items[match[0].target].caption
+    images, captions = data.images(np.random.default_rng(0), 30)
+    drawable = {data.data.items[i].caption for i in train_items}
+    assert images.shape == (30, 16, 16, 3) and set(captions) <= drawable
+    val = data.validation_users(len(split["val"]) + 1, 5)
+    first = split["val"][0]
+    np.testing.assert_array_equal(val[0].target, resize(data.data.image(first.target), 16))
+    np.testing.assert_array_equal(val[-1].target, val[0].target)  # wraps round a short split
+    with pytest.raises(ValueError, match="history_length 6 is longer"):
+        data.users(np.random.default_rng(0), 1, 6, 0.0)

@@ -149,3 +149,21 @@ def sample_user(
         history.append((concept, shown))
     ref_style = str(rng.choice([s for s in STYLES if s != style]))
     return User(style, history, (target, ref_style), (target, style), f"a {target}")
+
+
+def sample_sequence(
+    rng: np.random.Generator, length: int, noise_ratio: float = 0.2
+) -> tuple[str, list[tuple[str, str]]]:
+    """A synthetic interaction log: (preferred style, [(concept, style)] oldest first), each item in
+    the preferred style with probability 1 - noise_ratio; for the user-data format
+    (`pigeon.data.user_data.write_procedural_user_data`)."""
+    style = str(rng.choice(STYLES))
+    items = []
+    for _ in range(length):
+        shown = (
+            style
+            if rng.random() >= noise_ratio
+            else str(rng.choice([s for s in STYLES if s != style]))
+        )
+        items.append((str(rng.choice(CONCEPTS)), shown))
+    return style, items

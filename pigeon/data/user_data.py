@@ -23,6 +23,9 @@ item, bad time, a sequence too short for one window) are reported with file and 
     >>> data = load_user_data("my_stickers", history_length=5)           # doctest: +SKIP
     >>> for problem in data.report: print(problem)                       # doctest: +SKIP
     >>> w = data.splits["train"][0]; images = [data.image(i) for i in w.history]  # doctest: +SKIP
+
+`write_procedural_user_data` writes the procedural shapes in this format (`pigeon data procedural
+--format user`): a small dataset of this kind that every training stage can run on.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pigeon.serving.images import ImageError, load_image
+from pigeon.files import write_atomic
+from pigeon.serving.images import ImageError, load_image, save_png
 
 ITEMS_FILE = "items.jsonl"
 INTERACTIONS_FILE = "interactions.jsonl"
@@ -404,3 +408,53 @@ def load_user_data(
             problems,
         )
     return UserData(root, items, split_windows(windows, split, seed), problems, history_length)
+
+
+PROCEDURAL_START_TIME = 1_700_000_000  # POSIX seconds of every synthetic user's first interaction
+
+
+def write_procedural_user_data(
+    root: str | Path,
+    users: int,
+    sequence_length: int = 8,
+    size: int = 32,
+    noise_ratio: float = 0.2,
+    seed: int = 0,
+) -> dict:
+    """The procedural shapes as a user-data folder: one item per (concept, style), each user's log
+    from `procedural.sample_sequence`. Images first, items.jsonl next, interactions.jsonl last, each
+    written atomically, so an interrupted write leaves a folder that `load_user_data` refuses.
+    -> {"out", "items", "users", "interactions", "styles": {user: preferred style}}."""
+    from pigeon.data import procedural
+
+    if users < 1 or sequence_length < 2:
+        raise ValueError(
+            f"need users >= 1 and sequence_length >= 2, got users={users}, "
+            f"sequence_length={sequence_length}"
+        )
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    items = []
+    for concept in procedural.CONCEPTS:
+        for style in procedural.STYLES:
+            item = f"{concept}-{style}"
+            save_png(procedural.render(concept, style, size), root / "images" / f"{item}.png")
+            items.append({"item": item, "image": f"images/{item}.png", "caption": f"a {concept}"})
+    rng = np.random.default_rng(seed)
+    interactions, styles = [], {}
+    for u in range(users):
+        user = f"user{u}"
+        styles[user], log = procedural.sample_sequence(rng, sequence_length, noise_ratio)
+        for i, (concept, style) in enumerate(log):
+            interactions.append(
+                {"user": user, "item": f"{concept}-{style}", "time": PROCEDURAL_START_TIME + 60 * i}
+            )
+    write_atomic(root / ITEMS_FILE, "".join(json.dumps(r) + "\n" for r in items))
+    write_atomic(root / INTERACTIONS_FILE, "".join(json.dumps(r) + "\n" for r in interactions))
+    return {
+        "out": str(root),
+        "items": len(items),
+        "users": users,
+        "interactions": len(interactions),
+        "styles": styles,
+    }

@@ -38,7 +38,9 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--data",
         default=None,
-        help="EmojiPrefs folder or 'procedural' (default: the run's training data)",
+        help="EmojiPrefs folder, 'procedural', or a user-data folder (items.jsonl + "
+        "interactions.jsonl; the metrics without per-style ground truth) "
+        "(default: the run's training data)",
     )
     p.add_argument("--split", choices=["test", "val"], default="test")
     p.add_argument(

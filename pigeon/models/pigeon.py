@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import nn
 
 from pigeon.checkpoint import COMPONENT_MODULES
@@ -37,6 +39,18 @@ class PigeonModel(nn.Module):
         """Give the UNet the reference's latents as extra input channels (`unet.reference_input`),
         zero-initialised so the model computes what it did before; the `decoder` stage trains them."""
         self.unet, self.config = add_reference_input(self.unet, self.config)
+
+    def set_latent_scale(self, scaling_factor: float) -> None:
+        """Latent diffusion's `vae.scaling_factor`: the UNet sees the VAE's latents times it, so that
+        they have unit variance and the noise schedule's signal-to-noise ratios mean what they were
+        designed to (SD's 0.18215 is 1/std of its VAE's latents)."""
+        if not (scaling_factor > 0 and scaling_factor < float("inf")):
+            raise ValueError(
+                f"vae.scaling_factor must be a positive finite number, got {scaling_factor}"
+            )
+        vae = dataclasses.replace(self.config.vae, scaling_factor=float(scaling_factor))
+        self.config = dataclasses.replace(self.config, vae=vae)
+        self.vae.register_to_config(scaling_factor=float(scaling_factor))
 
     def components(self) -> dict[str, nn.Module]:
         return {name: getattr(self, name) for name in COMPONENT_MODULES}

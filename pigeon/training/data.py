@@ -4,9 +4,14 @@
     TrainingData.users(rng, n, L, noise)   -> [User(history, reference, target, text)]  stages sft, dpo
     TrainingData.validation_users(n, L)    -> the same fixed users every time
 
-Sources: the procedural shapes (`procedural`, no files), an EmojiPrefs build folder. A batch for step k
+Sources: the procedural shapes (`procedural`, no files), an EmojiPrefs build folder, or a folder in the
+user-data format (`pigeon.data.user_data`: items.jsonl + interactions.jsonl + images). A batch for step k
 comes from `np.random.default_rng([seed, k])`, so resuming at step k needs no data-loader state, and
 every rank of a distributed run makes the same global batch and takes its own slice.
+
+`paired_reference` says whether a source has a reference image apart from the target (the target's
+concept in another style: procedural, EmojiPrefs). User data has none; there the reference is the
+target itself, as in the paper's official code, where the 6th item of a window is both.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class ProceduralData:
     """The shapes x styles drawn in code (`pigeon.data.procedural`)."""
 
     name = "procedural"
+    paired_reference = True
 
     def __init__(self, size: int) -> None:
         from pigeon.data import procedural
@@ -80,6 +86,7 @@ class EmojiPrefsData:
     the fixed `val.jsonl` users for validation."""
 
     name = "emojiprefs"
+    paired_reference = True
 
     def __init__(self, root: str | Path, size: int) -> None:
         from pigeon.data import emojiprefs
@@ -123,16 +130,81 @@ class EmojiPrefsData:
         return [self._user(u) for u in users]
 
 
-def load_data(source: str, size: int) -> ProceduralData | EmojiPrefsData:
-    """`procedural`, or the path of an EmojiPrefs build folder."""
+class UserFormatData:
+    """A user-data folder (`pigeon.data.user_data`): the train split's windows for training users,
+    the val split's for validation, the train windows' items for the image stages. A window's last
+    item is both the target and the reference; the log's own noise is the history's noise, so
+    `noise_ratio` does not apply."""
+
+    name = "user"
+    paired_reference = False
+
+    def __init__(self, root: str | Path, size: int, history_length: int = 5) -> None:
+        from pigeon.data.user_data import load_user_data
+
+        self.data = load_user_data(root, history_length)
+        self.size = size
+        self.root = Path(root)
+        self.train = self.data.splits["train"]
+        if not self.train:
+            raise ValueError(f"--data {str(root)!r}: the train split has no window")
+        self.train_items = sorted({i for w in self.train for i in (*w.history, w.target)})
+        self.cache: dict[str, np.ndarray] = {}
+
+    def image(self, item: str) -> np.ndarray:
+        if item not in self.cache:
+            self.cache[item] = resize(self.data.image(item), self.size)
+        return self.cache[item]
+
+    def _user(self, window, history_length: int) -> User:
+        if history_length > len(window.history):
+            raise ValueError(
+                f"history_length {history_length} is longer than the data's windows "
+                f"({len(window.history)} history items)"
+            )
+        target = self.image(window.target)
+        history = [self.image(i) for i in window.history[-history_length:]]
+        return User(history, target, target, self.data.items[window.target].caption)
+
+    def images(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, list[str]]:
+        picks = [self.train_items[i] for i in rng.integers(0, len(self.train_items), n)]
+        return (
+            np.stack([self.image(i) for i in picks]),
+            [self.data.items[i].caption for i in picks],
+        )
+
+    def users(
+        self, rng: np.random.Generator, n: int, history_length: int, noise_ratio: float
+    ) -> list[User]:
+        return [
+            self._user(self.train[i], history_length) for i in rng.integers(0, len(self.train), n)
+        ]
+
+    def validation_users(self, n: int, history_length: int) -> list[User]:
+        val = self.data.splits["val"]
+        if not val:
+            raise ValueError(f"--data {str(self.root)!r}: the val split has no window")
+        return [self._user(val[i % len(val)], history_length) for i in range(n)]
+
+
+TrainingData = ProceduralData | EmojiPrefsData | UserFormatData
+
+
+def load_data(source: str, size: int) -> TrainingData:
+    """`procedural`, an EmojiPrefs build folder, or a user-data folder."""
+    from pigeon.data.user_data import INTERACTIONS_FILE, ITEMS_FILE
+
     if source == "procedural":
         return ProceduralData(size)
     path = Path(source)
     if (path / "concepts.json").is_file():
         return EmojiPrefsData(path, size)
+    if (path / ITEMS_FILE).is_file() and (path / INTERACTIONS_FILE).is_file():
+        return UserFormatData(path, size)
     raise ValueError(
-        f"--data {source!r} is neither 'procedural' nor an EmojiPrefs folder "
-        "(no concepts.json); build one with `pigeon data emojiprefs --out DIR`"
+        f"--data {source!r} is neither 'procedural', an EmojiPrefs folder (no concepts.json) nor "
+        f"a user-data folder (no {ITEMS_FILE} + {INTERACTIONS_FILE}); build EmojiPrefs with "
+        "`pigeon data emojiprefs --out DIR`"
     )
 
 

@@ -68,7 +68,10 @@ class TrainConfig:
     val_batches: int = 2
     history_length: int = 5
     noise_ratio: float = 0.2
-    reference: Literal["target", "other_style"] = "target"
+    # the reference of stages 1 and 2: "other_style", the target's concept in another style, where
+    # the data pair one (procedural, EmojiPrefs); "target", the target itself (the official code's
+    # window, user data); "auto" picks by the data
+    reference: Literal["auto", "target", "other_style"] = "auto"
     dpo_beta: float = 0.1
     dpo_pairs: int = 32
     dpo_ratios: tuple[float, ...] = (0.0, 0.5, 1.0)
@@ -310,11 +313,27 @@ def users_batch(users: list[User], config: TrainConfig, device: str) -> O.Person
     )
 
 
-def decoder_batch(users: list[User], device: str) -> dict[str, torch.Tensor]:
+def decoder_batch(users: list[User], device: str, paired_reference: bool) -> dict:
+    """Targets, and references for a UNet that takes them (data that pair one apart from the target)."""
     return {
         "targets": to_tensor([u.target for u in users]).to(device),
-        "references": to_tensor([u.reference for u in users]).to(device),
+        "references": (
+            to_tensor([u.reference for u in users]).to(device) if paired_reference else None
+        ),
     }
+
+
+def resolve_reference(config: TrainConfig, data, data_source: str) -> TrainConfig:
+    """`train.reference=auto` -> what the data offer; other_style on data without it is refused."""
+    if config.reference == "auto":
+        chosen = "other_style" if data.paired_reference else "target"
+        return dataclasses.replace(config, reference=chosen)
+    if config.reference == "other_style" and not data.paired_reference:
+        raise ConfigError(
+            f"train.reference=other_style needs data with a reference apart from the target; "
+            f"--data {data_source} ({data.name}) has none: use train.reference=target or auto"
+        )
+    return config
 
 
 def make_batch(
@@ -331,7 +350,8 @@ def make_batch(
         images, texts = data.images(rng, config.batch_size)
         return {"images": to_tensor(images[share]).to(device), "texts": texts[share]}
     if config.stage == "decoder":  # a target and its concept in another style; no history needed
-        return decoder_batch(data.users(rng, config.batch_size, 1, 0.0)[share], device)
+        users = data.users(rng, config.batch_size, 1, 0.0)[share]
+        return decoder_batch(users, device, data.paired_reference)
     if config.stage == "sft":
         users = data.users(rng, config.batch_size, config.history_length, config.noise_ratio)
         return {"users": users_batch(users[share], config, device), "generator": generator}
@@ -468,15 +488,22 @@ def train_stage(
         pipeline_config = apply_overrides(preset(preset_name), model_overrides)
         model, tokenizer, source = initial_model(run, stage, pipeline_config, init)
     model = with_model_overrides(model, model_overrides, source)
-    if stage == "decoder" and not model.config.unet.reference_input:
+    data = load_data(data_source, model.config.image_size)
+    config = resolve_reference(config, data, data_source)
+    if stage == "decoder" and data.paired_reference and not model.config.unet.reference_input:
         model.enable_reference_input()  # zero-initialised: the model computes what it did
+    if stage == "decoder" and not data.paired_reference and model.config.unet.reference_input:
+        raise ConfigError(
+            f"{source}: this model's UNet takes the reference's latents (unet.reference_input), "
+            f"but --data {data_source} pairs no reference apart from the target, and the decoder "
+            "stage would teach it to copy its input; start from a checkpoint without it"
+        )
     if stage == "image" and model.config.unet.reference_input:
         raise ConfigError(
             f"{source}: the image stage trains the UNet without a reference, but this model's "
             "unet.reference_input is on (the decoder stage, which comes after it, turns it on)"
         )
     model.to(device).train()
-    data = load_data(data_source, model.config.image_size)
     link = None  # the stage's link of the image chain, logged at validation
     emojiprefs = getattr(data, "name", "") == "emojiprefs"
     if dist.main and stage in CHAIN_STAGES and emojiprefs and config.chain_users > 0:
@@ -582,6 +609,8 @@ def train_stage(
                 health = decoder_health(model, data, config, device)
             if link is not None:
                 health.update(link.measure(stage, model, tokenizer))
+            if stage == "vae":
+                health["scaling_factor"] = calibrate_latent_scale(model, data, config, device)
             if dist.main:
                 logf.write(json.dumps({"step": step, "val_loss": val, **health}) + "\n")
                 logf.flush()
@@ -609,6 +638,28 @@ def train_stage(
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "out": str(out),
     }
+
+
+CALIBRATION_IMAGES = 256  # training images whose latents set vae.scaling_factor
+
+
+def calibrate_latent_scale(model, data, config: TrainConfig, device: str) -> float:
+    """Set `vae.scaling_factor` to 1 / std of the VAE's posterior-mean latents over a fixed draw of
+    training images (latent diffusion's rule), and return it. The VAE stage calls it before every
+    checkpoint, so the stages after it see unit-variance latents."""
+    rng = np.random.default_rng([config.seed, CALIBRATION_IMAGES])
+    was_training = model.vae.training
+    model.vae.eval()
+    latents = []
+    with torch.no_grad():
+        for start in range(0, CALIBRATION_IMAGES, config.batch_size):
+            images, _ = data.images(rng, min(config.batch_size, CALIBRATION_IMAGES - start))
+            x = to_tensor(images).to(device) * 2 - 1
+            latents.append(model.vae.encode(x).latent_dist.mean.float())
+    model.vae.train(was_training)
+    std = float(torch.cat(latents).std())
+    model.set_latent_scale(1.0 / std)
+    return round(1.0 / std, 5)
 
 
 def _global_mean(value: float, dist: Dist) -> float:
@@ -648,7 +699,9 @@ def decoder_health(model, data, config: TrainConfig, device: str) -> dict[str, f
     """The decoder stage's condition gain on fixed validation users (target tokens, reference)."""
     was_training = model.training
     model.eval()
-    batch = decoder_batch(data.validation_users(config.batch_size, 1), device)
+    batch = decoder_batch(
+        data.validation_users(config.batch_size, 1), device, data.paired_reference
+    )
     seed = step_seed(config.seed + 2_000_003, 1)
     gain = condition_gain(model, batch["targets"], seed, batch["references"])
     model.train(was_training)
@@ -711,7 +764,7 @@ def validate(
     for k in range(config.val_batches):
         reseed_torch(val_config.seed, k, 0)
         if config.stage == "decoder":
-            batch = decoder_batch(users[k * n : (k + 1) * n], device)
+            batch = decoder_batch(users[k * n : (k + 1) * n], device, data.paired_reference)
         elif config.stage == "sft":
             batch = {
                 "users": users_batch(users[k * n : (k + 1) * n], config, device),

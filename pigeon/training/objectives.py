@@ -255,7 +255,7 @@ def serving_condition(
 def decoder_objective(
     model: PigeonModel,
     targets: torch.Tensor,
-    references: torch.Tensor,
+    references: torch.Tensor | None,
     alphas_cumprod: torch.Tensor,
     uncond_prob: float = 0.1,
 ) -> torch.Tensor:
@@ -265,11 +265,13 @@ def decoder_objective(
     so what the tokens add is the style, which is what the personalizer generates.
 
     targets, references in [0, 1] (batch, 3, S, S). CFG drops the tokens only: serving keeps the
-    reference in both branches."""
+    reference in both branches. Data without a reference apart from the target train this stage
+    without one (references None, `unet.reference_input` off): the tokens alone, at serving's
+    deterministic keep."""
     with torch.no_grad():  # the tokenizer, the condition adapter and the VAE are frozen
         prompt_embeds, pooled = serving_condition(model, targets)
         latents = image_latents(model, targets)
-        reference_latents = image_latents(model, references)
+        reference_latents = None if references is None else image_latents(model, references)
     return sampled_denoising_loss(
         model, latents, alphas_cumprod, prompt_embeds, pooled, uncond_prob, reference_latents
     )
