@@ -145,6 +145,34 @@ def run_generate(args: argparse.Namespace) -> dict:
     }
 
 
+def run_checkpoint_import(args: argparse.Namespace) -> dict:
+    """A Pigeon checkpoint from diffusers / transformers / PEFT folders (pigeon.interop)."""
+    from pigeon.interop import import_weights
+
+    return import_weights(
+        args.out,
+        base=args.base,
+        preset_name=args.preset,
+        unet=args.unet,
+        vae=args.vae,
+        llm=args.llm,
+        peft=args.peft,
+        overwrite=args.overwrite,
+    )
+
+
+def run_checkpoint_export_diffusers(args: argparse.Namespace) -> dict:
+    from pigeon.interop import export_diffusers
+
+    return export_diffusers(args.checkpoint, args.out)
+
+
+def run_checkpoint_export_peft(args: argparse.Namespace) -> dict:
+    from pigeon.interop import export_peft
+
+    return export_peft(args.checkpoint, args.out)
+
+
 def run_inspect(args: argparse.Namespace) -> dict:
     from safetensors import safe_open
 
@@ -790,6 +818,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=run_checkpoint_convert)
+    q = csub.add_parser(
+        "import",
+        help="build a checkpoint from diffusers / transformers / PEFT folders (safetensors only)",
+        formatter_class=fmt,
+    )
+    q.add_argument("--out", required=True)
+    q.add_argument("--base", default=None, help="Pigeon checkpoint for the components not given")
+    q.add_argument("--preset", default="base", help="without --base: a fresh model of this preset")
+    q.add_argument("--unet", default=None, help="diffusers UNet2DConditionModel folder")
+    q.add_argument("--vae", default=None, help="diffusers AutoencoderKL folder")
+    q.add_argument("--llm", default=None, help="transformers LLaMA-family causal LM folder")
+    q.add_argument("--peft", default=None, help="PEFT LoRA adapter folder (q_proj, v_proj)")
+    q.add_argument("--overwrite", action="store_true")
+    q.set_defaults(func=run_checkpoint_import)
+    q = csub.add_parser(
+        "export-diffusers", help="the UNet and the VAE as diffusers folders", formatter_class=fmt
+    )
+    q.add_argument("checkpoint")
+    q.add_argument("--out", required=True)
+    q.set_defaults(func=run_checkpoint_export_diffusers)
+    q = csub.add_parser(
+        "export-peft",
+        help="the personalizer's LLM (transformers) and its LoRA (PEFT adapter)",
+        formatter_class=fmt,
+    )
+    q.add_argument("checkpoint")
+    q.add_argument("--out", required=True)
+    q.set_defaults(func=run_checkpoint_export_peft)
 
     p = sub.add_parser(
         "evaluate", help="metrics, baselines and ablations with CIs", formatter_class=fmt
