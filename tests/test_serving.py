@@ -418,3 +418,20 @@ def test_an_altered_model_file_is_refused_at_load(served, tmp_path):
         "vae_decoder/1/model.onnx: SHA-256 differs from the manifest"
         in (tmp_path / "log.txt").read_text()
     )
+
+
+def test_client_errors_keep_the_status_under_both_protocols():
+    """tritonclient reports gRPC status names and HTTP codes; ClientError gives both, one mapping."""
+    from tritonclient.utils import InferenceServerException
+
+    from pigeon.serving.client import HTTP_STATUS, status_of
+
+    for name, code in HTTP_STATUS.items():
+        assert status_of(InferenceServerException("x", status=f"StatusCode.{name}")) == name
+        assert status_of(InferenceServerException("x", status=str(code))) == name
+        error = ClientError("x", name)
+        assert (error.status, error.http_status) == (name, code)
+    assert status_of(InferenceServerException("x", status="502")) == "INTERNAL"
+    assert status_of(InferenceServerException("x", status="418")) == "INVALID_ARGUMENT"
+    assert status_of(InferenceServerException("x")) is None
+    assert ClientError("before sending").status is None

@@ -33,8 +33,41 @@ from pigeon.serving.triton_config import PYTHON_MODELS
 DEPLOYMENTS = ".deployments.json"
 
 
+# gRPC status names <-> HTTP status codes, as Triton maps its error codes (docs/RELIABILITY.md)
+HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400,
+    "NOT_FOUND": 404,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+    "CANCELLED": 499,
+    "UNIMPLEMENTED": 501,
+    "INTERNAL": 500,
+}
+STATUS_OF_HTTP = {code: name for name, code in HTTP_STATUS.items()}
+
+
 class ClientError(RuntimeError):
-    """The server answered with an error, or did not answer in time; the message says which."""
+    """The server answered with an error, or did not answer in time; the message says which.
+
+    `status` is the gRPC status name whatever the protocol ("INVALID_ARGUMENT": the request is bad,
+    do not retry; "UNAVAILABLE" / "DEADLINE_EXCEEDED": retry later; "INTERNAL": the server's fault),
+    `http_status` its HTTP code; both None for an error raised before anything was sent."""
+
+    def __init__(self, message: str, status: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.http_status = HTTP_STATUS.get(status) if status else None
+
+
+def status_of(exc) -> str | None:
+    """A tritonclient InferenceServerException's status as a gRPC status name: gRPC gives
+    "StatusCode.INVALID_ARGUMENT", HTTP the response's code ("400")."""
+    raw = str(exc.status() or "")
+    if raw.startswith("StatusCode."):
+        return raw.removeprefix("StatusCode.")
+    if raw.isdigit():
+        return STATUS_OF_HTTP.get(int(raw), "INTERNAL" if int(raw) >= 500 else "INVALID_ARGUMENT")
+    return None
 
 
 @dataclass
@@ -134,13 +167,16 @@ class PigeonClient:
             else:
                 response = self.client.infer("pigeon", inputs, outputs=outputs)
         except InferenceServerException as exc:
-            raise ClientError(exc.message()) from None
+            raise ClientError(exc.message(), status_of(exc)) from None
         except (OSError, HTTPException) as exc:  # HTTP: refused, reset, timed out
             if isinstance(exc, TimeoutError):
-                raise ClientError(f"{self.url}: no answer within {self.timeout_s:g}s") from None
+                raise ClientError(
+                    f"{self.url}: no answer within {self.timeout_s:g}s", "DEADLINE_EXCEEDED"
+                ) from None
             raise ClientError(
                 f"{self.url}: {exc.__class__.__name__}: {exc} (after "
-                f"{time.perf_counter() - start:.1f}s)"
+                f"{time.perf_counter() - start:.1f}s)",
+                "UNAVAILABLE",
             ) from None
         latency = time.perf_counter() - start
         return ServedResult(

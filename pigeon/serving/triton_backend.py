@@ -10,7 +10,10 @@ from here, so the serving logic is ordinary, tested package code:
                       (and vae_encoder first when the request's strength is below 1)
     PostprocessModel  PNG encoding and the stage timings
 
-Per-request failures become that request's error response, naming the problem; the model keeps serving.
+Per-request failures become that request's error response, naming the problem, with a status code by
+cause (`error_response`): the client's bad input is INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT), a
+component that failed passes its own code up through BLS and the ensemble, anything else is INTERNAL
+(500): load balancers and retry policies read 500 as the server's fault. The model keeps serving.
 No torch is imported here (each Python model process stays small).
 """
 
@@ -49,7 +52,26 @@ def _pb():
 
 
 class BlsError(RuntimeError):
-    """A model called through BLS answered with an error."""
+    """A model called through BLS answered with an error; `code` is its TritonError code."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+BAD_INPUT = (RequestError, ImageError, ValueError)  # the client's request: INVALID_ARG
+
+
+def error_response(exc: Exception, prefix: str = ""):
+    """The InferenceResponse for a failed request, its status code chosen by the cause."""
+    pb = _pb()
+    if isinstance(exc, BAD_INPUT):
+        code = pb.TritonError.INVALID_ARG
+    elif isinstance(exc, BlsError) and exc.code is not None:
+        code = exc.code
+    else:
+        code = pb.TritonError.INTERNAL
+    return pb.InferenceResponse(error=pb.TritonError(f"{prefix}{exc}", code))
 
 
 class BlsRunner:
@@ -74,7 +96,8 @@ class BlsRunner:
         )
         response = request.exec()
         if response.has_error():
-            raise BlsError(f"{component}: {response.error().message()}")
+            error = response.error()
+            raise BlsError(f"{component}: {error.message()}", error.code())
         return {n: pb.get_output_tensor_by_name(response, n).as_numpy() for n in spec.output_names}
 
 
@@ -137,8 +160,8 @@ class _Model:
                         [pb.Tensor(name, value) for name, value in outputs.items()]
                     )
                 )
-            except (RequestError, ImageError, ValueError, BlsError) as exc:
-                responses.append(pb.InferenceResponse(error=pb.TritonError(str(exc))))
+            except Exception as exc:  # one request's failure never stops the others
+                responses.append(error_response(exc))
         return responses
 
     def handle(self, request: Any) -> dict[str, np.ndarray]:  # pragma: no cover - overridden
@@ -207,8 +230,8 @@ class OnnxModel(_Model):
                 outputs = self.session.run(self.output_names, batch)
             except Exception as exc:  # ONNX Runtime raises its own exception types
                 for i in members:
-                    responses[i] = pb.InferenceResponse(
-                        error=pb.TritonError(f"{self.model_config['name']}: {exc}")
+                    responses[i] = error_response(
+                        RuntimeError(str(exc)), f"{self.model_config['name']}: "
                     )
                 continue
             bounds = np.cumsum([0] + sizes)
