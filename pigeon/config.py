@@ -73,7 +73,7 @@ class HistoryEncoderConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class MaskGeneratorConfig:
-    """Mutual mask generator (pigeon-method.md §3): 1-layer encoder, cosine scores, Gumbel top-k."""
+    """Mutual mask generator (the paper's module 1): 1-layer encoder, cosine scores, Gumbel top-k."""
 
     num_layers: int = 1
     num_heads: int = 4
@@ -229,7 +229,7 @@ class SchedulerConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class GenerationConfig:
-    """How the personalizer decodes visual tokens (pigeon-method.md §4.3)."""
+    """How the personalizer decodes visual tokens (the official code's generation settings)."""
 
     strategy: Literal["greedy", "top_k", "beam"] = "greedy"
     top_k: int = 50

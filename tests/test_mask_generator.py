@@ -1,4 +1,4 @@
-"""Mask generator invariants (pigeon-method.md §3), the NumPy twin, and straight-through gradients."""
+"""Mask generator invariants, the NumPy twin, and straight-through gradients."""
 
 import numpy as np
 import pytest

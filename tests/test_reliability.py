@@ -1,4 +1,4 @@
-"""Reliability and security under load, faults and bad input (issue #8; results in docs/RELIABILITY.md).
+"""Reliability and security under load, faults and bad input (results in docs/RELIABILITY.md).
 
 The real tritonserver on the tiny preset's ONNX files (ONNX Runtime inside the Python backend), traffic to
 127.0.0.1 only, no mocks. A full disk is a real OS refusal: the write runs in a subprocess whose file

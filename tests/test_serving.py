@@ -393,8 +393,8 @@ def test_client_timeout_is_enforced(served):
     with PigeonClient(server.grpc_url, "grpc", timeout_s=0.001) as client:
         with pytest.raises(ClientError, match="(?i)deadline"):
             client.generate(HISTORY, REFERENCE, "too slow", steps=50)
-    # the server keeps serving (over HTTP: a new gRPC channel right after a cancelled call to the
-    # same server was seen to fail once with "Stream removed", a client-side transport effect)
+    # the server keeps serving (asked over HTTP: a new gRPC channel right after a cancelled call
+    # can meet "Stream removed", a client-side transport effect, not the server's)
     with PigeonClient(server.http_url, "http") as client:
         assert client.generate(HISTORY, REFERENCE, "fine", steps=2).image_png[:4] == b"\x89PNG"
 

@@ -1,6 +1,6 @@
 """EmojiPrefs: the built-in dataset, the same emoji concepts drawn in several distinct open styles.
 
-Design: `shared/design/emojiprefs.md`. The build fetches pinned open emoji packages with `npm pack`
+The build fetches pinned open emoji packages with `npm pack`
 (tarballs kept in `cache_dir`, so a second build downloads nothing), renders the SVG sets with
 `resvg-py`, takes the Fluent 3D raster set as it is, crops every image to its content and re-centres
 it on a square with a small margin, joins the sets by codepoints (no flags, components or skin-tone

@@ -1,4 +1,4 @@
-"""Classifier-free guidance with zero negatives (pigeon-method.md §2.5).
+"""Classifier-free guidance with zero negatives.
 
 The unconditional branch sees all-zero `prompt_embeds` and `pooled_embeds` and the same `time_ids` (and
 the same `reference_latents` for a UNet with `unet.reference_input`: guidance amplifies the tokens).

@@ -7,7 +7,7 @@ Per case (generated image vs user, reference and ground truth; images compared a
     concept_r1, concept_r5, concept_mrr
                                      ConceptNet retrieval of c* among the gallery (the split's
                                      concepts), prototypes averaged over styles other than s_u and
-                                     the reference's (emojiprefs.md §7.1)
+                                     the reference's (docs/RESULTS.md §2)
     gt_sim_concept                   cos(ConceptNet(output), ConceptNet(ground truth))
     hist_sim_style                   mean cos of StyleNet features to the history items in s_u
     ssim, psnr, masked_l1            pixel agreement with the ground truth (L1 over its coverage)

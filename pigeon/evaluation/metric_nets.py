@@ -1,4 +1,4 @@
-"""Frozen metric networks trained on EmojiPrefs training-split concepts only (emojiprefs.md §7.1).
+"""Frozen metric networks trained on EmojiPrefs training-split concepts only.
 
     StyleNet    a K-way style classifier                      -> StyleAcc, StyleMargin, Hist-sim
     ConceptNet  a cross-style concept embedding (SupCon loss:  -> ConceptR@1/R@5/MRR, GT-sim, FD/KID

@@ -1,5 +1,5 @@
 """Metric math with no networks: pixel agreement, Frechet distance, KID, retrieval, style scores,
-copy detection and bootstrap confidence intervals (design: emojiprefs.md §7).
+copy detection and bootstrap confidence intervals (docs/RESULTS.md §2).
 
 Everything works on NumPy arrays; images are uint8 (N, H, W, 3) or float in [0, 1]. Each function is
 checked in tests/test_evaluation.py against a second, straightforward implementation or a closed form.
@@ -241,7 +241,7 @@ def prototype_ranks(
     target: np.ndarray,
     exclude: np.ndarray,
 ) -> np.ndarray:
-    """Concept retrieval ranks against style-excluding prototypes (emojiprefs.md §7.1).
+    """Concept retrieval ranks against style-excluding prototypes (docs/RESULTS.md §2).
 
     query (Q, d) embeddings; gallery (G, K, d) embeddings of every gallery concept in every style;
     target (Q,) gallery index of each query's concept; exclude (Q, K) bool, the styles left out of

@@ -1,6 +1,6 @@
 """`PigeonPipeline`: history + reference + text -> personalized image, on any runner.
 
-Stages (architecture.md §5), each timed:
+Stages (docs/DESIGN.md, "Inference, step by step"), each timed:
     preprocess        decode, pad to square, resize (pigeon.serving.images)
     history_encoder   history images and reference -> visual token ids + keep flags
     personalize       mask generator scores -> Gumbel top-k masks -> masked reference through the

@@ -1,1 +1,1 @@
-"""The networks of Pigeon, one module per component (architecture.md §2)."""
+"""The networks of Pigeon, one module per component."""

@@ -1,4 +1,4 @@
-"""Condition adapter: LaVIT's token decoder (pigeon-method.md §2.4), visual tokens -> UNet conditioning.
+"""Condition adapter: LaVIT's token decoder, visual tokens -> UNet conditioning.
 
     code vectors of the kept tokens (batch, P, c) -> in_proj -> + pos_embed[index in kept order]
     Q learned queries -> blocks(self-attn on queries, cross-attn to tokens with a key mask, MLP) -> LN

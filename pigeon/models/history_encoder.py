@@ -1,4 +1,4 @@
-"""History encoder: the LaVIT-style dynamic visual tokenizer (pigeon-method.md §2.2).
+"""History encoder: the LaVIT-style dynamic visual tokenizer.
 
     images (batch, 3, S, S), CLIP-normalised
       -> ViT (transformers CLIPVisionModel from a config), CLS dropped      (batch, P, D)
@@ -8,8 +8,7 @@
          (training restarts dead codes on encoder outputs, so the codebook cannot collapse)
 
 Tokens stay at their patch position with a keep flag rather than being compacted, so every tensor has a
-static shape; consumers read the kept tokens in raster order (pigeon-method.md: "tokens are in raster
-order of the kept patches").
+static shape; consumers read the kept tokens in raster order (as LaVIT's official code orders them).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Module 1, the mutual mask generator (pigeon-method.md §3).
+"""Module 1, the mutual mask generator (the paper's module 1).
 
 Scores every history and reference token by how well the encoder's output agrees with the token itself:
 

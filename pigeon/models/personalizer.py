@@ -1,4 +1,4 @@
-"""Module 2, the personalizer (pigeon-method.md §4): a causal LLM that writes the personalized tokens.
+"""Module 2, the personalizer (the paper's module 2): a causal LLM that writes the personalized tokens.
 
 The LLM is transformers' `LlamaForCausalLM` built from a config, with LoRA (peft) on q_proj and v_proj.
 Its input embeddings are assembled here:

@@ -1,4 +1,4 @@
-"""Autoregressive generation of visual tokens after <img> (pigeon-method.md §4.3), torch-free.
+"""Autoregressive generation of visual tokens after <img>, torch-free.
 
 The personalizer component returns logits over [</img>, code_0 .. code_{K-1}] only, so text ids are
 suppressed by construction. Generation stops at </img> or after `max_codes` codes (the official code

@@ -1,4 +1,4 @@
-"""Prompt assembly for the personalizer (pigeon-method.md §4.1-4.2), torch-free.
+"""Prompt assembly for the personalizer, torch-free.
 
     "The user likes these images:" ("\n" history_run)*N "\nInstruction: " text " " <emb> "\nResponse: " <img>
 

@@ -1,6 +1,6 @@
 """Start the real `tritonserver` (from the `nvidia-pytriton` wheel) on a model repository.
 
-What the binary needs on a CPU machine (../shared/design/runtime-facts.md): a backend directory whose
+What the binary needs on a CPU machine: a backend directory whose
 `python/` folder holds the Python backend library, its utils module and the stub for this Python
 version; this virtual environment's `bin` first on PATH (the stub finds its interpreter there, and its
 numpy must be < 2); the wheel's libraries and this interpreter's LIBDIR on LD_LIBRARY_PATH; the cache

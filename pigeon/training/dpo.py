@@ -1,4 +1,4 @@
-"""Stage 2 preference pairs (pigeon-method.md §7): candidates at several reference mask ratios, ranked.
+"""Stage 2 preference pairs (the paper's stage 2): candidates at several reference mask ratios, ranked.
 
 For each training user, the stage-1 model generates one candidate per reference mask ratio alpha_r
 (`TrainConfig.dpo_ratios`), each rendered with a few denoising steps. A personalization scorer ranks

@@ -103,10 +103,8 @@ class TrainConfig:
 
 
 # Steps per stage (vae, image, decoder, lmm, sft, dpo) and batch sizes (images, users).
-# `small` on the 2-core CPU with EmojiPrefs at 64 px, bf16 for the convolutional stages; step times
-# (s/step) read from the runs/small5 progress bars at moments when nothing else ran: vae 1.3-1.9
-# (perceptual term included), image 0.85-1.0, decoder 0.8, lmm 0.6, sft 0.7, dpo 1.0 plus pair
-# building: about 110 minutes in all. The whole recipe has not been timed with nothing else running.
+# `small` is sized for the 2-core CPU with EmojiPrefs at 64 px, bf16 for the convolutional stages:
+# about 110 minutes in all; the measured step time of each stage is in docs/DESIGN.md ("Training").
 RECIPE_STEPS = {
     "tiny": ((4, 16, 8, 8, 8, 2), (4, 4)),
     "small": ((1500, 2000, 1000, 800, 800, 200), (32, 8)),

@@ -1,4 +1,4 @@
-"""Losses as pure functions (architecture.md §3; pigeon-method.md §6-7). Tested on their own.
+"""Losses as pure functions (docs/DESIGN.md, "Training stages"). Tested on their own.
 
 L_diff = || eps_hat - eps ||^2                                    (or v-target)
 L_VAE  = || x_hat - x ||_1 + w_kl KL(q(z|x) || N(0, I))

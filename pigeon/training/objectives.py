@@ -1,4 +1,4 @@
-"""What each training stage trains and the loss it minimises (architecture.md §3).
+"""What each training stage trains and the loss it minimises (docs/DESIGN.md, "Training stages").
 
     stage  trains                                            loss
     vae    VAE                                               L1 reconstruction + KL + perceptual
