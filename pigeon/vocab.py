@@ -1,6 +1,6 @@
 """The personalizer's vocabulary and the instruction-text tokenizer.
 
-Layout (the paper's LaVIT vocabulary, scaled): ids [0, V_text) are text, then <img>, </img>, <emb>, then one id
+Layout (LaVIT's vocabulary, scaled): ids [0, V_text) are text, then <img>, </img>, <emb>, then one id
 per visual code: visual_id = code + V_text + 3. The text tokenizer is a byte-level BPE from `tokenizers`
 (any UTF-8 text encodes, nothing is unknown), trained on the dataset's texts and saved as
 `tokenizer.json`.
