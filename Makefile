@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: venv demo test test-slow bench gpu-wheels lint clean
+.PHONY: venv demo test test-fast test-slow bench gpu-wheels lint clean
 
 venv: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -m "not slow and not gpu and not trt" -q
+
+# the lane to run before a commit: everything but the real tritonserver and the slow runs
+test-fast: venv
+	$(BIN)/python -m pytest -m "not slow and not gpu and not trt and not triton" -q
 
 test-slow: venv
 	$(BIN)/python -m pytest -m "slow" -q

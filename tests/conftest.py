@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,21 @@ from pigeon.checkpoint import save_checkpoint
 from pigeon.config import preset
 from pigeon.models.pigeon import PigeonModel
 from pigeon.vocab import DEFAULT_CORPUS, TextTokenizer, train_text_tokenizer
+
+# What starts a real tritonserver: these fixtures, or these calls in the test's own code. Such tests
+# get the `triton` marker whatever file they are in, so `-m "not triton"` is the fast lane.
+SERVER_FIXTURES = {"served"}
+STARTS_A_SERVER = ("TritonServer(", "run_load_tool(")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        function = getattr(item, "function", None)
+        if function is None:
+            continue
+        source = inspect.getsource(function)
+        if SERVER_FIXTURES & set(item.fixturenames) or any(s in source for s in STARTS_A_SERVER):
+            item.add_marker(pytest.mark.triton)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """ONNX export on the tiny preset: declared interfaces, numeric validation, the ORT pipeline, publishing."""
 
+import dataclasses
 import json
 import shutil
 
@@ -215,6 +216,32 @@ def test_export_all_publishes_versions_atomically(checkpoint_dir, tmp_path):
         export_all(checkpoint_dir, repo, 2, components=["unet"], model_hook=perturb_unet)
     assert not list(root.glob("*/2")) and not list(root.glob(".*"))
     assert all((root / p / "1" / "model.onnx").read_bytes() == v1[p] for p in parts)
+
+
+def test_each_wrappers_forward_takes_the_spec_inputs_in_order(tiny_config):
+    """The runners feed inputs by position: a wrapper whose parameters were swapped against the spec
+    (two same-shaped inputs of the mask generator, say) would pass every shape check."""
+    import inspect
+
+    from pigeon.models.export_wrappers import WRAPPERS
+
+    with_reference = dataclasses.replace(
+        tiny_config, unet=dataclasses.replace(tiny_config.unet, reference_input=True)
+    )
+    for config in (tiny_config, with_reference):
+        specs = component_specs(config)
+        assert set(WRAPPERS) == set(specs)
+        for name, wrapper in WRAPPERS.items():
+            params = list(inspect.signature(wrapper.forward).parameters.values())[1:]  # no self
+            named = [p for p in params if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+            inputs = [t.name for t in specs[name].inputs]
+            assert [p.name for p in named[: len(inputs)]] == inputs[: len(named)], name
+            # parameters the spec leaves out are optional ones at the end (the reference latents)
+            assert all(p.default is None for p in named[len(inputs) :]), name
+            if len(named) < len(inputs):  # the personalizer's KV cache: past_key_0, ...
+                assert params[-1].kind is inspect.Parameter.VAR_POSITIONAL, name
+                assert all(n.startswith("past_") for n in inputs[len(named) :]), name
+    assert "reference_latents" in [t.name for t in component_specs(with_reference)["unet"].inputs]
 
 
 def test_personalizer_dynamic_shapes_follow_the_varargs_structure(tiny_config):

@@ -54,8 +54,6 @@ BLS_UNET = ServingConfig(unet_in_process=False)
 # fault servers: one process per Python model
 LIGHT = dataclasses.replace(BLS_UNET, bls_instances=1)
 
-pytestmark = pytest.mark.triton
-
 
 # --- shared setup -----------------------------------------------------------------------------
 
