@@ -394,9 +394,27 @@ def run_deploy(args: argparse.Namespace) -> dict:
         return {"deployed": rollback(args.url, repository, headers), "rollback": True}
     if args.version is None:
         raise CheckpointError("give --version N or --rollback")
+    lora = None
+    if args.lora:
+        from pigeon.export.publish import publish_lora
+
+        if not args.checkpoint:
+            raise CheckpointError(
+                "--lora needs --checkpoint: the checkpoint the base version serves"
+            )
+        manifest = publish_lora(
+            args.checkpoint,
+            args.lora,
+            args.repository,
+            args.version,
+            base_version=args.base_version,
+            target=args.target,
+        )
+        lora = manifest["lora"]
     return {
         "deployed": args.version,
         "models": deploy(args.url, repository, args.version, headers),
+        **({"lora": lora} if lora else {}),
     }
 
 
@@ -409,7 +427,7 @@ def run_train(args: argparse.Namespace) -> dict:
     kwargs = {
         "preset_name": args.preset,
         "data_source": args.data,
-        "overrides": args.set or [],
+        "overrides": (args.set or []) + (["train.lora_only=true"] if args.lora_only else []),
         "resume": args.resume,
         "init": args.init,
         "device": device,
@@ -716,6 +734,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="leave after N steps (checkpointed); continue later with --resume",
     )
+    p.add_argument(
+        "--lora-only",
+        action="store_true",
+        help="sft, dpo: train the personalizer's LoRA alone (then `pigeon checkpoint export-peft` "
+        "and `pigeon deploy --lora`)",
+    )
     p.set_defaults(func=run_train)
 
     p = sub.add_parser(
@@ -752,6 +776,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--version", type=int, default=None)
     p.add_argument("--rollback", action="store_true")
+    p.add_argument(
+        "--lora",
+        default=None,
+        metavar="ADAPTER",
+        help="publish --version as the served version with this PEFT LoRA in the personalizer "
+        "(only the personalizer is exported; needs --checkpoint), then switch to it",
+    )
+    p.add_argument(
+        "--checkpoint", default=None, help="--lora: the checkpoint the base version serves"
+    )
+    p.add_argument("--base-version", type=int, default=None, help="--lora: default the newest")
     p.add_argument(
         "--admin-key",
         type=_header,

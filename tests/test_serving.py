@@ -276,6 +276,89 @@ def test_version_switch_under_load_loses_no_request_and_rolls_back(served, check
     assert np.abs(image.astype(int) - in_process(checkpoint_dir, repo, 1).astype(int)).max() <= 2
 
 
+def test_a_lora_version_swaps_only_the_personalizer_under_load_and_rolls_back(
+    served, checkpoint_dir, tmp_path
+):
+    """`pigeon deploy --lora`: a PEFT adapter merged into the served checkpoint becomes a version in
+    which only the personalizer's file is new; the switch loses no request in flight, the served
+    image is that version's, and a bad adapter is refused by name with nothing published."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from pigeon.export.errors import ExportError
+    from pigeon.export.publish import publish_lora
+    from pigeon.interop import InteropError, export_peft
+
+    server, repo, _ = served
+    base = load_checkpoint(checkpoint_dir)
+    torch.manual_seed(0)
+    for name, param in base.model.personalizer.llm.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 1.0)
+    tuned = save_checkpoint(base.model, base.tokenizer, tmp_path / "tuned")
+    export_peft(tuned, tmp_path / "peft")
+    adapter = tmp_path / "peft" / "adapter"
+
+    def peft_folder(name, **lora):
+        llm = LlamaForCausalLM.from_pretrained(tmp_path / "peft" / "base")
+        get_peft_model(llm, LoraConfig(**lora)).save_pretrained(tmp_path / name)
+        return tmp_path / name
+
+    refusals = [
+        (tuned, adapter, ExportError, "is not the checkpoint of version 1"),
+        (
+            checkpoint_dir,
+            peft_folder("r2", r=2, target_modules=["q_proj", "v_proj"]),
+            ExportError,
+            "rank 2",
+        ),
+        (
+            checkpoint_dir,
+            peft_folder("qk", r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"]),
+            InteropError,
+            "target_modules",
+        ),
+    ]
+    for checkpoint, bad, error, message in refusals:
+        with pytest.raises(error, match=message):
+            publish_lora(checkpoint, bad, repo, 3, base_version=1)
+        assert not list((repo / "cpu").glob("*/3"))  # nothing published
+
+    publish_lora(checkpoint_dir, adapter, repo, 3, base_version=1)
+    for model in ("history_encoder", "mask_generator", "condition_adapter", "unet", "vae_decoder"):
+        old, new = (repo / "cpu" / model / v / "model.onnx" for v in ("1", "3"))
+        assert old.read_bytes() == new.read_bytes(), model
+    personalizer = [(repo / "cpu" / "personalizer" / v / "model.onnx") for v in ("1", "3")]
+    assert personalizer[0].read_bytes() != personalizer[1].read_bytes()
+
+    results, errors, done = [], [], threading.Event()
+
+    def load():
+        with PigeonClient(server.grpc_url, "grpc", timeout_s=120) as client:
+            while not done.is_set():
+                try:
+                    results.append(client.generate(HISTORY, REFERENCE, "load", steps=2))
+                except Exception as exc:  # collected and asserted below
+                    errors.append(exc)
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for t in threads:
+        t.start()
+    deploy(server.http_url, repo / "cpu", 3)
+    done.set()
+    for t in threads:
+        t.join()
+    assert results and not errors
+    image, _ = served_image(server)
+    expected = in_process(checkpoint_dir, repo, 3)  # the same configs; version 3's files
+    assert np.abs(image.astype(int) - expected.astype(int)).max() <= 2
+    assert np.abs(expected.astype(int) - in_process(checkpoint_dir, repo, 1).astype(int)).max() > 2
+    assert rollback(server.http_url, repo / "cpu") == 1
+    image, _ = served_image(server)
+    assert np.abs(image.astype(int) - in_process(checkpoint_dir, repo, 1).astype(int)).max() <= 2
+
+
 def test_prometheus_metrics_are_exposed(served):
     server, _, _ = served
     with urllib.request.urlopen(server.metrics_url, timeout=5) as response:

@@ -294,6 +294,35 @@ def test_a_dpo_step_changes_lora_only_and_never_the_reference(tmp_path):
         O.set_trainable(model, "ppo")
 
 
+def test_sft_lora_only_changes_the_lora_and_nothing_else(tmp_path, checkpoint_dir):
+    """`pigeon train sft --lora-only`: an adapter for `pigeon deploy --lora`; every other tensor of
+    the checkpoint, the reference adapter and the mask generator included, is the one it started from."""
+    from pigeon.config import ConfigError
+
+    summary = train_stage(
+        "sft",
+        tmp_path / "run",
+        preset_name="tiny",
+        init=str(checkpoint_dir),
+        overrides=["train.lora_only=true", "train.steps=3"],
+        progress=False,
+    )
+    before, after = weights(checkpoint_dir), weights(Path(summary["out"]) / "last")
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and all("lora_" in k for k in changed)
+    assert len(O.stage_parameters(make_model(preset("tiny")), "sft")) > len(
+        O.stage_parameters(make_model(preset("tiny")), "sft", lora_only=True)
+    )
+    with pytest.raises(ConfigError, match="lora_only applies to the sft and dpo stages"):
+        train_stage(
+            "image",
+            tmp_path / "x",
+            preset_name="tiny",
+            overrides=["train.lora_only=true"],
+            progress=False,
+        )
+
+
 def test_image_stage_resume_keeps_the_latent_probe(tmp_path):
     """Without `unet.condition_sketch` the reconstruction head lives in the trainer state (not the
     served checkpoint): a resumed image stage ends where the uninterrupted one does, and the health

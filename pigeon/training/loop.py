@@ -90,6 +90,9 @@ class TrainConfig:
     # vae, image, decoder: validation users on which the stage's link of the image chain is
     # scored (pigeon.evaluation.chain; EmojiPrefs data only); 0 = none
     chain_users: int = 32
+    # sft, dpo: train the personalizer's LoRA alone (`pigeon train sft --lora-only`), so that the
+    # result is an adapter for `pigeon deploy --lora`, the rest of the checkpoint unchanged
+    lora_only: bool = False
     # "bf16": the forward pass under CPU/CUDA autocast to bfloat16 (weights, optimizer and losses
     # stay float32); validation always runs in float32
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -509,7 +512,9 @@ def train_stage(
 
         link = TrainingLink.load(data_source, config.chain_users)
     builder = PromptBuilder(tokenizer, model.vocab)
-    trainable = O.set_trainable(model, stage)
+    if config.lora_only and stage not in ("sft", "dpo"):
+        raise ConfigError(f"train.lora_only applies to the sft and dpo stages, not {stage!r}")
+    trainable = O.set_trainable(model, stage, config.lora_only)
     pairs, reference = None, None
     if stage == "dpo":
         from pigeon.training.dpo import build_pairs

@@ -34,8 +34,11 @@ from pigeon.training import losses
 STAGES = ("vae", "image", "decoder", "lmm", "sft", "dpo")
 
 
-def stage_parameters(model: PigeonModel, stage: str) -> dict[str, torch.nn.Parameter]:
-    """The parameters `stage` trains, by their name in `model`."""
+def stage_parameters(
+    model: PigeonModel, stage: str, lora_only: bool = False
+) -> dict[str, torch.nn.Parameter]:
+    """The parameters `stage` trains, by their name in `model`. `lora_only` (sft, dpo): the
+    personalizer's LoRA alone, an adapter that `pigeon deploy --lora` publishes without the rest."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; choose one of {list(STAGES)}")
     named = dict(model.named_parameters())
@@ -58,14 +61,17 @@ def stage_parameters(model: PigeonModel, stage: str) -> dict[str, torch.nn.Param
     if stage == "lmm":
         chosen = {n: p for n, p in chosen.items() if "lora_" not in n}
     if stage in ("sft", "dpo"):
-        chosen.update(
-            {n: p for n, p in named.items() if n.startswith("personalizer.") and "lora_" in n}
-        )
+        lora = {n: p for n, p in named.items() if n.startswith("personalizer.") and "lora_" in n}
+        chosen = lora if lora_only else {**chosen, **lora}
+    elif lora_only:
+        raise ValueError(f"lora_only applies to the sft and dpo stages, not {stage!r}")
     return chosen
 
 
-def set_trainable(model: PigeonModel, stage: str) -> dict[str, torch.nn.Parameter]:
-    chosen = stage_parameters(model, stage)
+def set_trainable(
+    model: PigeonModel, stage: str, lora_only: bool = False
+) -> dict[str, torch.nn.Parameter]:
+    chosen = stage_parameters(model, stage, lora_only)
     for name, p in model.named_parameters():
         p.requires_grad_(name in chosen)
     return chosen
