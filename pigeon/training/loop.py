@@ -107,7 +107,7 @@ class TrainConfig:
 
 # Steps per stage (vae, image, decoder, lmm, sft, dpo) and batch sizes (images, users).
 # `small` is sized for the 2-core CPU with EmojiPrefs at 64 px, bf16 for the convolutional stages:
-# about 110 minutes in all; the measured step time of each stage is in docs/DESIGN.md ("Training").
+# about 90 minutes in all, estimated from the measured step time of each stage is in docs/DESIGN.md ("Training").
 RECIPE_STEPS = {
     "tiny": ((4, 16, 8, 8, 8, 2), (4, 4)),
     "small": ((1500, 2000, 1000, 800, 800, 200), (32, 8)),
@@ -117,7 +117,7 @@ RECIPE_STEPS = {
 
 def recipe(preset_name: str) -> dict[str, TrainConfig]:
     """Per-stage defaults: `tiny` runs the whole recipe in about a minute on 2 cores; `small` is sized
-    for EmojiPrefs at 64 px on a 2-core CPU in about 110 minutes; `base` for GPUs."""
+    for EmojiPrefs at 64 px on a 2-core CPU in about 90 minutes; `base` for GPUs."""
     if preset_name not in RECIPE_STEPS:
         raise ConfigError(
             f"no training recipe for preset {preset_name!r}; choose {sorted(RECIPE_STEPS)}"
