@@ -107,7 +107,7 @@ class TrainConfig:
 
 # Steps per stage (vae, image, decoder, lmm, sft, dpo) and batch sizes (images, users).
 # `small` is sized for the 2-core CPU with EmojiPrefs at 64 px, bf16 for the convolutional stages:
-# about 90 minutes in all, estimated from the measured step time of each stage is in docs/DESIGN.md ("Training").
+# about 90 minutes in all, estimated from each stage's measured step time (docs/DESIGN.md, "Training").
 RECIPE_STEPS = {
     "tiny": ((4, 16, 8, 8, 8, 2), (4, 4)),
     "small": ((1500, 2000, 1000, 800, 800, 200), (32, 8)),
