@@ -518,3 +518,41 @@ def test_client_errors_keep_the_status_under_both_protocols():
     assert status_of(InferenceServerException("x", status="418")) == "INVALID_ARGUMENT"
     assert status_of(InferenceServerException("x")) is None
     assert ClientError("before sending").status is None
+
+
+def test_user_data_trains_exports_serves_and_a_retrained_version_rolls_out(tmp_path):
+    """The path of a team with its own data: a user-data folder -> every training stage -> export ->
+    the real tritonserver -> generate; then retrain (stage 1 again), export version 2, deploy it
+    without a restart and roll back. Each served image is the in-process ONNX pipeline's."""
+    from pigeon.data.user_data import write_procedural_user_data
+    from pigeon.training.loop import train_all, train_stage
+
+    data = tmp_path / "data"
+    write_procedural_user_data(data, users=8, sequence_length=8, size=32, seed=2)
+    train_all(tmp_path / "run", preset_name="tiny", data_source=str(data), progress=False)
+    first = tmp_path / "run" / "dpo" / "best"
+    train_stage(
+        "sft",
+        tmp_path / "again",
+        preset_name="tiny",
+        data_source=str(data),
+        init=str(first),
+        overrides=["train.steps=4", "train.lr=0.05"],
+        progress=False,
+    )
+    second = tmp_path / "again" / "sft" / "best"
+    repo = tmp_path / "repo"
+    export_all(first, repo, 1)
+    export_all(second, repo, 2)
+
+    def matches(server, checkpoint, version):
+        image, _ = served_image(server)
+        return np.abs(image.astype(int) - in_process(checkpoint, repo, version).astype(int)).max()
+
+    with TritonServer(repo / "cpu") as server:
+        deploy(server.http_url, repo / "cpu", 1)
+        assert matches(server, first, 1) <= 2
+        deploy(server.http_url, repo / "cpu", 2)
+        assert matches(server, second, 2) <= 2
+        assert rollback(server.http_url, repo / "cpu") == 1
+        assert matches(server, first, 1) <= 2
