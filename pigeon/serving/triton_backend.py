@@ -51,10 +51,6 @@ def _pb():
     return pb_utils
 
 
-class Cancelled(RuntimeError):
-    """The client hung up or its deadline passed: the loop stops at its next step."""
-
-
 class BlsError(RuntimeError):
     """A model called through BLS answered with an error; `code` is its TritonError code."""
 
@@ -71,8 +67,6 @@ def error_response(exc: Exception, prefix: str = ""):
     pb = _pb()
     if isinstance(exc, BAD_INPUT):
         code = pb.TritonError.INVALID_ARG
-    elif isinstance(exc, Cancelled):
-        code = pb.TritonError.CANCELLED
     elif isinstance(exc, BlsError) and exc.code is not None:
         code = exc.code
     else:
@@ -81,24 +75,14 @@ def error_response(exc: Exception, prefix: str = ""):
 
 
 class BlsRunner:
-    """The runner interface over Triton's business-logic scripting: `run` sends one request.
-
-    `request` is the Triton request being served: before every component call (each denoising step,
-    each generated token) the runner asks Triton whether the client cancelled it, and stops the loop
-    with `Cancelled`, so a client that hung up frees the model for the next request."""
+    """The runner interface over Triton's business-logic scripting: `run` sends one request."""
 
     name = "triton-bls"
 
     def __init__(self, config: Any) -> None:
         self.specs = component_specs(config)
-        self.request: Any = None
-
-    def check_cancelled(self, component: str) -> None:
-        if self.request is not None and self.request.is_cancelled():
-            raise Cancelled(f"cancelled by the client before a {component} call")
 
     def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.check_cancelled(component)
         pb = _pb()
         spec = self.specs[component]
         inputs = []
@@ -170,9 +154,6 @@ class _Model:
         responses = []
         for request in requests:
             try:
-                runner = getattr(getattr(self, "pipeline", None), "runner", None)
-                if isinstance(runner, BlsRunner):  # the loops check this request's cancellation
-                    runner.request = request
                 outputs = self.handle(request)
                 responses.append(
                     pb.InferenceResponse(
@@ -336,7 +317,6 @@ class InProcessRunner(BlsRunner):
 
     def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if component in self.local.sessions:
-            self.check_cancelled(component)
             return self.local.run(component, feeds)
         return super().run(component, feeds)
 
