@@ -331,16 +331,27 @@ def import_weights(
         config = peft_config(folders["peft"], config)
     torch.manual_seed(0)
     model = PigeonModel(config)
-    report: dict = {"imported": {}, "from_base": [], "fresh": [], "kept_vocabulary": []}
-    if start is not None:  # every tensor of the base whose shape still fits
-        for name, module in model.components().items():
-            own = module.state_dict()
-            theirs = getattr(start, name).state_dict()
-            fits = {k: v for k, v in theirs.items() if k in own and own[k].shape == v.shape}
-            module.load_state_dict({**own, **fits})
-            (report["from_base"] if len(fits) == len(own) else report["fresh"]).append(name)
-    else:
-        report["fresh"] = list(model.components())
+    report: dict = {
+        "imported": {},
+        "from_base": [],
+        "partly_from_base": {},  # component: "k of n tensors" (the rest start fresh)
+        "fresh": [],
+        "kept_vocabulary": [],
+    }
+    imported_modules = {"unet", "vae"} & set(folders)
+    for name, module in model.components().items():
+        if name in imported_modules:
+            continue
+        own = module.state_dict()
+        theirs = getattr(start, name).state_dict() if start is not None else {}
+        fits = {k: v for k, v in theirs.items() if k in own and own[k].shape == v.shape}
+        module.load_state_dict({**own, **fits})  # every tensor of the base whose shape still fits
+        if len(fits) == len(own):
+            report["from_base"].append(name)
+        elif fits:
+            report["partly_from_base"][name] = f"{len(fits)} of {len(own)} tensors"
+        else:
+            report["fresh"].append(name)
     if "unet" in folders:
         state = _read_weights(folders["unet"], DIFFUSERS_WEIGHTS)
         if config.unet.condition_sketch:
@@ -375,11 +386,6 @@ def import_weights(
             {"model.layers": "personalizer.lora_rank"},
         )
         report["imported"]["peft"] = str(folders["peft"])
-    for name in ("unet", "vae"):
-        if name in report["imported"]:
-            for lst in ("from_base", "fresh"):
-                if name in report[lst]:
-                    report[lst].remove(name)
     save_checkpoint(
         model, tokenizer, out, overwrite=overwrite, extra={"imported": report["imported"]}
     )
