@@ -280,3 +280,26 @@ def test_user_format_training_data_draws_train_windows_with_the_target_as_refere
     np.testing.assert_array_equal(val[-1].target, val[0].target)  # wraps round a short split
     with pytest.raises(ValueError, match="history_length 6 is longer"):
         data.users(np.random.default_rng(0), 1, 6, 0.0)
+
+
+def test_user_data_evaluation_names_a_bad_request_field(tmp_path, capsys):
+    """`pigeon evaluate --data USER_DATA --request KEY=VALUE` checks the key as the EmojiPrefs
+    evaluation does, before anything is loaded."""
+    from pigeon.cli import main
+
+    write_procedural_user_data(tmp_path / "data", users=4, size=16)
+    code = main(
+        [
+            "evaluate",
+            "--data",
+            str(tmp_path / "data"),
+            "--checkpoint",
+            str(tmp_path / "none"),
+            "--out",
+            str(tmp_path / "out"),
+            "--request",
+            "nosuch=1",
+        ]
+    )
+    assert code != 0
+    assert "GenerationRequest has no field 'nosuch'" in capsys.readouterr().err

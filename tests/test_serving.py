@@ -248,8 +248,8 @@ def test_oversized_and_non_utf8_inputs_are_refused(served):
             client.client.infer("pigeon", inputs)
 
 
-def test_version_switch_under_load_loses_no_request_and_rolls_back(served, checkpoint_dir):
-    server, repo, other = served
+def deploy_under_load(server, repo, version: int) -> tuple[list, list]:
+    """Deploy `version` while two clients keep sending requests; -> (results, errors) of theirs."""
     results, errors, done = [], [], threading.Event()
 
     def load():
@@ -257,16 +257,24 @@ def test_version_switch_under_load_loses_no_request_and_rolls_back(served, check
             while not done.is_set():
                 try:
                     results.append(client.generate(HISTORY, REFERENCE, "load", steps=2))
-                except Exception as exc:  # collected and asserted below
+                except Exception as exc:  # collected and asserted by the caller
                     errors.append(exc)
 
     threads = [threading.Thread(target=load) for _ in range(2)]
     for t in threads:
         t.start()
-    deploy(server.http_url, repo / "cpu", 2)
-    done.set()
-    for t in threads:
-        t.join()
+    try:
+        deploy(server.http_url, repo / "cpu", version)
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
+    return results, errors
+
+
+def test_version_switch_under_load_loses_no_request_and_rolls_back(served, checkpoint_dir):
+    server, repo, other = served
+    results, errors = deploy_under_load(server, repo, 2)
     assert results and not errors
     image, _ = served_image(server)
     expected_v2 = in_process(other, repo, 2)
@@ -332,23 +340,7 @@ def test_a_lora_version_swaps_only_the_personalizer_under_load_and_rolls_back(
     personalizer = [(repo / "cpu" / "personalizer" / v / "model.onnx") for v in ("1", "3")]
     assert personalizer[0].read_bytes() != personalizer[1].read_bytes()
 
-    results, errors, done = [], [], threading.Event()
-
-    def load():
-        with PigeonClient(server.grpc_url, "grpc", timeout_s=120) as client:
-            while not done.is_set():
-                try:
-                    results.append(client.generate(HISTORY, REFERENCE, "load", steps=2))
-                except Exception as exc:  # collected and asserted below
-                    errors.append(exc)
-
-    threads = [threading.Thread(target=load) for _ in range(2)]
-    for t in threads:
-        t.start()
-    deploy(server.http_url, repo / "cpu", 3)
-    done.set()
-    for t in threads:
-        t.join()
+    results, errors = deploy_under_load(server, repo, 3)
     assert results and not errors
     image, _ = served_image(server)
     expected = in_process(checkpoint_dir, repo, 3)  # the same configs; version 3's files

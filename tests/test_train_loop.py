@@ -96,10 +96,10 @@ def test_tiny_recipe_trains_every_stage_on_user_data_then_generates_and_evaluate
     # the first window again, by hand: the same request to the pipeline, the same ENL0 cosine
     from pigeon.data.user_data import load_user_data
 
-    window = load_user_data(data).splits["val"][0]
+    user = load_user_data(data)
+    window = user.splits["val"][0]
     ckpt = load_checkpoint(final)
     pipe = PigeonPipeline(ckpt.config, ckpt.tokenizer, TorchRunner(ckpt.model))
-    user = load_user_data(data)
     image = lambda item: resize(user.image(item), ckpt.config.image_size)  # noqa: E731
     request = GenerationRequest(
         history=[image(i) for i in window.history[-ckpt.config.personalizer.max_history :]],

@@ -533,6 +533,17 @@ def _pairs(items: Sequence[str] | None, flag: str) -> dict[str, object]:
     return out
 
 
+def request_fields(args) -> dict[str, object]:
+    """The GenerationRequest fields a `pigeon evaluate` command sets: `--request KEY=VALUE` pairs,
+    then the dedicated flags (--steps, --guidance, --sampler, --reference-mask-ratio) over them."""
+    request = _pairs(args.request, "--request")
+    for key in ("steps", "guidance", "sampler", "reference_mask_ratio"):
+        value = getattr(args, key, None)
+        if value is not None:
+            request[key] = value
+    return request
+
+
 def default_data(run: str | None) -> str | None:
     """The data folder a run was trained on (model_config.json beside the stage's checkpoints)."""
     if not run:
@@ -577,11 +588,7 @@ def command(args) -> dict:
         if args.limit < 1:
             raise EvaluationError(f"--limit {args.limit} must be >= 1")
         full_cases, data.cases = len(data.cases), data.cases[: args.limit]
-    request = _pairs(args.request, "--request")
-    for key in ("steps", "guidance", "sampler", "reference_mask_ratio"):
-        value = getattr(args, key, None)
-        if value is not None:
-            request[key] = value
+    request = request_fields(args)
     wants_model = [m for m in methods if m in MODEL_METHODS]
     if wants_model and not args.checkpoint and not args.checkpoint_for:
         skipped = {m: "no --checkpoint given" for m in wants_model}

@@ -236,6 +236,19 @@ def evaluation_requests(data: EvalData, cases: list[EvalCase], config, seed: int
     ]
 
 
+def check_request_fields(request: dict) -> None:
+    """`--request KEY=VALUE` keys must be GenerationRequest fields; the error names the bad one."""
+    from pigeon.inference.pipeline import GenerationRequest
+
+    fields = {f.name for f in dataclasses.fields(GenerationRequest)}
+    bad = sorted(set(request) - fields)
+    if bad:
+        raise MethodError(
+            f"--request {bad[0]}=...: GenerationRequest has no field {bad[0]!r} "
+            f"(fields: {', '.join(sorted(fields - {'history', 'reference', 'text'}))})"
+        )
+
+
 class ModelRunner:
     """Loads checkpoints once and generates for a ModelSpec; outputs are resized to the data size."""
 
@@ -260,15 +273,7 @@ class ModelRunner:
         return ckpt, PigeonPipeline(config, ckpt.tokenizer, TorchRunner(ckpt.model))
 
     def requests(self, spec: ModelSpec, pipe, data: EvalData, cases: list[EvalCase], seed: int):
-        from pigeon.inference.pipeline import GenerationRequest
-
-        fields = {f.name for f in dataclasses.fields(GenerationRequest)}
-        bad = sorted(set(spec.request) - fields)
-        if bad:
-            raise MethodError(
-                f"--request {bad[0]}=...: GenerationRequest has no field {bad[0]!r} "
-                f"(fields: {', '.join(sorted(fields - {'history', 'reference', 'text'}))})"
-            )
+        check_request_fields(spec.request)
         return evaluation_requests(data, cases, pipe.config, seed, **spec.request)
 
     def generate(

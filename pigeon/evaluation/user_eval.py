@@ -73,7 +73,8 @@ def is_user_data(source: str | Path | None) -> bool:
 
 def command(args) -> dict:
     """`pigeon evaluate --data USER_DATA` (argparse namespace from pigeon.cli) -> the summary."""
-    from pigeon.evaluation.methods import resolve_model_specs
+    from pigeon.evaluation.evaluate import request_fields
+    from pigeon.evaluation.methods import check_request_fields, resolve_model_specs
 
     if not args.checkpoint:
         raise EvaluationError(
@@ -83,11 +84,8 @@ def command(args) -> dict:
         import torch
 
         torch.set_num_threads(args.threads)
-    request = {
-        key: getattr(args, key)
-        for key in ("steps", "guidance", "sampler", "reference_mask_ratio")
-        if getattr(args, key, None) is not None
-    }
+    request = request_fields(args)
+    check_request_fields(request)
     specs, skipped = resolve_model_specs(args.checkpoint, ["pigeon"], request=request)
     if not specs:
         raise EvaluationError(f"--checkpoint {args.checkpoint}: {skipped['pigeon']}")
