@@ -26,16 +26,18 @@ Pigeon's embeddings and output head, and the report says so. Whatever does not f
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import torch
 
 from pigeon.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pigeon.config import ConfigError, PipelineConfig, preset
-from pigeon.files import write_atomic
+from pigeon.files import replace_dir, staging_dir, write_atomic
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -412,20 +414,35 @@ LLM_KEYS = {
 # --- export --------------------------------------------------------------------------------------
 
 
-def _fresh_folder(out: str | Path) -> Path:
+@contextlib.contextmanager
+def _new_folder(out: str | Path):
+    """Write into a staging folder beside `out`, renamed into place only when every file is written:
+    an interrupted export leaves no half folder. `out` must be new or empty."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise InteropError(f"--out {out}: exists and is not empty; choose a new folder")
-    return out
+    staging = staging_dir(out)
+    try:
+        yield staging
+        replace_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def export_diffusers(checkpoint: str | Path, out: str | Path) -> dict:
     """OUT/unet and OUT/vae as diffusers folders (`from_pretrained` loads them); the UNet's
     Pigeon-only input channels are described in OUT/unet/pigeon_unet.json."""
+    ckpt = load_checkpoint(checkpoint)
+    with _new_folder(out) as staging:
+        _write_diffusers(ckpt, staging)
+    out = Path(out)
+    return {"out": str(out), "unet": str(out / "unet"), "vae": str(out / "vae")}
+
+
+def _write_diffusers(ckpt, out: Path) -> None:
     from safetensors.torch import save_file
 
-    out = _fresh_folder(out)
-    ckpt = load_checkpoint(checkpoint)
     unet = ckpt.model.unet
     sketch = unet._modules.pop("condition_sketch", None)  # a Pigeon module, not a diffusers one
     try:
@@ -457,7 +474,6 @@ def export_diffusers(checkpoint: str | Path, out: str | Path) -> dict:
         + "\n",
     )
     ckpt.model.vae.save_pretrained(out / "vae", safe_serialization=True)
-    return {"out": str(out), "unet": str(out / "unet"), "vae": str(out / "vae")}
 
 
 def export_peft(checkpoint: str | Path, out: str | Path) -> dict:
@@ -468,7 +484,6 @@ def export_peft(checkpoint: str | Path, out: str | Path) -> dict:
     from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
 
-    out = _fresh_folder(out)
     ckpt = load_checkpoint(checkpoint)
     llm = ckpt.model.personalizer.llm
     base_state = {
@@ -476,12 +491,14 @@ def export_peft(checkpoint: str | Path, out: str | Path) -> dict:
     }
     base = LlamaForCausalLM(llm.config)
     base.load_state_dict(base_state, strict=True)
-    base.save_pretrained(out / "base", safe_serialization=True)
     lora_config = copy.deepcopy(llm.peft_config[ADAPTER])
     lora_config.base_model_name_or_path = "../base"
     lora_config.inference_mode = True
-    (out / "adapter").mkdir(parents=True, exist_ok=True)
-    lora_config.save_pretrained(str(out / "adapter"))
     adapter = {PEFT_PREFIX + k: v.contiguous() for k, v in get_peft_model_state_dict(llm).items()}
-    save_file(adapter, out / "adapter" / PEFT_WEIGHTS, metadata={"format": "pt"})
+    with _new_folder(out) as staging:
+        base.save_pretrained(staging / "base", safe_serialization=True)
+        (staging / "adapter").mkdir()
+        lora_config.save_pretrained(str(staging / "adapter"))
+        save_file(adapter, staging / "adapter" / PEFT_WEIGHTS, metadata={"format": "pt"})
+    out = Path(out)
     return {"out": str(out), "base": str(out / "base"), "adapter": str(out / "adapter")}

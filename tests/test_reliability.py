@@ -741,6 +741,21 @@ def test_full_disk_while_exporting_publishes_nothing(tmp_path, checkpoint_dir, a
     assert tree(tmp_path) == before
 
 
+def test_full_disk_while_exporting_field_formats_leaves_no_folder(tmp_path, checkpoint_dir):
+    """`pigeon checkpoint export-diffusers` / `export-peft` write into a staging folder: a write that
+    fails half way leaves neither the --out folder nor the staging folder behind."""
+    for command in ("export-diffusers", "export-peft"):
+        out = tmp_path / command
+        res = run_limited(
+            "from pigeon.cli import main\n"
+            f"raise SystemExit(main(['checkpoint', {command!r}, {str(checkpoint_dir)!r}, "
+            f"'--out', {str(out)!r}]))\n",
+            16 * 1024,
+        )
+        assert res.returncode != 0 and "File too large" in res.stderr, res.stderr[-2000:]
+        assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
 def test_full_disk_while_saving_a_checkpoint_keeps_the_old_one(tmp_path, tiny_config, tokenizer):
     path = save_checkpoint(make_model(tiny_config, seed=1), tokenizer, tmp_path / "ckpt")
     digest = load_checkpoint(path).digest
