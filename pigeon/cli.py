@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from pigeon.interface import add_parameter_flags, parameter_values
+
 log = logging.getLogger("pigeon")
 
 
@@ -123,12 +125,7 @@ def run_generate(args: argparse.Namespace) -> dict:
         history=history,
         reference=reference,
         text=args.text,
-        seed=args.seed,
-        steps=args.steps,
-        guidance=args.guidance,
-        reference_mask_ratio=args.reference_mask_ratio,
-        sampler=args.sampler,
-        strength=args.strength,
+        **parameter_values(args),
     )
     result = pipe(request)[0]
     out = Path(args.out)
@@ -372,11 +369,7 @@ def run_client_generate(args: argparse.Namespace) -> dict:
             args.history,
             args.reference,
             args.text,
-            seed=args.seed,
-            steps=args.steps,
-            guidance=args.guidance,
-            reference_mask_ratio=args.reference_mask_ratio,
-            strength=args.strength,
+            **parameter_values(args),
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -542,12 +535,6 @@ def run_config_show(args: argparse.Namespace) -> dict:
     return to_dict(apply_overrides(config, args.set or []))
 
 
-STRENGTH_HELP = (
-    "1: denoise from pure noise (the paper); below 1: from the reference's latents noised "
-    "(image-to-image); default: the checkpoint's scheduler.strength"
-)
-
-
 # --- argument types: a bad value is refused by name before anything runs --------------------------
 
 
@@ -642,12 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", required=True, metavar="IMAGE")
     p.add_argument("--text", required=True, type=_utf8_text)
     p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=None, help="default: the checkpoint's")
-    p.add_argument("--guidance", type=float, default=None, help="default: the checkpoint's")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--reference-mask-ratio", type=float, default=None)
-    p.add_argument("--strength", type=float, default=None, help=STRENGTH_HELP)
-    p.add_argument("--sampler", choices=["ddim", "dpmpp_2m"], default=None)
+    add_parameter_flags(p)
     p.add_argument("--backend", choices=["pytorch", "onnxruntime"], default="pytorch")
     p.add_argument("--artifacts", default=None, help="ONNX artifact folder (onnxruntime backend)")
     p.add_argument("--serving", default=None, help="serving.json: ONNX Runtime session settings")
@@ -712,7 +694,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a stage, or the whole recipe", formatter_class=fmt)
     p.add_argument("stage", choices=["vae", "image", "decoder", "lmm", "sft", "dpo", "all"])
     p.add_argument("--preset", default="tiny")
-    p.add_argument("--data", default="procedural", help="'procedural' or an EmojiPrefs folder")
+    p.add_argument(
+        "--data",
+        default="procedural",
+        help="'procedural', an EmojiPrefs folder or a user-data folder (interactions.jsonl, "
+        "items.jsonl, images; docs/DESIGN.md)",
+    )
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true")
     p.add_argument(
@@ -762,11 +749,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--reference", required=True, metavar="IMAGE")
     q.add_argument("--text", required=True, type=_utf8_text)
     q.add_argument("--out", required=True)
-    q.add_argument("--seed", type=int, default=None)
-    q.add_argument("--steps", type=int, default=None)
-    q.add_argument("--guidance", type=float, default=None)
-    q.add_argument("--reference-mask-ratio", type=float, default=None)
-    q.add_argument("--strength", type=float, default=None, help=STRENGTH_HELP)
+    add_parameter_flags(q)
     q.add_argument("--timeout", type=_positive_seconds, default=120.0, help="seconds")
     q.set_defaults(func=run_client_generate)
 

@@ -56,7 +56,9 @@ def served(tmp_path_factory, checkpoint_dir, tokenizer):
         yield server, repo, other
 
 
-def in_process(checkpoint, repo, version, seed=4, steps=6, strength=None):
+def in_process(checkpoint, repo, version, seed=4, steps=6, **params):
+    """The image the in-process pipeline draws on version `version`'s ONNX files; `params`: any
+    other request parameter (pigeon.interface.PARAMETERS)."""
     ckpt = load_checkpoint(checkpoint)
     artifacts = repo / "cpu"
     runner = OrtRunner.from_files(
@@ -81,7 +83,7 @@ def in_process(checkpoint, repo, version, seed=4, steps=6, strength=None):
         text="a red circle",
         seed=seed,
         steps=steps,
-        strength=strength,
+        **params,
     )
     return pipe(request)[0].image
 
@@ -109,6 +111,20 @@ def test_served_img2img_equals_the_in_process_pipeline(served, checkpoint_dir):
     expected = in_process(checkpoint_dir, repo, 1, strength=0.5)
     assert np.abs(image.astype(int) - expected.astype(int)).max() <= 2
     assert np.abs(image.astype(int) - served_image(server)[0].astype(int)).mean() > 1
+
+
+def test_every_request_parameter_is_served(served, checkpoint_dir):
+    """The sampler, a string parameter, reaches the denoise model: the served image equals the
+    in-process one with the same sampler and differs from the default sampler's."""
+    server, repo, _ = served
+    image, _ = served_image(server, sampler="dpmpp_2m")
+    expected = in_process(checkpoint_dir, repo, 1, sampler="dpmpp_2m")
+    assert np.abs(image.astype(int) - expected.astype(int)).max() <= 2
+    default = in_process(checkpoint_dir, repo, 1, sampler="ddim")
+    assert np.abs(image.astype(int) - default.astype(int)).mean() > 1
+    with pytest.raises(ClientError, match="sampler='euler' is not one of") as bad:
+        served_image(server, sampler="euler")
+    assert bad.value.status == "INVALID_ARGUMENT"
 
 
 def model_stats(server, model):

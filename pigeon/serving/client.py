@@ -28,7 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from pigeon.files import write_atomic
+from pigeon.interface import PARAMETERS
 from pigeon.serving.triton_config import PYTHON_MODELS
+
+CLIENT_DTYPES = {"int64": "INT64", "float32": "FP32", "bytes": "BYTES"}
 
 DEPLOYMENTS = ".deployments.json"
 
@@ -124,8 +127,11 @@ class PigeonClient:
         steps: int | None = None,
         guidance: float | None = None,
         reference_mask_ratio: float | None = None,
+        sampler: str | None = None,
         strength: float | None = None,
     ) -> ServedResult:
+        """One request to the `pigeon` ensemble; the parameters are `pigeon.interface.PARAMETERS`
+        (None: the server's default)."""
         from tritonclient.utils import InferenceServerException
 
         try:
@@ -141,19 +147,16 @@ class PigeonClient:
             self._input("reference_image", np.array([_read(reference)], np.object_), "BYTES"),
             self._input("text", np.array([encoded], np.object_), "BYTES"),
         ]
-        for name, value, dtype, np_type in (
-            ("seed", seed, "INT64", np.int64),
-            ("steps", steps, "INT64", np.int64),
-            ("guidance", guidance, "FP32", np.float32),
-            ("reference_mask_ratio", reference_mask_ratio, "FP32", np.float32),
-            ("strength", strength, "FP32", np.float32),
-        ):
+        given = locals()
+        for p in PARAMETERS:
+            value = given[p.name]
             if value is not None:
+                dtype = CLIENT_DTYPES[p.dtype]
                 try:
-                    array = np.array([value], np_type)
+                    array = p.to_array(value)
                 except (OverflowError, ValueError, TypeError):
-                    raise ClientError(f"{name}={value!r} cannot be sent as {dtype}") from None
-                inputs.append(self._input(name, array, dtype))
+                    raise ClientError(f"{p.name}={value!r} cannot be sent as {dtype}") from None
+                inputs.append(self._input(p.name, array, dtype))
         outputs = [
             self.tc.InferRequestedOutput("image_png"),
             self.tc.InferRequestedOutput("timings"),

@@ -37,6 +37,7 @@ from pigeon.inference.pipeline import (
     request_streams,
 )
 from pigeon.inference.runners import OrtOptions, OrtRunner
+from pigeon.interface import PARAMETERS, RequestParameter, parameters_read_by
 from pigeon.serving.images import ImageError, encode_png, load_image, to_model_input, to_uint8
 from pigeon.serving.triton_config import IN_PROCESS, in_process_key
 from pigeon.specs import component_specs
@@ -172,16 +173,26 @@ class _Model:
         tensor = _pb().get_input_tensor_by_name(request, name)
         return None if tensor is None else tensor.as_numpy()
 
+    def parameters(self, request: Any, reader: str) -> dict[str, Any]:
+        """{name: value} of the checked request parameters that `reader` takes (preprocess has
+        checked and defaulted them, so each is present)."""
+        return {
+            p.name: _parameter(self.get(request, p.name), p) for p in parameters_read_by(reader)
+        }
+
     def finalize(self) -> None:
         pass
 
 
-def _scalar(value: np.ndarray | None, name: str, kind: type) -> Any:
+def _parameter(value: np.ndarray | None, parameter: RequestParameter) -> Any:
+    """A request parameter as sent (None: not sent) -> its Python value; check_request judges it."""
     if value is None:
         return None
     if value.size != 1:
-        raise RequestError(f"{name} must hold one value, got shape {value.shape}")
-    return kind(value.reshape(-1)[0])
+        raise RequestError(f"{parameter.name} must hold one value, got shape {value.shape}")
+    if parameter.dtype == "bytes":
+        return _text(value, parameter.name)
+    return parameter.python_type(value.reshape(-1)[0])
 
 
 def _text(value: np.ndarray, name: str) -> str:
@@ -272,13 +283,11 @@ class PreprocessModel(_Model):
                 history=history,
                 reference=reference,
                 text=_text(self.get(request, "text"), "text"),
-                seed=_scalar(self.get(request, "seed"), "seed", int) or 0,
-                steps=_scalar(self.get(request, "steps"), "steps", int),
-                guidance=_scalar(self.get(request, "guidance"), "guidance", float),
-                reference_mask_ratio=_scalar(
-                    self.get(request, "reference_mask_ratio"), "reference_mask_ratio", float
-                ),
-                strength=_scalar(self.get(request, "strength"), "strength", float),
+                **{
+                    p.name: value
+                    for p in PARAMETERS
+                    if (value := _parameter(self.get(request, p.name), p)) is not None
+                },
             ),
         )
         size = self.config.history_encoder.image_size
@@ -289,11 +298,7 @@ class PreprocessModel(_Model):
                 None
             ],
             "text_out": np.array([checked.text.encode("utf-8")], dtype=np.object_),
-            "seed_out": np.array([checked.seed], np.int64),
-            "steps_out": np.array([checked.steps], np.int64),
-            "guidance_out": np.array([checked.guidance], np.float32),
-            "reference_mask_ratio_out": np.array([checked.reference_mask_ratio], np.float32),
-            "strength_out": np.array([checked.strength], np.float32),
+            **{f"{p.name}_out": p.to_array(getattr(checked, p.name)) for p in PARAMETERS},
             "preprocess_s": np.array([time.perf_counter() - start]),
         }
 
@@ -340,15 +345,15 @@ class PersonalizeModel(_Model):
 
     def handle(self, request: Any) -> dict[str, np.ndarray]:
         start = time.perf_counter()
-        seed = int(self.get(request, "seed")[0])
-        mask_rng, token_rng, _ = request_streams(seed)
+        params = self.parameters(request, "personalize")
+        mask_rng, token_rng, _ = request_streams(params["seed"])
         item = PersonalizeInput(
             history_ids=self.get(request, "history_token_ids"),
             history_keep=self.get(request, "history_token_keep"),
             reference_ids=self.get(request, "reference_token_ids")[0],
             reference_keep=self.get(request, "reference_token_keep")[0],
             text=_text(self.get(request, "text"), "text"),
-            reference_mask_ratio=float(self.get(request, "reference_mask_ratio")[0]),
+            reference_mask_ratio=params["reference_mask_ratio"],
         )
         codes = self.pipeline.personalize([item], [mask_rng], [token_rng])
         ids, keep = codes_to_tokens(codes, self.pipeline.config.history_encoder.num_patches)
@@ -367,16 +372,17 @@ class DenoiseModel(_Model):
 
     def handle(self, request: Any) -> dict[str, np.ndarray]:
         start = time.perf_counter()
-        _, _, latent_rng = request_streams(int(self.get(request, "seed")[0]))
+        params = self.parameters(request, "denoise")
+        _, _, latent_rng = request_streams(params["seed"])
         latents = self.pipeline.denoise(
             self.get(request, "prompt_embeds"),
             self.get(request, "pooled_embeds"),
-            int(self.get(request, "steps")[0]),
-            float(self.get(request, "guidance")[0]),
-            self.pipeline.config.scheduler.sampler,
+            params["steps"],
+            params["guidance"],
+            params["sampler"],
             [latent_rng],
             self.get(request, "reference_image_pixels"),
-            float(self.get(request, "strength")[0]),
+            params["strength"],
         )
         return {"latents": latents, "denoise_s": np.array([time.perf_counter() - start])}
 

@@ -12,8 +12,8 @@
 
 The seven networks are `python` models running ONNX Runtime on the `cpu` target and `tensorrt_plan`
 engines on the `gpu` target; every model and tensor name is the same on both. Their tensors come from
-`pigeon.specs` (leading `batch` -> Triton's batch dimension, other symbols -> -1); the request interface
-and the ensemble wiring are declared below, once.
+`pigeon.specs` (leading `batch` -> Triton's batch dimension, other symbols -> -1); the request's
+parameters from `pigeon.interface`; the payload's tensors and the ensemble's wiring are declared below.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from pigeon.config import PipelineConfig, ServingConfig
 from pigeon.inference.runners import OrtOptions
+from pigeon.interface import PARAMETERS, parameters_read_by
 from pigeon.specs import ComponentSpec, component_specs
 
 HEADER = (
@@ -48,19 +49,20 @@ class IO:
 
 
 def request_interface(config: PipelineConfig) -> tuple[list[IO], list[IO]]:
-    """The public request and response of the `pigeon` ensemble."""
+    """The public request and response of the `pigeon` ensemble: the payload, then every
+    `pigeon.interface.PARAMETERS` entry as an optional input."""
     inputs = [
         IO("history_images", "bytes", (-1,)),  # encoded PNG/JPEG, oldest first
         IO("reference_image", "bytes", (1,)),
         IO("text", "bytes", (1,)),
-        IO("seed", "int64", (1,), optional=True),
-        IO("steps", "int64", (1,), optional=True),
-        IO("guidance", "float32", (1,), optional=True),
-        IO("reference_mask_ratio", "float32", (1,), optional=True),
-        IO("strength", "float32", (1,), optional=True),
+        *[IO(p.name, p.dtype, (1,), optional=True) for p in PARAMETERS],
     ]
     outputs = [IO("image_png", "bytes", (1,)), IO("timings", "bytes", (1,))]
     return inputs, outputs
+
+
+def _read_by(reader: str) -> list[IO]:
+    return [IO(p.name, p.dtype, (1,)) for p in parameters_read_by(reader)]
 
 
 def python_model_io(config: PipelineConfig) -> dict[str, tuple[list[IO], list[IO]]]:
@@ -70,13 +72,6 @@ def python_model_io(config: PipelineConfig) -> dict[str, tuple[list[IO], list[IO
     ca = config.condition_adapter
     c, h = config.vae.latent_channels, config.latent_size
     request, _ = request_interface(config)
-    params = [
-        IO("seed", "int64", (1,)),
-        IO("steps", "int64", (1,)),
-        IO("guidance", "float32", (1,)),
-        IO("reference_mask_ratio", "float32", (1,)),
-        IO("strength", "float32", (1,)),
-    ]
     s_out = config.image_size
     return {
         "preprocess": (
@@ -86,7 +81,7 @@ def python_model_io(config: PipelineConfig) -> dict[str, tuple[list[IO], list[IO
                 IO("reference_pixels", "float32", (1, 3, s, s)),
                 IO("reference_image_pixels", "float32", (1, 3, s_out, s_out)),
                 IO("text_out", "bytes", (1,)),
-                *[IO(f"{x.name}_out", x.dtype, x.dims) for x in params],
+                *[IO(f"{x.name}_out", x.dtype, (1,)) for x in PARAMETERS],
                 IO("preprocess_s", "float64", (1,)),
             ],
         ),
@@ -97,8 +92,7 @@ def python_model_io(config: PipelineConfig) -> dict[str, tuple[list[IO], list[IO
                 IO("reference_token_ids", "int64", (1, p)),
                 IO("reference_token_keep", "int64", (1, p)),
                 IO("text", "bytes", (1,)),
-                IO("seed", "int64", (1,)),
-                IO("reference_mask_ratio", "float32", (1,)),
+                *_read_by("personalize"),
             ],
             [
                 IO("token_ids", "int64", (1, p)),
@@ -110,11 +104,8 @@ def python_model_io(config: PipelineConfig) -> dict[str, tuple[list[IO], list[IO
             [
                 IO("prompt_embeds", "float32", (1, ca.num_queries, ca.context_dim)),
                 IO("pooled_embeds", "float32", (1, ca.pooled_dim)),
-                IO("seed", "int64", (1,)),
-                IO("steps", "int64", (1,)),
-                IO("guidance", "float32", (1,)),
-                IO("strength", "float32", (1,)),
                 IO("reference_image_pixels", "float32", (1, 3, s_out, s_out)),
+                *_read_by("denoise"),
             ],
             [IO("latents", "float32", (1, c, h, h)), IO("denoise_s", "float64", (1,))],
         ),
@@ -130,32 +121,24 @@ def python_model_io(config: PipelineConfig) -> dict[str, tuple[list[IO], list[IO
     }
 
 
+def _checked(reader: str) -> dict[str, str]:
+    """{the reader's input: the ensemble tensor preprocess checked} for its parameters."""
+    return {p.name: p.checked for p in parameters_read_by(reader)}
+
+
 # Ensemble steps: (model, {model input: ensemble tensor}, {model output: ensemble tensor}).
 ENSEMBLE_STEPS = (
     (
         "preprocess",
         {
             n: n
-            for n in (
-                "history_images",
-                "reference_image",
-                "text",
-                "seed",
-                "steps",
-                "guidance",
-                "reference_mask_ratio",
-                "strength",
-            )
+            for n in ("history_images", "reference_image", "text", *(p.name for p in PARAMETERS))
         },
         {
             "history_pixels": "history_pixels",
             "reference_pixels": "reference_pixels",
             "text_out": "text_checked",
-            "seed_out": "seed_checked",
-            "steps_out": "steps_checked",
-            "guidance_out": "guidance_checked",
-            "reference_mask_ratio_out": "ratio_checked",
-            "strength_out": "strength_checked",
+            **{f"{p.name}_out": p.checked for p in PARAMETERS},
             "reference_image_pixels": "reference_image_pixels",
             "preprocess_s": "preprocess_s",
         },
@@ -178,8 +161,7 @@ ENSEMBLE_STEPS = (
             "reference_token_ids": "reference_token_ids",
             "reference_token_keep": "reference_token_keep",
             "text": "text_checked",
-            "seed": "seed_checked",
-            "reference_mask_ratio": "ratio_checked",
+            **_checked("personalize"),
         },
         {
             "token_ids": "generated_token_ids",
@@ -197,11 +179,8 @@ ENSEMBLE_STEPS = (
         {
             "prompt_embeds": "prompt_embeds",
             "pooled_embeds": "pooled_embeds",
-            "seed": "seed_checked",
-            "steps": "steps_checked",
-            "guidance": "guidance_checked",
-            "strength": "strength_checked",
             "reference_image_pixels": "reference_image_pixels",
+            **_checked("denoise"),
         },
         {"latents": "latents", "denoise_s": "denoise_s"},
     ),
