@@ -102,6 +102,42 @@ def run_stage(model, tokenizer, stage):
     )
 
 
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_decoder_tokens_come_from_the_history_for_their_share(setup, share):
+    """decoder_objective against the same loss built by hand from the images whose tokens it
+    should read: the targets' at share 0, the history images' at share 1 (same noise, timesteps)."""
+    config, _ = setup
+    model = make_model(config).eval()
+    model.enable_reference_input()
+    g = torch.Generator().manual_seed(3)
+    targets, history, references = (torch.rand(3, 3, 32, 32, generator=g) for _ in range(3))
+    ac = torch.from_numpy(alphas_cumprod(model.config.scheduler)).float()
+    torch.manual_seed(7)
+    got = O.decoder_objective(
+        model, targets, references, ac, history=history, history_token_share=share
+    )
+    torch.manual_seed(7)
+    if share > 0:
+        torch.rand(3)  # the objective's draw of which rows swap
+    prompt_embeds, pooled = O.serving_condition(model, history if share == 1.0 else targets)
+    expected = O.sampled_denoising_loss(
+        model,
+        O.image_latents(model, targets),
+        ac,
+        prompt_embeds,
+        pooled,
+        0.1,
+        O.image_latents(model, references),
+    )
+    torch.testing.assert_close(got, expected)
+    # and the other source's tokens give another loss: the test can tell them apart
+    torch.manual_seed(7)
+    other = O.decoder_objective(
+        model, targets, references, ac, history=history, history_token_share=1.0 - share
+    )
+    assert not torch.allclose(other, expected)
+
+
 @pytest.mark.parametrize("stage", O.STAGES)
 def test_a_stage_changes_exactly_its_own_parameters(setup, stage):
     config, tokenizer = setup

@@ -85,6 +85,12 @@ class TrainConfig:
     # image stage: weight of the latent reconstruction from the condition (the UNet's condition
     # sketch, or a training-only probe of the same form for a UNet without one)
     reconstruct_weight: float = 0.0
+    # decoder stage: the share of each batch whose tokens come from a history image (the user's
+    # style, another concept) rather than the target's own. The target's tokens carry its concept, so
+    # a UNet trained on them alone learns to ignore the reference input, and at serving the
+    # personalizer's tokens, which miss the concept, then decide it; a history image's tokens carry
+    # only the style, so the concept has to come from the reference
+    history_token_share: float = 0.0
     # vae stage: weight of the perceptual distance (pigeon.training.perceptual) beside L1
     perceptual_weight: float = 0.0
     # vae, image, decoder: validation users on which the stage's link of the image chain is
@@ -98,6 +104,10 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.history_token_share <= 1.0:
+            raise ConfigError(
+                f"train.history_token_share={self.history_token_share} is outside [0, 1]"
+            )
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError(
                 f"train: steps={self.steps}, batch_size={self.batch_size}, "
@@ -227,6 +237,7 @@ class StageModule(nn.Module):
         reference_personalizer: nn.Module | None = None,
         reconstruct_weight: float = 0.0,
         perceptual_weight: float = 0.0,
+        history_token_share: float = 0.0,
     ) -> None:
         super().__init__()
         self.model = model
@@ -235,6 +246,7 @@ class StageModule(nn.Module):
         self.reference_personalizer = reference_personalizer
         self.reconstruct_weight = reconstruct_weight
         self.perceptual_weight = perceptual_weight
+        self.history_token_share = history_token_share
         self.perceptual = None
         if stage == "vae" and perceptual_weight > 0:
             from pigeon.training.perceptual import PerceptualDistance
@@ -283,7 +295,12 @@ class StageModule(nn.Module):
             )
         if self.stage == "decoder":
             return O.decoder_objective(
-                m, batch["targets"], batch["references"], self.alphas_cumprod
+                m,
+                batch["targets"],
+                batch["references"],
+                self.alphas_cumprod,
+                history=batch["history"],
+                history_token_share=self.history_token_share,
             )
         if self.stage == "lmm":
             return O.lmm_objective(m, self.builder, batch["images"], batch["texts"])
@@ -315,9 +332,11 @@ def users_batch(users: list[User], config: TrainConfig, device: str) -> O.Person
 
 
 def decoder_batch(users: list[User], device: str, paired_reference: bool) -> dict:
-    """Targets, and references for a UNet that takes them (data that pair one apart from the target)."""
+    """Targets, each user's last history image (`history_token_share`), and references for a UNet
+    that takes them (data that pair one apart from the target)."""
     return {
         "targets": to_tensor([u.target for u in users]).to(device),
+        "history": to_tensor([u.history[-1] for u in users]).to(device),
         "references": (
             to_tensor([u.reference for u in users]).to(device) if paired_reference else None
         ),
@@ -523,7 +542,13 @@ def train_stage(
         pairs = build_pairs(model, tokenizer, data, config, device)
         model.train()
     module = StageModule(
-        model, stage, builder, reference, config.reconstruct_weight, config.perceptual_weight
+        model,
+        stage,
+        builder,
+        reference,
+        config.reconstruct_weight,
+        config.perceptual_weight,
+        config.history_token_share,
     ).to(device)
     module.train()  # (DPO: dropout off, see StageModule.train)
     if module.probe is not None:

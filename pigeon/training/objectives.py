@@ -264,18 +264,29 @@ def decoder_objective(
     references: torch.Tensor | None,
     alphas_cumprod: torch.Tensor,
     uncond_prob: float = 0.1,
+    history: torch.Tensor | None = None,
+    history_token_share: float = 0.0,
 ) -> torch.Tensor:
     """LaVIT's detokenizer on a frozen tokenizer, with the reference as a spatial input: denoise the
-    target's latents given its own tokens (cross-attention) and the reference's latents (input
-    channels, `unet.reference_input`). The reference shows the target's concept in another style,
-    so what the tokens add is the style, which is what the personalizer generates.
+    target's latents given tokens (cross-attention) and the reference's latents (input channels,
+    `unet.reference_input`). The reference shows the target's concept in another style, so what the
+    tokens add is the style, which is what the personalizer generates.
 
-    targets, references in [0, 1] (batch, 3, S, S). CFG drops the tokens only: serving keeps the
-    reference in both branches. Data without a reference apart from the target train this stage
-    without one (references None, `unet.reference_input` off): the tokens alone, at serving's
+    The tokens are the target's own, or for a share `history_token_share` of the batch those of a
+    history image of the same user (its style, another concept): a condition that carries the style
+    and not the concept, as the personalizer's generated tokens do at serving, so the UNet learns to
+    take the concept from the reference.
+
+    targets, references, history in [0, 1] (batch, 3, S, S). CFG drops the tokens only: serving
+    keeps the reference in both branches. Data without a reference apart from the target train this
+    stage without one (references None, `unet.reference_input` off): the tokens alone, at serving's
     deterministic keep."""
+    token_images = targets
+    if history is not None and history_token_share > 0:
+        swap = torch.rand(len(targets), device=targets.device) < history_token_share
+        token_images = torch.where(swap[:, None, None, None], history, targets)
     with torch.no_grad():  # the tokenizer, the condition adapter and the VAE are frozen
-        prompt_embeds, pooled = serving_condition(model, targets)
+        prompt_embeds, pooled = serving_condition(model, token_images)
         latents = image_latents(model, targets)
         reference_latents = None if references is None else image_latents(model, references)
     return sampled_denoising_loss(
