@@ -175,6 +175,7 @@ def log_losses(path: Path) -> list[float]:
     return [r["loss"] for r in rows if "loss" in r]
 
 
+@pytest.mark.integration
 def test_two_process_ddp_matches_one_process(tmp_path):
     args = [
         "train",
@@ -292,6 +293,37 @@ def test_a_dpo_step_changes_lora_only_and_never_the_reference(tmp_path):
         assert torch.equal(v, ref_before[k]), k
     with pytest.raises(ValueError, match="unknown stage"):
         O.set_trainable(model, "ppo")
+
+
+def test_sft_base_trains_the_llm_base_and_the_sft_set_and_nothing_else(tmp_path, checkpoint_dir):
+    """`--set train.sft_base=true`: the LLM's base weights move beside the sft stage's own
+    parameters; the image half stays as it was."""
+    from pigeon.config import ConfigError
+
+    summary = train_stage(
+        "sft",
+        tmp_path / "run",
+        preset_name="tiny",
+        init=str(checkpoint_dir),
+        overrides=["train.sft_base=true", "train.steps=3"],
+        progress=False,
+    )
+    before, after = weights(checkpoint_dir), weights(Path(summary["out"]) / "last")
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    model = make_model(preset("tiny"))
+    allowed = set(O.stage_parameters(model, "sft", sft_base=True))
+    base = set(O.stage_parameters(model, "lmm"))
+    assert changed & base, "no base weight of the LLM moved"
+    assert changed <= allowed, sorted(changed - allowed)
+    with pytest.raises(ConfigError, match="choose one"):
+        train_stage(
+            "sft",
+            tmp_path / "x",
+            preset_name="tiny",
+            init=str(checkpoint_dir),
+            overrides=["train.sft_base=true", "train.lora_only=true"],
+            progress=False,
+        )
 
 
 def test_sft_lora_only_changes_the_lora_and_nothing_else(tmp_path, checkpoint_dir):

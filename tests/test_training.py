@@ -179,6 +179,12 @@ def test_stage_parameter_groups(setup):
     assert not names("vae") & names("image")
     with pytest.raises(ValueError, match="unknown stage 'rl'"):
         O.stage_parameters(model, "rl")
+    # sft_base: the sft set and the LLM's base weights (the lmm set), nothing else
+    assert set(O.stage_parameters(model, "sft", sft_base=True)) == names("sft") | names("lmm")
+    with pytest.raises(ValueError, match="sft_base applies to the sft stage"):
+        O.stage_parameters(model, "dpo", sft_base=True)
+    with pytest.raises(ValueError, match="sft_base applies to the sft stage"):
+        O.stage_parameters(model, "sft", lora_only=True, sft_base=True)
 
 
 def test_frozen_mask_generator_gets_no_gradient_as_in_the_official_code(setup):

@@ -99,11 +99,21 @@ class TrainConfig:
     # sft, dpo: train the personalizer's LoRA alone (`pigeon train sft --lora-only`), so that the
     # result is an adapter for `pigeon deploy --lora`, the rest of the checkpoint unchanged
     lora_only: bool = False
+    # sft stage: train the LLM's base weights beside its LoRA (other stages ignore it). The paper's
+    # LMM is pretrained and large, so a rank-8 LoRA on q and v is enough there; a small LLM trained
+    # here from scratch gains from it (docs/RESULTS.md §7). A checkpoint trained so has a new base:
+    # `pigeon deploy --lora` refuses adapters trained on the old one.
+    sft_base: bool = False
     # "bf16": the forward pass under CPU/CUDA autocast to bfloat16 (weights, optimizer and losses
     # stay float32); validation always runs in float32
     precision: Literal["fp32", "bf16"] = "fp32"
 
     def __post_init__(self) -> None:
+        if self.sft_base and self.lora_only:
+            raise ConfigError(
+                "train.sft_base trains the LLM's base weights, --lora-only the LoRA alone: "
+                "choose one"
+            )
         if not 0.0 <= self.history_token_share <= 1.0:
             raise ConfigError(
                 f"train.history_token_share={self.history_token_share} is outside [0, 1]"
@@ -533,7 +543,8 @@ def train_stage(
     builder = PromptBuilder(tokenizer, model.vocab)
     if config.lora_only and stage not in ("sft", "dpo"):
         raise ConfigError(f"train.lora_only applies to the sft and dpo stages, not {stage!r}")
-    trainable = O.set_trainable(model, stage, config.lora_only)
+    # sft_base is read by the sft stage only (`pigeon train all --set train.sft_base=true`)
+    trainable = O.set_trainable(model, stage, config.lora_only, config.sft_base and stage == "sft")
     pairs, reference = None, None
     if stage == "dpo":
         from pigeon.training.dpo import build_pairs

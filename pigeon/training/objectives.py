@@ -35,12 +35,15 @@ STAGES = ("vae", "image", "decoder", "lmm", "sft", "dpo")
 
 
 def stage_parameters(
-    model: PigeonModel, stage: str, lora_only: bool = False
+    model: PigeonModel, stage: str, lora_only: bool = False, sft_base: bool = False
 ) -> dict[str, torch.nn.Parameter]:
     """The parameters `stage` trains, by their name in `model`. `lora_only` (sft, dpo): the
-    personalizer's LoRA alone, an adapter that `pigeon deploy --lora` publishes without the rest."""
+    personalizer's LoRA alone, an adapter that `pigeon deploy --lora` publishes without the rest.
+    `sft_base` (sft): the LLM's base weights too, beside its LoRA (`TrainConfig.sft_base`)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; choose one of {list(STAGES)}")
+    if sft_base and (stage != "sft" or lora_only):
+        raise ValueError(f"sft_base applies to the sft stage without lora_only, not {stage!r}")
     named = dict(model.named_parameters())
     prefixes = {
         "vae": ("vae.",),
@@ -63,15 +66,17 @@ def stage_parameters(
     if stage in ("sft", "dpo"):
         lora = {n: p for n, p in named.items() if n.startswith("personalizer.") and "lora_" in n}
         chosen = lora if lora_only else {**chosen, **lora}
+        if sft_base:
+            chosen.update(stage_parameters(model, "lmm"))
     elif lora_only:
         raise ValueError(f"lora_only applies to the sft and dpo stages, not {stage!r}")
     return chosen
 
 
 def set_trainable(
-    model: PigeonModel, stage: str, lora_only: bool = False
+    model: PigeonModel, stage: str, lora_only: bool = False, sft_base: bool = False
 ) -> dict[str, torch.nn.Parameter]:
-    chosen = stage_parameters(model, stage, lora_only)
+    chosen = stage_parameters(model, stage, lora_only, sft_base)
     for name, p in model.named_parameters():
         p.requires_grad_(name in chosen)
     return chosen
