@@ -1,11 +1,12 @@
-# Two commands on a fresh machine:  `make demo` (set up + run the main job)  and  `make test`.
+# Two commands on a fresh machine:  `make demo` (set up + run the main job)  and  `make test-all`
+# (the tests CI runs; `make test` is the few-minute lane).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: venv demo test test-fast test-slow bench gpu-wheels lint clean
+.PHONY: venv demo test test-all test-fast test-slow bench gpu-wheels lint clean
 
 venv: $(VENV)/.installed
 
@@ -22,10 +23,15 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(BIN)/python -m pigeon.demo --out demo
 
+# The lane to run before a commit (about 3-4 minutes here): unit tests and one real-server smoke test.
 test: venv
+	$(BIN)/python -m pytest -m "(not slow and not gpu and not trt and not triton and not integration) or smoke" -q
+
+# What CI runs (.ci/run), about 20 minutes here: every test that needs no GPU and is not `slow`.
+test-all: venv
 	$(BIN)/python -m pytest -m "not slow and not gpu and not trt" -q
 
-# the lane to run before a commit: everything but the real tritonserver and the slow runs
+# Everything but the real tritonserver and the slow runs.
 test-fast: venv
 	$(BIN)/python -m pytest -m "not slow and not gpu and not trt and not triton" -q
 

@@ -34,6 +34,7 @@ def pngs(tmp_path_factory):
     return paths
 
 
+@pytest.mark.integration
 def test_init_generate_inspect(tmp_path, pngs):
     ckpt = tmp_path / "ckpt"
     res = pigeon("init", "--preset", "tiny", "--out", str(ckpt))
@@ -78,6 +79,7 @@ def test_init_generate_inspect(tmp_path, pngs):
         (["checkpoint", "inspect", "/nonexistent"], "no such directory"),
     ],
 )
+@pytest.mark.integration
 def test_errors_exit_non_zero_with_one_line(args, message):
     res = pigeon(*args)
     assert res.returncode == 2 and message in res.stderr and res.stdout == ""
@@ -109,6 +111,7 @@ def test_generate_names_a_missing_image(tmp_path, pngs):
         (["--backend", "onnxruntime", "--compile"], "are PyTorch-backend settings"),
     ],
 )
+@pytest.mark.integration
 def test_generate_refuses_device_settings_it_cannot_honour(tmp_path, pngs, extra, message):
     import torch
 

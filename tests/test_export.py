@@ -37,6 +37,7 @@ def artifacts(checkpoint_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.integration
 def test_manifest_records_every_component_with_measured_errors(artifacts, checkpoint_dir):
     manifest = read_manifest(artifacts)
     ckpt = load_checkpoint(checkpoint_dir)
@@ -76,6 +77,7 @@ def test_onnxruntime_pipeline_gives_the_pytorch_image(artifacts, checkpoint_dir)
     assert np.abs(torch_image.image.astype(int) - ort_image.image.astype(int)).max() <= 2
 
 
+@pytest.mark.integration
 def test_a_reference_input_unet_exports_and_serves_the_pytorch_image(
     tiny_config, tokenizer, tmp_path
 ):
@@ -122,6 +124,7 @@ def perturb_unet(model):
         model.unet.conv_out.weight.add_(0.05)
 
 
+@pytest.mark.integration
 def test_a_broken_export_is_rejected_and_nothing_is_written(checkpoint_dir, tmp_path):
     out = tmp_path / "broken"
     with pytest.raises(ToleranceError, match=r"unet\.noise_pred at min .*max abs error"):
@@ -173,6 +176,7 @@ def test_validation_errors_are_typed(tiny_config, artifacts):
         )
 
 
+@pytest.mark.integration
 def test_fused_attention_export_uses_the_onnx_attention_op(checkpoint_dir, tmp_path):
     manifest = export_onnx(
         checkpoint_dir,
@@ -186,6 +190,7 @@ def test_fused_attention_export_uses_the_onnx_attention_op(checkpoint_dir, tmp_p
         assert manifest["components"][name]["opset"] == 23
 
 
+@pytest.mark.integration
 def test_fp16_export_keeps_fp32_io_and_validates(checkpoint_dir, tmp_path, tiny_config):
     export_onnx(
         checkpoint_dir,
@@ -198,6 +203,7 @@ def test_fp16_export_keeps_fp32_io_and_validates(checkpoint_dir, tmp_path, tiny_
     check_graph_io(component_specs(tiny_config)["vae_decoder"], model)  # inputs/outputs still f32
 
 
+@pytest.mark.integration
 def test_export_all_publishes_versions_atomically(checkpoint_dir, tmp_path):
     repo = tmp_path / "repo"
     parts = ["condition_adapter", "vae_decoder"]

@@ -34,6 +34,9 @@ from pigeon.training.data import load_data
 
 from .conftest import emoji_like
 
+# each exports and validates whole variants: make test-all
+pytestmark = pytest.mark.integration
+
 CAL = Calibration(users=4, held_out=2, batch=2)
 STATIC = ("vae_encoder", "unet", "vae_decoder")
 

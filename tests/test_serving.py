@@ -95,7 +95,8 @@ def served_image(server, protocol="grpc", **kw):
     return np.asarray(Image.open(io.BytesIO(result.image_png)).convert("RGB")), result
 
 
-@pytest.mark.parametrize("protocol", ["grpc", "http"])
+# gRPC: the real-server smoke test of `make test`
+@pytest.mark.parametrize("protocol", [pytest.param("grpc", marks=pytest.mark.smoke), "http"])
 def test_served_image_equals_the_in_process_pipeline(served, checkpoint_dir, protocol):
     server, repo, _ = served
     image, result = served_image(server, protocol)

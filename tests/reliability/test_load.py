@@ -1,0 +1,71 @@
+"""Load on the real server: mixed good and bad requests, every one exactly one outcome, nothing lost."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from .support import (
+    ROOT,
+    TIMEOUT_S,
+)
+
+
+def test_load_of_mixed_requests_loses_nothing(served, tmp_path):
+    from benchmarks.common import append_jsonl
+    from benchmarks.load import run_load
+
+    record = run_load(served, 300, [8, 32], duration_limit_s=1800, timeout_s=TIMEOUT_S, log=print)
+    append_jsonl(tmp_path / "load.jsonl", record)
+    total = record["total"]
+    assert total["failed"] == 0, total["failed_reasons"]
+    assert total["sent"] == 300 and total["not_sent"] == 0
+    assert total["refused_as_expected"] == record["mix"]["bad"]
+    assert total["succeeded"] == record["mix"]["new"] + record["mix"]["returning"]
+    assert record["checks"] == {k: True for k in record["checks"]}, record["checks"]
+    assert record["held"]
+    print(json.dumps({k: record[k] for k in ("total", "memory_bytes", "checks")}, indent=1))
+
+
+def run_load_tool(tmp_path, requests: int, concurrency: str, limit_s: int) -> dict:
+    """`python -m benchmarks.load` as a user runs it; returns its JSON line."""
+    out = tmp_path / "load.jsonl"
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.load",
+            "--requests",
+            str(requests),
+            "--concurrency",
+            concurrency,
+            "--duration-limit",
+            str(limit_s),
+            "--workdir",
+            str(tmp_path / "w"),
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=limit_s + 400,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return json.loads(out.read_text().splitlines()[-1])
+
+
+def test_load_tool_runs_end_to_end(tmp_path):
+    """The standalone tool, CI-sized: its own repository build, server, mix and checks."""
+    record = run_load_tool(tmp_path, 40, "1,4", 300)
+    assert record["held"] and record["total"]["sent"] == 40 and record["total"]["failed"] == 0
+
+
+@pytest.mark.slow
+def test_long_load_run_holds(tmp_path):
+    """The standalone tool at its documented size (thousands of requests, concurrency 1, 8, 32)."""
+    record = run_load_tool(tmp_path, 3000, "1,8,32", 3600)
+    assert record["held"] and record["total"]["sent"] == 3000 and record["total"]["failed"] == 0
