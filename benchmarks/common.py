@@ -109,7 +109,7 @@ def prepare(
 
 def export_artifacts(checkpoint: Path, artifacts: Path, precision: str = "fp32") -> None:
     """Export and validate `checkpoint` into `artifacts` unless an export of it is there already."""
-    from pigeon.export.onnx_export import export_onnx
+    from pigeon.export.artifacts import export_onnx
 
     if stale(artifacts, checkpoint):
         export_onnx(checkpoint, artifacts, precision=precision, overwrite=True)

@@ -39,8 +39,8 @@ VARIANTS = ("fp32", "fp16", "int8", "mixed")
 def export_variants(checkpoint: Path, workdir: Path, data: str, users: int) -> dict[str, Path]:
     """One validated artifact folder per variant, reused when it matches the checkpoint."""
     from pigeon.checkpoint import load_checkpoint
+    from pigeon.export.artifacts import export_onnx
     from pigeon.export.manifest import read_manifest
-    from pigeon.export.onnx_export import export_onnx
     from pigeon.export.quantize import Calibration
 
     ckpt = load_checkpoint(checkpoint)

@@ -24,16 +24,6 @@ from pigeon import config as cfg
 from pigeon.files import hash_mismatch, replace_dir, sha256_file, staging_dir
 from pigeon.vocab import TextTokenizer
 
-# the weight-carrying components, in the order checkpoints store them (pigeon.models.pigeon uses it)
-COMPONENT_MODULES = (
-    "history_encoder",
-    "mask_generator",
-    "personalizer",
-    "condition_adapter",
-    "unet",
-    "vae",
-)
-
 INDEX = "pipeline.json"
 CONFIG_ONLY = ("scheduler", "generation")
 CONFIG_CLASSES = {
@@ -103,12 +93,12 @@ def save_checkpoint(
     try:
         config = model.config
         files: dict[str, str] = {}
-        for name in COMPONENT_MODULES + CONFIG_ONLY:
+        for name in cfg.COMPONENT_MODULES + CONFIG_ONLY:
             (staging / name).mkdir()
             component_config = getattr(config, name)
             cfg.save_json(component_config, staging / name / "config.json")
             files[f"{name}/config.json"] = ""
-            if name in COMPONENT_MODULES:
+            if name in cfg.COMPONENT_MODULES:
                 state = {
                     k: (v.to(dtypes[storage_dtype]) if v.is_floating_point() else v)
                     .detach()
@@ -207,7 +197,7 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
         verify_files(path, index)
     config = load_config(path)
     model = PigeonModel(config)
-    for name in COMPONENT_MODULES:
+    for name in cfg.COMPONENT_MODULES:
         file = path / name / "model.safetensors"
         try:
             state = load_file(file)

@@ -250,7 +250,7 @@ def calibration_of(args: argparse.Namespace):
 
 
 def run_export_onnx(args: argparse.Namespace) -> dict:
-    from pigeon.export.onnx_export import export_onnx
+    from pigeon.export.artifacts import export_onnx
 
     manifest = export_onnx(
         args.checkpoint,

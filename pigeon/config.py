@@ -248,6 +248,18 @@ class GenerationConfig:
             )
 
 
+# The weight-carrying components of a PipelineConfig, in the order checkpoints store them
+# (pigeon.checkpoint) and PigeonModel lists them (pigeon.models.pigeon).
+COMPONENT_MODULES = (
+    "history_encoder",
+    "mask_generator",
+    "personalizer",
+    "condition_adapter",
+    "unet",
+    "vae",
+)
+
+
 @dataclass(frozen=True, kw_only=True)
 class PipelineConfig:
     """The whole model: one config per component plus the output resolution."""

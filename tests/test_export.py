@@ -11,6 +11,7 @@ import torch
 
 from pigeon.checkpoint import load_checkpoint
 from pigeon.export import tensorrt as trt_export
+from pigeon.export.artifacts import export_onnx
 from pigeon.export.errors import (
     ExportError,
     IONameError,
@@ -20,7 +21,7 @@ from pigeon.export.errors import (
     ToleranceError,
 )
 from pigeon.export.manifest import read_manifest
-from pigeon.export.onnx_export import dynamic_shapes, export_onnx
+from pigeon.export.onnx_export import dynamic_shapes
 from pigeon.export.publish import export_all
 from pigeon.export.validate import check_graph_io, compare
 from pigeon.inference.pipeline import GenerationRequest, PigeonPipeline

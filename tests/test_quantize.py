@@ -14,9 +14,9 @@ from tritonclient.grpc import model_config_pb2
 
 from pigeon.checkpoint import load_checkpoint
 from pigeon.config import ConfigError, ServingConfig, from_dict, preset, to_dict
+from pigeon.export.artifacts import export_onnx
 from pigeon.export.errors import ExportError, ToleranceError
 from pigeon.export.manifest import read_manifest
-from pigeon.export.onnx_export import export_onnx
 from pigeon.export.publish import export_all
 from pigeon.export.quantize import (
     Calibration,

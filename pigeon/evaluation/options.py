@@ -126,3 +126,35 @@ def add_arguments(p) -> None:
         metavar="LINK",
         help="default: all of ground_truth vae_round_trip target_tokens history_tokens generated",
     )
+
+
+# key, label, higher is better, table, decimals
+METRICS = (
+    ("style_acc", "StyleAcc", True, "main", 3),
+    ("style_margin", "StyleMargin", True, "main", 3),
+    ("concept_r1", "ConceptR@1", True, "main", 3),
+    ("concept_r5", "ConceptR@5", True, "main", 3),
+    ("concept_mrr", "ConceptMRR", True, "main", 3),
+    ("ssim", "SSIM", True, "main", 3),
+    ("psnr", "PSNR", True, "main", 2),
+    ("masked_l1", "maskedL1", False, "main", 3),
+    ("lpips_enl0", "LPIPS-ENL0", False, "main", 3),
+    ("fd_enl0", "FD-ENL0", False, "main", 2),
+    ("kid_enl0", "KID-ENL0", False, "main", 4),
+    ("copy_rate", "CopyRate", False, "main", 3),
+    ("gt_sim_concept", "GT-sim", True, "more", 3),
+    ("hist_sim_style", "Hist-sim", True, "more", 3),
+    ("enl0_sim", "ENL0-sim", True, "more", 3),
+    ("hist_ssim", "Hist-SSIM", True, "more", 3),
+    ("fd_concept", "FD-Concept", False, "more", 3),
+    ("kid_concept", "KID-Concept", False, "more", 4),
+    ("fid", "FID", False, "pigeon", 2),
+    ("clip_score", "CLIPScore", True, "pigeon", 2),
+    ("clip_i", "CLIP-I", True, "pigeon", 3),
+    ("dino_i", "DINO-I", True, "pigeon", 3),
+    ("hist_clip_i", "Hist CLIP-I", True, "pigeon", 3),
+    ("hist_clip_i_style", "Hist CLIP-I (s_u)", True, "pigeon", 3),
+    ("hist_dino_i", "Hist DINO-I", True, "pigeon", 3),
+    ("hist_dino_i_style", "Hist DINO-I (s_u)", True, "pigeon", 3),
+    ("hist_lpips", "Hist LPIPS", False, "pigeon", 3),
+)

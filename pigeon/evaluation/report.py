@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pigeon.evaluation.options import METRICS
 from pigeon.files import write_atomic
 
 CELL = 64
@@ -27,8 +28,6 @@ def fmt(stat: dict | None, decimals: int) -> str:
 
 
 def metric_table(report: dict, table: str) -> list[str]:
-    from pigeon.evaluation.evaluate import METRICS
-
     rows = [m for m in METRICS if m[3] == table]
     methods = report["methods"]
     present = [m for m in rows if any(m[0] in r["metrics"] for r in methods.values())]

@@ -41,7 +41,7 @@ from pigeon.specs import ComponentSpec, component_specs, sample_inputs
 log = logging.getLogger(__name__)
 FUSED_ATTENTION_OPSET = 23
 EXTERNAL_DATA_BYTES = 1_800_000_000  # below protobuf's 2 GB limit, with room for the graph
-PRECISIONS = ("fp32", "fp16", "int8", "mixed")  # int8, mixed: pigeon.export.quantize
+FLOAT_PRECISIONS = ("fp32", "fp16")  # int8 and mixed: pigeon.export.quantize
 
 
 def dynamic_shapes(spec: ComponentSpec) -> tuple:
@@ -214,7 +214,7 @@ def tool_versions() -> dict[str, str]:
     }
 
 
-def export_onnx(
+def export_float(
     checkpoint: str | Path | Checkpoint,
     out: str | Path,
     *,
@@ -223,35 +223,19 @@ def export_onnx(
     components: list[str] | None = None,
     overwrite: bool = False,
     model_hook=None,
-    calibration=None,
     strict: bool = False,
 ) -> dict:
-    """Export, validate and write an artifact folder atomically; returns the manifest.
+    """Export fp32 or fp16 files, validate them and write the artifact folder atomically; returns
+    the manifest (`pigeon.export.artifacts.export_onnx` is the entry point for every precision).
 
     model_hook(model) runs after tracing and before validation (tests use it to break an export on
-    purpose: validation must then reject it and nothing is written). int8 and mixed are made from a
-    validated fp32 export by `pigeon.export.quantize` (`calibration`: a `Calibration`; `strict`: a
-    component that fails its int8 validation is an error instead of kept in higher precision).
-    fp16: a component with integer outputs (an argmax or threshold, e.g. the history encoder's
-    nearest code) that fails fp16 validation is kept in fp32 and the manifest says why, unless
-    `strict`; any other failure is an error.
+    purpose: validation must then reject it and nothing is written). fp16: a component with integer
+    outputs (an argmax or threshold, e.g. the history encoder's nearest code) that fails fp16
+    validation is kept in fp32 and the manifest says why, unless `strict`; any other failure is an
+    error.
     """
-    if precision not in PRECISIONS:
-        raise ExportError(f"precision={precision!r} is not one of {list(PRECISIONS)}")
-    if precision in ("int8", "mixed"):
-        from pigeon.export.quantize import Calibration, export_quantized
-
-        return export_quantized(
-            checkpoint,
-            out,
-            precision=precision,
-            calibration=calibration or Calibration(),
-            strict=strict,
-            fused_attention=fused_attention,
-            components=components,
-            overwrite=overwrite,
-            model_hook=model_hook,
-        )
+    if precision not in FLOAT_PRECISIONS:
+        raise ExportError(f"precision={precision!r} is not one of {list(FLOAT_PRECISIONS)}")
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     out = Path(out)
     if out.exists() and not overwrite:

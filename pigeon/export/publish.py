@@ -38,7 +38,7 @@ def export_all(
     int8 and mixed (pigeon.export.quantize) are CPU variants: ONNX Runtime runs them on the `cpu`
     target; the `gpu` target builds TensorRT engines from fp32/fp16 files."""
     from pigeon.checkpoint import load_checkpoint
-    from pigeon.export.onnx_export import export_onnx
+    from pigeon.export.artifacts import export_onnx
     from pigeon.serving.repository import publish_version, write_configs
 
     if version < 1:
@@ -92,8 +92,8 @@ def publish_lora(
     import json
 
     from pigeon.checkpoint import load_checkpoint
+    from pigeon.export.artifacts import export_onnx
     from pigeon.export.manifest import MANIFEST, read_manifest
-    from pigeon.export.onnx_export import export_onnx
     from pigeon.interop import import_weights, peft_config
     from pigeon.serving.repository import publish_version, versions
 

@@ -419,7 +419,7 @@ def export_quantized(
     quantization (tests use it to calibrate a component wrongly on purpose: validation must then
     reject it).
     """
-    from pigeon.export.onnx_export import export_onnx, save_onnx, to_fp16
+    from pigeon.export.onnx_export import export_float, save_onnx, to_fp16
     from pigeon.inference.runners import OrtRunner, TorchRunner
     from pigeon.training.data import load_data
 
@@ -434,7 +434,7 @@ def export_quantized(
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work.", dir=out.parent))
     try:
         base = work / "fp32"
-        fp32_manifest = export_onnx(
+        fp32_manifest = export_float(
             ckpt,
             base,
             precision="fp32",

@@ -6,8 +6,7 @@ import dataclasses
 
 from torch import nn
 
-from pigeon.checkpoint import COMPONENT_MODULES
-from pigeon.config import PipelineConfig
+from pigeon.config import COMPONENT_MODULES, PipelineConfig
 from pigeon.models.condition_adapter import ConditionAdapter
 from pigeon.models.history_encoder import HistoryEncoder
 from pigeon.models.mask_generator import MaskGenerator

@@ -13,7 +13,7 @@ from .support import ADMIN, BLS_UNET, STARTUP_S, make_repository
 @pytest.fixture(scope="package")
 def artifacts(tmp_path_factory, checkpoint_dir):
     """One validated ONNX export of the tiny checkpoint; every repository below publishes it."""
-    from pigeon.export.onnx_export import export_onnx
+    from pigeon.export.artifacts import export_onnx
 
     out = tmp_path_factory.mktemp("artifacts") / "tiny"
     export_onnx(checkpoint_dir, out)
