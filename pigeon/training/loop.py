@@ -341,12 +341,14 @@ def users_batch(users: list[User], config: TrainConfig, device: str) -> O.Person
     )
 
 
-def decoder_batch(users: list[User], device: str, paired_reference: bool) -> dict:
-    """Targets, each user's last history image (`history_token_share`), and references for a UNet
-    that takes them (data that pair one apart from the target)."""
+def decoder_batch(
+    users: list[User], device: str, paired_reference: bool, history: bool = False
+) -> dict:
+    """Targets, each user's last history image where `history` (`history_token_share` > 0), and
+    references for a UNet that takes them (data that pair one apart from the target)."""
     return {
         "targets": to_tensor([u.target for u in users]).to(device),
-        "history": to_tensor([u.history[-1] for u in users]).to(device),
+        "history": to_tensor([u.history[-1] for u in users]).to(device) if history else None,
         "references": (
             to_tensor([u.reference for u in users]).to(device) if paired_reference else None
         ),
@@ -381,7 +383,7 @@ def make_batch(
         return {"images": to_tensor(images[share]).to(device), "texts": texts[share]}
     if config.stage == "decoder":  # a target and its concept in another style; no history needed
         users = data.users(rng, config.batch_size, 1, 0.0)[share]
-        return decoder_batch(users, device, data.paired_reference)
+        return decoder_batch(users, device, data.paired_reference, config.history_token_share > 0)
     if config.stage == "sft":
         users = data.users(rng, config.batch_size, config.history_length, config.noise_ratio)
         return {"users": users_batch(users[share], config, device), "generator": generator}
@@ -803,7 +805,12 @@ def validate(
     for k in range(config.val_batches):
         reseed_torch(val_config.seed, k, 0)
         if config.stage == "decoder":
-            batch = decoder_batch(users[k * n : (k + 1) * n], device, data.paired_reference)
+            batch = decoder_batch(
+                users[k * n : (k + 1) * n],
+                device,
+                data.paired_reference,
+                config.history_token_share > 0,
+            )
         elif config.stage == "sft":
             batch = {
                 "users": users_batch(users[k * n : (k + 1) * n], config, device),
