@@ -705,8 +705,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--init",
         default=None,
-        help="checkpoint to start from (default: the previous "
-        "stage's best in --out, else a fresh model)",
+        help="checkpoint to start from, even where --out holds an earlier stage (default: the "
+        "previous stage's best in --out, else a fresh model; `all`: the first stage only)",
     )
     p.add_argument(
         "--set",

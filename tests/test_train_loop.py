@@ -372,7 +372,8 @@ def test_image_stage_resume_keeps_the_latent_probe(tmp_path):
     }
     train_stage("image", tmp_path / "a", **common)
     train_stage("image", tmp_path / "b", stop_after=2, **common)
-    assert "probe" in torch.load(tmp_path / "b" / "image" / "trainer_state.pt", weights_only=True)
+    state = torch.load(tmp_path / "b" / "image" / "trainer_state.pt", weights_only=True)
+    assert any(k.startswith("probe.") for k in state["heads"])
     train_stage("image", tmp_path / "b", resume=True, **common)
     a, b = weights(tmp_path / "a" / "image" / "last"), weights(tmp_path / "b" / "image" / "last")
     assert not any(k.startswith("probe") for k in a)  # training-only, not served
@@ -382,6 +383,62 @@ def test_image_stage_resume_keeps_the_latent_probe(tmp_path):
         json.loads(x) for x in (tmp_path / "a" / "image" / "log.jsonl").read_text().splitlines()
     ]
     assert any("condition_gain" in r for r in rows)
+
+
+def test_init_wins_over_the_run_folders_earlier_stage(tmp_path, checkpoint_dir):
+    """`--init` is what the stage starts from even where the run folder holds an earlier stage's
+    checkpoint; without it the earlier stage is."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(checkpoint_dir, run / "image" / "best")
+    common = {"preset_name": "tiny", "progress": False, "overrides": ["train.steps=1"]}
+    train_stage("lmm", run, init=str(checkpoint_dir), **common)
+    source = json.loads((run / "lmm" / "model_config.json").read_text())["source"]
+    assert source == str(checkpoint_dir)
+    train_stage("lmm", tmp_path / "run", **common)
+    source = json.loads((run / "lmm" / "model_config.json").read_text())["source"]
+    assert source == str(run / "image" / "best")
+
+
+def test_decoder_style_term_trains_the_adapter_resumes_and_needs_labels(tmp_path, checkpoint_dir):
+    """`--set train.style_weight=1` on the decoder stage: the UNet and the condition adapter move,
+    the tokenizer and the personalizer do not; the style head lives in the trainer state, so a
+    resumed run ends where the uninterrupted one does; data without style labels is refused."""
+    from pigeon.config import ConfigError
+    from pigeon.data.user_data import write_procedural_user_data
+
+    common = {
+        "preset_name": "tiny",
+        "data_source": "procedural",
+        "init": str(checkpoint_dir),
+        "progress": False,
+        "overrides": [
+            "train.steps=4",
+            "train.val_every=2",
+            "train.style_weight=1.0",
+            "train.history_token_share=0.5",
+            "train.chain_users=0",
+        ],
+    }
+    train_stage("decoder", tmp_path / "a", **common)
+    train_stage("decoder", tmp_path / "b", stop_after=2, **common)
+    state = torch.load(tmp_path / "b" / "decoder" / "trainer_state.pt", weights_only=True)
+    assert set(state["heads"]) == {"style.weight", "style.bias"}
+    train_stage("decoder", tmp_path / "b", resume=True, **common)
+    a, b = (
+        weights(tmp_path / "a" / "decoder" / "last"),
+        weights(tmp_path / "b" / "decoder" / "last"),
+    )
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    before = weights(checkpoint_dir)
+    changed = {k.split(".")[0] for k in a if k in before and not torch.equal(a[k], before[k])}
+    assert changed == {"unet", "condition_adapter"}, changed
+    data = tmp_path / "data"
+    write_procedural_user_data(data, users=4, sequence_length=8, size=32, seed=0)
+    with pytest.raises(ConfigError, match="carries no style labels"):
+        train_stage("decoder", tmp_path / "c", **{**common, "data_source": str(data)})
 
 
 def test_vae_stage_sets_the_latent_scale_to_one_over_the_latents_std(tmp_path):

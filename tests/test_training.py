@@ -138,6 +138,72 @@ def test_decoder_tokens_come_from_the_history_for_their_share(setup, share):
     assert not torch.allclose(other, expected)
 
 
+def test_decoder_style_term_is_the_cross_entropy_of_the_token_images_styles(setup):
+    """The style term against a hand-built cross-entropy of the style head on the pooled embedding
+    of the images whose tokens made the condition (history styles where the rows swapped), and the
+    gradient it sends into the condition adapter, which the stage then trains."""
+    config, _ = setup
+    model = make_model(config).eval()
+    model.enable_reference_input()
+    g = torch.Generator().manual_seed(5)
+    targets, history, references = (torch.rand(4, 3, 32, 32, generator=g) for _ in range(3))
+    target_styles, history_styles = torch.tensor([0, 1, 2, 3]), torch.tensor([3, 2, 1, 0])
+    head = torch.nn.Linear(config.condition_adapter.pooled_dim, 4)
+    ac = torch.from_numpy(alphas_cumprod(model.config.scheduler)).float()
+
+    def objective(weight: float) -> torch.Tensor:
+        torch.manual_seed(11)
+        return O.decoder_objective(
+            model,
+            targets,
+            references,
+            ac,
+            history=history,
+            history_token_share=0.5,
+            style_head=head,
+            style_weight=weight,
+            target_styles=target_styles,
+            history_styles=history_styles,
+        )
+
+    O.set_trainable(model, "decoder", decoder_condition=True)
+    with_style, without = objective(2.0), objective(0.0)
+    torch.manual_seed(11)
+    swap = torch.rand(4) < 0.5
+    assert 0 < int(swap.sum()) < 4  # the seed mixes both sources, so the labels must follow rows
+    images = torch.where(swap[:, None, None, None], history, targets)
+    _, pooled = O.serving_condition(model, images)
+    labels = torch.where(swap, history_styles, target_styles)
+    expected = torch.nn.functional.cross_entropy(head(pooled), labels)
+    torch.testing.assert_close(with_style - without, 2.0 * expected)
+    # the wrong rows' labels give another value: the test tells them apart
+    wrong = torch.nn.functional.cross_entropy(head(pooled), target_styles)
+    assert not torch.allclose(wrong, expected)
+    with_style.backward()
+    assert all(p.grad is not None for p in model.condition_adapter.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in model.history_encoder.parameters())  # tokens stay
+
+
+def test_style_labels_follow_the_images_of_each_source():
+    """Each user's style labels name the style its images are drawn in: procedural images
+    re-rendered from the labels equal the user's images."""
+    from pigeon.data import procedural
+    from pigeon.training.data import ProceduralData
+
+    data = ProceduralData(32)
+    for u in data.users(np.random.default_rng(0), 6, 5, 0.4):
+        concept = u.text.removeprefix("a ")
+        assert np.array_equal(data.cache[(concept, data.style_names[u.target_style])], u.target)
+        assert len(u.history_styles) == 5
+        for image, style in zip(u.history, u.history_styles, strict=True):
+            matches = [
+                c
+                for c in procedural.CONCEPTS
+                if np.array_equal(data.cache[(c, data.style_names[style])], image)
+            ]
+            assert matches, "a history image is not drawn in its labelled style"
+
+
 @pytest.mark.parametrize("stage", O.STAGES)
 def test_a_stage_changes_exactly_its_own_parameters(setup, stage):
     config, tokenizer = setup
@@ -185,6 +251,12 @@ def test_stage_parameter_groups(setup):
         O.stage_parameters(model, "dpo", sft_base=True)
     with pytest.raises(ValueError, match="sft_base applies to the sft stage"):
         O.stage_parameters(model, "sft", lora_only=True, sft_base=True)
+    # decoder_condition (train.style_weight): the UNet and the condition adapter, not the tokenizer
+    with_condition = set(O.stage_parameters(model, "decoder", decoder_condition=True))
+    adapter = {n for n in dict(model.named_parameters()) if n.startswith("condition_adapter.")}
+    assert with_condition == names("decoder") | adapter and adapter
+    with pytest.raises(ValueError, match="decoder_condition applies to the decoder stage"):
+        O.stage_parameters(model, "image", decoder_condition=True)
 
 
 def test_frozen_mask_generator_gets_no_gradient_as_in_the_official_code(setup):

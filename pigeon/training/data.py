@@ -3,6 +3,7 @@
     TrainingData.images(rng, n)            -> uint8 (n, S, S, 3), captions       stages vae, image, lmm
     TrainingData.users(rng, n, L, noise)   -> [User(history, reference, target, text)]  stages sft, dpo
     TrainingData.validation_users(n, L)    -> the same fixed users every time
+    TrainingData.style_names               -> the style labels its users carry (empty: none)
 
 Sources: the procedural shapes (`procedural`, no files), an EmojiPrefs build folder, or a folder in the
 user-data format (`pigeon.data.user_data`: items.jsonl + interactions.jsonl + images). A batch for step k
@@ -30,6 +31,9 @@ class User:
     reference: np.ndarray  # the target concept in another style
     target: np.ndarray  # the ground truth: the target concept in the user's style
     text: str
+    # style labels (indices into the source's `style_names`) where the source has them
+    history_styles: list[int] | None = None
+    target_style: int | None = None
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:
@@ -49,6 +53,7 @@ class ProceduralData:
 
         self.size = size
         self.p = procedural
+        self.style_names = tuple(procedural.STYLES)
         self.cache = {
             (c, s): procedural.render(c, s, size)
             for c in procedural.CONCEPTS
@@ -73,6 +78,8 @@ class ProceduralData:
                     self.cache[u.reference],
                     self.cache[u.target],
                     u.text,
+                    [self.style_names.index(style) for _, style in u.history],
+                    self.style_names.index(u.target[1]),
                 )
             )
         return out
@@ -96,14 +103,18 @@ class EmojiPrefsData:
         self.size = size
         self.root = Path(root)
         self.train = self.dataset.split_index["train"]
+        self.style_names = tuple(self.dataset.styles)
 
     def _user(self, u) -> User:
         history, reference, target = self.dataset.user_images(u)
+        styles = self.dataset.style_index
         return User(
             [resize(h, self.size) for h in history],
             resize(reference, self.size),
             resize(target, self.size),
             u.text,
+            [styles[style] for _, style in u.history],
+            styles[u.target[1]],
         )
 
     def images(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, list[str]]:
@@ -138,6 +149,7 @@ class UserFormatData:
 
     name = "user"
     paired_reference = False
+    style_names: tuple[str, ...] = ()  # interaction logs carry no style labels
 
     def __init__(self, root: str | Path, size: int, history_length: int = 5) -> None:
         from pigeon.data.user_data import load_user_data

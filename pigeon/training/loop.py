@@ -91,6 +91,12 @@ class TrainConfig:
     # personalizer's tokens, which miss the concept, then decide it; a history image's tokens carry
     # only the style, so the concept has to come from the reference
     history_token_share: float = 0.0
+    # decoder stage: weight of a style classification of the condition's pooled embedding (the style
+    # of the image whose tokens made it), by a training-only linear head; the condition adapter then
+    # trains beside the UNet, so the pooled embedding, which reaches every ResNet block through the
+    # time embedding, becomes a style code. Needs data with style labels (EmojiPrefs, procedural);
+    # stage 1 must come after it, since the reference embedding it reads moves too
+    style_weight: float = 0.0
     # vae stage: weight of the perceptual distance (pigeon.training.perceptual) beside L1
     perceptual_weight: float = 0.0
     # vae, image, decoder: validation users on which the stage's link of the image chain is
@@ -114,6 +120,8 @@ class TrainConfig:
                 "train.sft_base trains the LLM's base weights, --lora-only the LoRA alone: "
                 "choose one"
             )
+        if self.style_weight < 0:
+            raise ConfigError(f"train.style_weight={self.style_weight} is negative")
         if not 0.0 <= self.history_token_share <= 1.0:
             raise ConfigError(
                 f"train.history_token_share={self.history_token_share} is outside [0, 1]"
@@ -248,6 +256,9 @@ class StageModule(nn.Module):
         reconstruct_weight: float = 0.0,
         perceptual_weight: float = 0.0,
         history_token_share: float = 0.0,
+        style_weight: float = 0.0,
+        style_count: int = 0,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.model = model
@@ -257,19 +268,27 @@ class StageModule(nn.Module):
         self.reconstruct_weight = reconstruct_weight
         self.perceptual_weight = perceptual_weight
         self.history_token_share = history_token_share
+        self.style_weight = style_weight
         self.perceptual = None
         if stage == "vae" and perceptual_weight > 0:
             from pigeon.training.perceptual import PerceptualDistance
 
             self.perceptual = PerceptualDistance()
-        # training-only head of the image stage (its weights live in the trainer state, not the model)
-        self.probe = (
-            ConditionSketch(model.config)
-            if stage == "image"
-            and reconstruct_weight > 0
-            and not model.config.unet.condition_sketch
-            else None
-        )
+        # training-only heads (their weights live in the trainer state, not the model): the image
+        # stage's latent probe, the decoder stage's style classifier; initialised from a fixed seed,
+        # so a run's start does not hang on what drew from the global generator before it
+        self.heads = nn.ModuleDict()
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            if (
+                stage == "image"
+                and reconstruct_weight > 0
+                and not model.config.unet.condition_sketch
+            ):
+                self.heads["probe"] = ConditionSketch(model.config)
+            if stage == "decoder" and style_weight > 0:
+                pooled_dim = model.config.condition_adapter.pooled_dim
+                self.heads["style"] = nn.Linear(pooled_dim, style_count)
         self.register_buffer(
             "alphas_cumprod",
             torch.from_numpy(alphas_cumprod(model.config.scheduler)).float(),
@@ -300,7 +319,7 @@ class StageModule(nn.Module):
                 m,
                 batch["images"],
                 self.alphas_cumprod,
-                probe=self.probe,
+                probe=self.heads["probe"] if "probe" in self.heads else None,
                 reconstruct_weight=self.reconstruct_weight,
             )
         if self.stage == "decoder":
@@ -311,6 +330,10 @@ class StageModule(nn.Module):
                 self.alphas_cumprod,
                 history=batch["history"],
                 history_token_share=self.history_token_share,
+                style_head=self.heads["style"] if "style" in self.heads else None,
+                style_weight=self.style_weight,
+                target_styles=batch.get("target_styles"),
+                history_styles=batch.get("history_styles"),
             )
         if self.stage == "lmm":
             return O.lmm_objective(m, self.builder, batch["images"], batch["texts"])
@@ -344,13 +367,21 @@ def users_batch(users: list[User], config: TrainConfig, device: str) -> O.Person
 def decoder_batch(
     users: list[User], device: str, paired_reference: bool, history: bool = False
 ) -> dict:
-    """Targets, each user's last history image where `history` (`history_token_share` > 0), and
-    references for a UNet that takes them (data that pair one apart from the target)."""
+    """Targets, each user's last history image where `history` (`history_token_share` > 0),
+    references for a UNet that takes them (data that pair one apart from the target), and the
+    targets' and those history images' style labels where the data carry them."""
+    labelled = all(u.target_style is not None and u.history_styles for u in users)
     return {
         "targets": to_tensor([u.target for u in users]).to(device),
         "history": to_tensor([u.history[-1] for u in users]).to(device) if history else None,
         "references": (
             to_tensor([u.reference for u in users]).to(device) if paired_reference else None
+        ),
+        "target_styles": (
+            torch.tensor([u.target_style for u in users], device=device) if labelled else None
+        ),
+        "history_styles": (
+            torch.tensor([u.history_styles[-1] for u in users], device=device) if labelled else None
         ),
     }
 
@@ -406,9 +437,13 @@ def stage_dir(run: Path, stage: str) -> Path:
 
 
 def initial_model(run: Path, stage: str, config: PipelineConfig, init: str | None):
-    """The previous stage's best (or last) checkpoint, `--init`, or a fresh model and tokenizer."""
+    """`--init` where given, else the previous stage's best (or last) checkpoint in the run folder,
+    else a fresh model and tokenizer."""
     from pigeon.models.pigeon import PigeonModel
 
+    if init:
+        ckpt = load_checkpoint(init)
+        return ckpt.model, ckpt.tokenizer, init
     order = list(O.STAGES)
     for previous in reversed(order[: order.index(stage)]):
         for kind in ("best", "last"):
@@ -416,9 +451,6 @@ def initial_model(run: Path, stage: str, config: PipelineConfig, init: str | Non
             if (path / "pipeline.json").exists():
                 ckpt = load_checkpoint(path)
                 return ckpt.model, ckpt.tokenizer, str(path)
-    if init:
-        ckpt = load_checkpoint(init)
-        return ckpt.model, ckpt.tokenizer, init
     torch.manual_seed(0)
     size = config.personalizer.text_vocab_size
     return (
@@ -450,7 +482,7 @@ def with_model_overrides(model, overrides: list[str], source: str):
 
 
 def save_state(
-    path: Path, step: int, optimizer, scheduler, best: float, probe: nn.Module | None = None
+    path: Path, step: int, optimizer, scheduler, best: float, heads: nn.Module | None = None
 ) -> None:
     tmp = path.with_suffix(".tmp")
     state = {
@@ -459,8 +491,8 @@ def save_state(
         "scheduler": scheduler.state_dict(),
         "best": best,
     }
-    if probe is not None:
-        state["probe"] = probe.state_dict()
+    if heads is not None and len(heads):
+        state["heads"] = heads.state_dict()
     torch.save(state, tmp)
     tmp.replace(path)
 
@@ -545,8 +577,16 @@ def train_stage(
     builder = PromptBuilder(tokenizer, model.vocab)
     if config.lora_only and stage not in ("sft", "dpo"):
         raise ConfigError(f"train.lora_only applies to the sft and dpo stages, not {stage!r}")
-    # sft_base is read by the sft stage only (`pigeon train all --set train.sft_base=true`)
-    trainable = O.set_trainable(model, stage, config.lora_only, config.sft_base and stage == "sft")
+    style_weight = config.style_weight if stage == "decoder" else 0.0
+    if style_weight > 0 and not data.style_names:
+        raise ConfigError(
+            f"train.style_weight={config.style_weight}: --data {data_source} carries no style "
+            "labels (EmojiPrefs and procedural data do); leave it at 0"
+        )
+    # sft_base and style_weight are read by their own stage only (`pigeon train all --set ...`)
+    trainable = O.set_trainable(
+        model, stage, config.lora_only, config.sft_base and stage == "sft", style_weight > 0
+    )
     pairs, reference = None, None
     if stage == "dpo":
         from pigeon.training.dpo import build_pairs
@@ -562,10 +602,12 @@ def train_stage(
         config.reconstruct_weight,
         config.perceptual_weight,
         config.history_token_share,
+        style_weight,
+        len(data.style_names),
+        config.seed,
     ).to(device)
     module.train()  # (DPO: dropout off, see StageModule.train)
-    if module.probe is not None:
-        trainable.update({f"probe.{n}": p for n, p in module.probe.named_parameters()})
+    trainable.update({f"heads.{n}": p for n, p in module.heads.named_parameters()})
     wrapped = module
     if dist.world > 1:
         wrapped = nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
@@ -576,8 +618,8 @@ def train_stage(
     start_step, best = 0, math.inf
     if resume and state_path.exists():
         state = torch.load(state_path, weights_only=True)
-        if module.probe is not None and "probe" in state:
-            module.probe.load_state_dict(state["probe"])
+        if "heads" in state:
+            module.heads.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step, best = state["step"], state["best"]
@@ -661,7 +703,7 @@ def train_stage(
                 if val < best:
                     best = val
                     save_checkpoint(model, tokenizer, out / "best", overwrite=True)
-                save_state(state_path, step + 1, optimizer, scheduler, best, module.probe)
+                save_state(state_path, step + 1, optimizer, scheduler, best, module.heads)
             module.train()
     if logf:
         logf.close()
@@ -822,6 +864,10 @@ def validate(
     return float(np.mean(losses))
 
 
-def train_all(run: str | Path, **kwargs) -> list[dict]:
-    """Every stage in order; each starts from the previous one's best checkpoint."""
-    return [train_stage(stage, run, **kwargs) for stage in O.STAGES]
+def train_all(run: str | Path, init: str | None = None, **kwargs) -> list[dict]:
+    """Every stage in order; the first starts from `init` (or fresh), each later one from the
+    previous one's best checkpoint."""
+    return [
+        train_stage(stage, run, init=init if i == 0 else None, **kwargs)
+        for i, stage in enumerate(O.STAGES)
+    ]
