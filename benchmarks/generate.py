@@ -51,8 +51,8 @@ def cold_runs(checkpoint: Path, data: Path, runs: int) -> tuple[list[float], lis
 
 
 def warm_runs(checkpoint: Path, data: Path, runs: int) -> dict[str, dict[str, float]]:
+    from pigeon.core.images import load_image
     from pigeon.inference.pipeline import GenerationRequest, PigeonPipeline
-    from pigeon.serving.images import load_image
 
     user = data / "user0"
     pipe = PigeonPipeline.from_checkpoint(checkpoint)

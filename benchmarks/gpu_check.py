@@ -208,7 +208,8 @@ def time_pipeline(ckpt, device: str, runs: int, modes: list[str]) -> dict[str, d
 
 def time_tensorrt(ckpt, artifacts: Path, runs: int, table: dict) -> None:
     """fp16 engines, built and validated against ONNX Runtime before use, timed per component."""
-    from pigeon.export.tensorrt import TrtRunner, export_tensorrt
+    from pigeon.export.tensorrt import export_tensorrt
+    from pigeon.inference.runners import TrtRunner
     from pigeon.specs import component_specs, sample_inputs
 
     specs = component_specs(ckpt.config)

@@ -176,10 +176,10 @@ def main() -> None:
 
     from pigeon.checkpoint import load_checkpoint
     from pigeon.config import ServingConfig, load_json
+    from pigeon.core.images import load_image
     from pigeon.inference.pipeline import GenerationRequest, PigeonPipeline
     from pigeon.inference.runners import OrtRunner
     from pigeon.serving.client import PigeonClient
-    from pigeon.serving.images import load_image
     from pigeon.serving.server import TritonServer
 
     workdir = Path(args.workdir or f"runs/bench-{args.preset}")

@@ -24,9 +24,9 @@ def in_process() -> None:
     import resource
 
     from pigeon.checkpoint import load_checkpoint
+    from pigeon.core.images import load_image
     from pigeon.inference.pipeline import GenerationRequest, PigeonPipeline
     from pigeon.inference.runners import OrtOptions, OrtRunner
-    from pigeon.serving.images import load_image
 
     checkpoint, artifacts = prepare("small", Path("runs/bench-small"))
     ckpt = load_checkpoint(checkpoint)

@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from pigeon.export.manifest import PRECISIONS
 from pigeon.interface import add_parameter_flags, parameter_values
 
 log = logging.getLogger("pigeon")
@@ -110,8 +111,8 @@ def make_pipeline(
 
 
 def run_generate(args: argparse.Namespace) -> dict:
+    from pigeon.core.images import load_image, save_png
     from pigeon.inference.pipeline import GenerationRequest
-    from pigeon.serving.images import load_image, save_png
 
     history = [load_image(p) for p in args.history]
     reference = load_image(args.reference)
@@ -209,8 +210,8 @@ def run_data_procedural(args: argparse.Namespace) -> dict:
         return {k: info[k] for k in ("out", "items", "users", "interactions")}
     import numpy as np
 
+    from pigeon.core.images import save_png
     from pigeon.data.procedural import render, sample_user
-    from pigeon.serving.images import save_png
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -586,7 +587,6 @@ def _header(text: str) -> tuple[str, str]:
     return key, value
 
 
-PRECISION_CHOICES = ["fp32", "fp16", "int8", "mixed"]
 PRECISION_HELP = (
     "int8: ONNX Runtime quantization per component, a component that fails validation kept in "
     "fp16/fp32; mixed: per component the fastest valid of fp32/fp16/int8 on this CPU"
@@ -607,6 +607,12 @@ def add_quantization_args(q: argparse.ArgumentParser) -> None:
         action="store_true",
         help="int8: a component that fails validation is an error instead of kept in fp16/fp32",
     )
+
+
+class _TableHelpFormatter(
+    argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter
+):
+    """Defaults in the help, and a description printed as written (a table)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -647,7 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = esub.add_parser("onnx", help="validated ONNX per component", formatter_class=fmt)
     q.add_argument("--checkpoint", required=True)
     q.add_argument("--out", required=True)
-    q.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32", help=PRECISION_HELP)
+    q.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     q.add_argument("--fused-attention", action="store_true", help="opset 23 ONNX Attention")
     q.add_argument("--components", nargs="+", default=None, help="default: all")
     q.add_argument("--overwrite", action="store_true")
@@ -666,7 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--checkpoint", required=True)
     q.add_argument("--repository", required=True)
     q.add_argument("--version", type=int, required=True)
-    q.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32", help=PRECISION_HELP)
+    q.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     q.add_argument("--fused-attention", action="store_true")
     q.add_argument("--target", choices=["cpu", "gpu"], default="cpu")
     add_quantization_args(q)
@@ -691,8 +697,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=run_serve)
 
-    p = sub.add_parser("train", help="train a stage, or the whole recipe", formatter_class=fmt)
-    p.add_argument("stage", choices=["vae", "image", "decoder", "lmm", "sft", "dpo", "all"])
+    from pigeon.training.stages import STAGES
+
+    p = sub.add_parser(
+        "train",
+        help="train a stage, or the whole recipe",
+        description="stages, in the recipe's order:\n"
+        + "\n".join(f"  {s.name:8s} {s.summary}" for s in STAGES.values())
+        + "\n  all      every stage in order",
+        formatter_class=_TableHelpFormatter,
+    )
+    p.add_argument("stage", choices=[*STAGES, "all"])
     p.add_argument("--preset", default="tiny")
     p.add_argument(
         "--data",
@@ -892,13 +907,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     from pigeon.checkpoint import CheckpointError
     from pigeon.config import ConfigError
+    from pigeon.core.images import ImageError
     from pigeon.data.emojiprefs import EmojiPrefsError
     from pigeon.data.user_data import UserDataError
     from pigeon.evaluation.errors import EvaluationError
     from pigeon.export.errors import ExportError
     from pigeon.inference.pipeline import RequestError
     from pigeon.serving.client import ClientError
-    from pigeon.serving.images import ImageError
     from pigeon.serving.server import ServerError
     from pigeon.training.loop import TrainingError
 

@@ -74,7 +74,7 @@ def build_data(out: Path) -> Path:
 def run_summary(run: Path) -> dict:
     """Per training stage: steps, first and last loss, best validation loss and seconds (log.jsonl)."""
     summary = {}
-    from pigeon.training.objectives import STAGES
+    from pigeon.training.stages import STAGES
 
     for stage in STAGES:
         path = run / stage / "log.jsonl"
@@ -122,9 +122,9 @@ def publish(checkpoint: Path, repository: Path) -> Path:
 
 
 def generate(server, data: Path, users: int) -> list[dict]:
+    from pigeon.core.images import load_image
     from pigeon.data.emojiprefs import load_emojiprefs, load_manifest
     from pigeon.serving.client import PigeonClient
-    from pigeon.serving.images import load_image
 
     dataset = load_emojiprefs(data)
     rows = []

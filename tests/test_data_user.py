@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pigeon.core.images import save_png
 from pigeon.data.user_data import (
     Problem,
     UserDataError,
@@ -17,7 +18,6 @@ from pigeon.data.user_data import (
     split_windows,
     write_procedural_user_data,
 )
-from pigeon.serving.images import save_png
 
 
 def _png(path: Path, seed: int) -> None:
@@ -250,7 +250,8 @@ def test_procedural_user_data_writes_the_drawn_shapes_in_time_order(tmp_path):
 
 
 def test_user_format_training_data_draws_train_windows_with_the_target_as_reference(tmp_path):
-    from pigeon.training.data import UserFormatData, load_data, resize
+    from pigeon.core.images import resize
+    from pigeon.training.data import UserFormatData, load_data
 
     write_procedural_user_data(tmp_path, users=6, sequence_length=8, size=24, seed=1)
     data = load_data(str(tmp_path), 16)

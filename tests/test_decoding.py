@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from pigeon.config import GenerationConfig
+from pigeon.core.decoding import Decoder
+from pigeon.core.prompt import PromptBuilder, left_pad
 from pigeon.inference.runners import TorchRunner
-from pigeon.serving.decoding import Decoder
-from pigeon.serving.prompt import PromptBuilder, left_pad
 
 
 def setup(model, tokenizer, texts=("a cat", "a very small green dog"), resident=False):

@@ -23,8 +23,8 @@ from PIL import Image
 
 from pigeon.checkpoint import CONFIG_CLASSES
 from pigeon.config import ConfigError, ServingConfig, from_dict, preset, to_dict
+from pigeon.core.images import ImageError, load_image
 from pigeon.inference.pipeline import GenerationRequest, RequestError, check_request
-from pigeon.serving.images import ImageError, load_image
 
 FUZZ_EXAMPLES = int(os.environ.get("PIGEON_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(

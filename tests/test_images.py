@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pigeon.serving import images as im
+from pigeon.core import images as im
 
 
 def png_bytes(image: Image.Image) -> bytes:

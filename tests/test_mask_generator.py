@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from pigeon.core import masking
 from pigeon.models import mask_generator as mg
-from pigeon.serving import masking
 
 
 @pytest.mark.parametrize(

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from pigeon.core.images import ImageError
 from pigeon.diffusion.scheduler import make_sampler
 from pigeon.inference.pipeline import GenerationRequest, PigeonPipeline, RequestError
 from pigeon.inference.runners import TorchRunner
-from pigeon.serving.images import ImageError
 
 from .conftest import emoji_like
 
@@ -56,8 +56,8 @@ def test_a_request_gives_the_same_image_alone_or_in_a_batch(pipe, images):
 def test_img2img_last_step_equals_a_hand_written_single_ddim_step(pipe, images):
     """strength 1/steps keeps only t=0: encode the reference, noise it with the request's latent
     stream, one DDIM step to x0 over the conditional UNet, decode. Strength 1 lands far away."""
+    from pigeon.core.images import to_model_input
     from pigeon.inference.pipeline import request_streams
-    from pigeon.serving.images import to_model_input
 
     config, run = pipe.config, pipe.runner.run
     req = request(images, seed=5, steps=4, guidance=1.0, strength=0.25)
@@ -115,7 +115,7 @@ def test_the_reference_input_reaches_every_unet_call_in_both_branches(
 ):
     """unet.reference_input at guidance 2: the loop equals a hand-written CFG loop whose conditional
     and unconditional halves both carry the reference's latents; another reference, another image."""
-    from pigeon.serving.images import to_model_input
+    from pigeon.core.images import to_model_input
 
     from .conftest import make_model
 

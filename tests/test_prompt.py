@@ -1,6 +1,6 @@
 import numpy as np
 
-from pigeon.serving.prompt import IGNORE, PREFIX, PromptBuilder, left_pad
+from pigeon.core.prompt import IGNORE, PREFIX, PromptBuilder, left_pad
 
 
 def test_prompt_layout(tiny_model, tokenizer):

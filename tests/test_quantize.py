@@ -214,8 +214,8 @@ def png(image: np.ndarray) -> bytes:
 
 @pytest.mark.triton
 def test_an_int8_version_loads_and_serves_in_the_cpu_triton_target(checkpoint_dir, tmp_path):
+    from pigeon.core.images import load_image
     from pigeon.serving.client import PigeonClient, deploy
-    from pigeon.serving.images import load_image
     from pigeon.serving.server import TritonServer
 
     repo = tmp_path / "repo"

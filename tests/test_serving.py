@@ -15,11 +15,11 @@ from tritonclient.grpc import model_config_pb2
 
 from pigeon.checkpoint import load_checkpoint, save_checkpoint
 from pigeon.config import ServingConfig, preset
+from pigeon.core.images import load_image
 from pigeon.export.publish import export_all
 from pigeon.inference.pipeline import GenerationRequest, PigeonPipeline
 from pigeon.inference.runners import OrtRunner
 from pigeon.serving.client import ClientError, PigeonClient, deploy, rollback
-from pigeon.serving.images import load_image
 from pigeon.serving.server import TritonServer
 from pigeon.serving.triton_config import ENSEMBLE_STEPS, repository_configs, request_interface
 

@@ -14,10 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from pigeon.config import preset
-from pigeon.serving.masking import num_kept
-from pigeon.serving.prompt import PromptBuilder
+from pigeon.core.masking import num_kept
+from pigeon.core.prompt import PromptBuilder
 from pigeon.training import objectives as O
 from pigeon.training.loop import train_all, train_stage
+from pigeon.training.stages import STAGE_NAMES, set_trainable, stage_parameters
 
 from .conftest import make_model
 
@@ -28,7 +29,7 @@ def test_tiny_recipe_runs_every_stage_on_procedural_data(tmp_path):
     summaries = train_all(
         tmp_path / "run", preset_name="tiny", data_source="procedural", progress=False
     )
-    assert [s["stage"] for s in summaries] == list(O.STAGES)
+    assert [s["stage"] for s in summaries] == list(STAGE_NAMES)
     for s in summaries:
         out = Path(s["out"])
         assert (out / "best" / "pipeline.json").exists() and (
@@ -59,22 +60,22 @@ def test_tiny_recipe_trains_every_stage_on_user_data_then_generates_and_evaluate
     final checkpoint generates and is scored by the user-data evaluation."""
     from pigeon.checkpoint import load_checkpoint
     from pigeon.config import ConfigError
+    from pigeon.core.images import resize
     from pigeon.data.user_data import write_procedural_user_data
     from pigeon.evaluation.features import EfficientNetLite0, ENL0Config
     from pigeon.evaluation.metrics import normalize
     from pigeon.evaluation.user_eval import evaluate_user_data
     from pigeon.inference.pipeline import GenerationRequest, PigeonPipeline
     from pigeon.inference.runners import TorchRunner
-    from pigeon.training.data import resize
 
     data = tmp_path / "data"
     write_procedural_user_data(data, users=8, sequence_length=8, size=32, seed=0)
     summaries = train_all(
         tmp_path / "run", preset_name="tiny", data_source=str(data), progress=False
     )
-    assert [s["stage"] for s in summaries] == list(O.STAGES)
+    assert [s["stage"] for s in summaries] == list(STAGE_NAMES)
     assert all(s["completed"] and np.isfinite(s["last_loss"]) for s in summaries)
-    for stage in O.STAGES:
+    for stage in STAGE_NAMES:
         config = json.loads((tmp_path / "run" / stage / "train_config.json").read_text())
         assert config["reference"] == "target"
     final = tmp_path / "run" / "dpo" / "best"
@@ -268,7 +269,7 @@ def test_a_dpo_step_changes_lora_only_and_never_the_reference(tmp_path):
             p.normal_(0, 0.1)
     reference = copy.deepcopy(model.personalizer).eval().requires_grad_(False)
     ref_before = {k: v.clone() for k, v in reference.state_dict().items()}
-    trainable = O.set_trainable(model, "dpo")
+    trainable = set_trainable(model, "dpo")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     from pigeon.vocab import DEFAULT_CORPUS, TextTokenizer, train_text_tokenizer
 
@@ -292,7 +293,7 @@ def test_a_dpo_step_changes_lora_only_and_never_the_reference(tmp_path):
     for k, v in reference.state_dict().items():
         assert torch.equal(v, ref_before[k]), k
     with pytest.raises(ValueError, match="unknown stage"):
-        O.set_trainable(model, "ppo")
+        set_trainable(model, "ppo")
 
 
 def test_sft_base_trains_the_llm_base_and_the_sft_set_and_nothing_else(tmp_path, checkpoint_dir):
@@ -311,8 +312,8 @@ def test_sft_base_trains_the_llm_base_and_the_sft_set_and_nothing_else(tmp_path,
     before, after = weights(checkpoint_dir), weights(Path(summary["out"]) / "last")
     changed = {k for k in after if not torch.equal(after[k], before[k])}
     model = make_model(preset("tiny"))
-    allowed = set(O.stage_parameters(model, "sft", sft_base=True))
-    base = set(O.stage_parameters(model, "lmm"))
+    allowed = set(stage_parameters(model, "sft", sft_base=True))
+    base = set(stage_parameters(model, "lmm"))
     assert changed & base, "no base weight of the LLM moved"
     assert changed <= allowed, sorted(changed - allowed)
     with pytest.raises(ConfigError, match="choose one"):
@@ -342,8 +343,8 @@ def test_sft_lora_only_changes_the_lora_and_nothing_else(tmp_path, checkpoint_di
     before, after = weights(checkpoint_dir), weights(Path(summary["out"]) / "last")
     changed = {k for k in after if not torch.equal(after[k], before[k])}
     assert changed and all("lora_" in k for k in changed)
-    assert len(O.stage_parameters(make_model(preset("tiny")), "sft")) > len(
-        O.stage_parameters(make_model(preset("tiny")), "sft", lora_only=True)
+    assert len(stage_parameters(make_model(preset("tiny")), "sft")) > len(
+        stage_parameters(make_model(preset("tiny")), "sft", lora_only=True)
     )
     with pytest.raises(ConfigError, match="lora_only applies to the sft and dpo stages"):
         train_stage(
@@ -444,7 +445,8 @@ def test_decoder_style_term_trains_the_adapter_resumes_and_needs_labels(tmp_path
 def test_vae_stage_sets_the_latent_scale_to_one_over_the_latents_std(tmp_path):
     """Latent diffusion's rule, recomputed by hand from the saved VAE on the same calibration draw."""
     from pigeon.checkpoint import load_checkpoint
-    from pigeon.training.data import load_data, to_tensor
+    from pigeon.models.pigeon import to_tensor
+    from pigeon.training.data import load_data
     from pigeon.training.loop import CALIBRATION_IMAGES, recipe
 
     train_stage("vae", tmp_path / "run", preset_name="tiny", progress=False)

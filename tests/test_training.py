@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from pigeon.config import MaskGeneratorConfig, preset
+from pigeon.core.prompt import IGNORE, PromptBuilder
 from pigeon.diffusion.scheduler import alphas_cumprod
 from pigeon.models.unet import ConditionSketch
-from pigeon.serving.prompt import IGNORE, PromptBuilder
 from pigeon.training import losses
 from pigeon.training import objectives as O
+from pigeon.training.stages import STAGE_NAMES, set_trainable, stage_parameters
 
 from .conftest import make_model
 
@@ -166,7 +167,7 @@ def test_decoder_style_term_is_the_cross_entropy_of_the_token_images_styles(setu
             history_styles=history_styles,
         )
 
-    O.set_trainable(model, "decoder", decoder_condition=True)
+    set_trainable(model, "decoder", decoder_condition=True)
     with_style, without = objective(2.0), objective(0.0)
     torch.manual_seed(11)
     swap = torch.rand(4) < 0.5
@@ -204,7 +205,7 @@ def test_style_labels_follow_the_images_of_each_source():
             assert matches, "a history image is not drawn in its labelled style"
 
 
-@pytest.mark.parametrize("stage", O.STAGES)
+@pytest.mark.parametrize("stage", STAGE_NAMES)
 def test_a_stage_changes_exactly_its_own_parameters(setup, stage):
     config, tokenizer = setup
     model = make_model(config).train()
@@ -216,7 +217,7 @@ def test_a_stage_changes_exactly_its_own_parameters(setup, stage):
                 p.normal_(0, 0.1)
     if stage == "decoder":
         model.enable_reference_input()  # as train_stage does
-    trainable = O.set_trainable(model, stage)
+    trainable = set_trainable(model, stage)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     loss = run_stage(model, tokenizer, stage)
     assert torch.isfinite(loss)
@@ -237,26 +238,26 @@ def test_a_stage_changes_exactly_its_own_parameters(setup, stage):
 def test_stage_parameter_groups(setup):
     config, _ = setup
     model = make_model(config)
-    names = lambda stage: set(O.stage_parameters(model, stage))  # noqa: E731
+    names = lambda stage: set(stage_parameters(model, stage))  # noqa: E731
     assert all("lora_" in n for n in names("dpo")) and names("dpo")
     assert names("dpo") < names("sft")
     assert any(n.startswith("mask_generator.") for n in names("sft"))
     assert not any("lora_" in n for n in names("lmm"))
     assert not names("vae") & names("image")
     with pytest.raises(ValueError, match="unknown stage 'rl'"):
-        O.stage_parameters(model, "rl")
+        stage_parameters(model, "rl")
     # sft_base: the sft set and the LLM's base weights (the lmm set), nothing else
-    assert set(O.stage_parameters(model, "sft", sft_base=True)) == names("sft") | names("lmm")
+    assert set(stage_parameters(model, "sft", sft_base=True)) == names("sft") | names("lmm")
     with pytest.raises(ValueError, match="sft_base applies to the sft stage"):
-        O.stage_parameters(model, "dpo", sft_base=True)
+        stage_parameters(model, "dpo", sft_base=True)
     with pytest.raises(ValueError, match="sft_base applies to the sft stage"):
-        O.stage_parameters(model, "sft", lora_only=True, sft_base=True)
+        stage_parameters(model, "sft", lora_only=True, sft_base=True)
     # decoder_condition (train.style_weight): the UNet and the condition adapter, not the tokenizer
-    with_condition = set(O.stage_parameters(model, "decoder", decoder_condition=True))
+    with_condition = set(stage_parameters(model, "decoder", decoder_condition=True))
     adapter = {n for n in dict(model.named_parameters()) if n.startswith("condition_adapter.")}
     assert with_condition == names("decoder") | adapter and adapter
     with pytest.raises(ValueError, match="decoder_condition applies to the decoder stage"):
-        O.stage_parameters(model, "image", decoder_condition=True)
+        stage_parameters(model, "image", decoder_condition=True)
 
 
 def test_frozen_mask_generator_gets_no_gradient_as_in_the_official_code(setup):
@@ -265,7 +266,7 @@ def test_frozen_mask_generator_gets_no_gradient_as_in_the_official_code(setup):
 
     frozen = dataclasses.replace(config, mask_generator=MaskGeneratorConfig(training="frozen"))
     model = make_model(frozen).train()
-    trainable = O.set_trainable(model, "sft")
+    trainable = set_trainable(model, "sft")
     assert not any(n.startswith("mask_generator.") for n in trainable)
     run_stage(model, tokenizer, "sft").backward()
     assert all(p.grad is None for p in model.mask_generator.parameters())
@@ -472,13 +473,13 @@ def test_dpo_candidates_of_a_user_share_their_noise(setup):
 def test_dpo_policy_trains_without_dropout(setup):
     """Stage 2's policy runs like its frozen reference (every dropout off, TRL's disable_dropout);
     other stages keep their dropout."""
-    from pigeon.training.loop import StageModule
+    from pigeon.training.loop import StageModule, recipe
 
     config, tokenizer = setup
     builder = PromptBuilder(tokenizer, make_model(config).vocab)
     for stage, expect_training in (("dpo", False), ("sft", True)):
         model = make_model(config)
-        StageModule(model, stage, builder).train()
+        StageModule(model, stage, builder, recipe("tiny")[stage]).train()
         dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
         assert dropouts and all(m.training == expect_training for m in dropouts), stage
         assert model.personalizer.training  # the rest stays in training mode
@@ -496,3 +497,22 @@ def test_bf16_autocast_keeps_the_vae_loss(setup):
         bf16 = O.vae_objective(model, images)
     assert bf16.dtype == torch.float32
     assert float(bf16) == pytest.approx(float(fp32), rel=0.03)
+
+
+def test_the_stage_table_names_real_links_batches_and_the_recipe_covers_it():
+    """Every stage's chain link is a link the chain draws, the recipe has steps for every stage of
+    every preset, and `pigeon train` offers exactly the table's stages (plus `all`)."""
+    from pigeon.cli import build_parser
+    from pigeon.evaluation.chain import LINKS
+    from pigeon.training.loop import RECIPE_STEPS, recipe
+    from pigeon.training.stages import STAGES
+
+    assert {s.chain_link for s in STAGES.values()} - {None} <= set(LINKS)
+    for preset_name, (steps, _, _) in RECIPE_STEPS.items():
+        assert set(steps) == set(STAGE_NAMES), preset_name
+        configs = recipe(preset_name)
+        assert [configs[name].stage for name in STAGE_NAMES] == list(STAGE_NAMES)
+        assert all(configs[name].steps == steps[name] for name in STAGE_NAMES)
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    stage_action = next(a for a in train._actions if a.dest == "stage")
+    assert list(stage_action.choices) == [*STAGE_NAMES, "all"]

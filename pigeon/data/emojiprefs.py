@@ -68,7 +68,7 @@ import numpy as np
 from PIL import Image
 
 from pigeon.files import write_atomic
-from pigeon.serving.images import to_rgb
+from pigeon.core.images import to_rgb
 
 DEFAULT_STYLES = (
     "noto",

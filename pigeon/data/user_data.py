@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from pigeon.files import write_atomic
-from pigeon.serving.images import ImageError, load_image, save_png
+from pigeon.core.images import ImageError, load_image, save_png
 
 ITEMS_FILE = "items.jsonl"
 INTERACTIONS_FILE = "interactions.jsonl"

@@ -53,8 +53,8 @@ def kept_codes(pipe, images: list[np.ndarray] | np.ndarray) -> list[np.ndarray]:
 
 def draw(pipe, codes: list[np.ndarray], requests, strength: float) -> np.ndarray:
     """codes -> condition -> denoise (the requests' own latent streams) -> decode; uint8 images."""
+    from pigeon.core.images import to_uint8
     from pigeon.inference.pipeline import request_streams
-    from pigeon.serving.images import to_uint8
 
     checked = [pipe.check_request(r, i) for i, r in enumerate(requests)]
     cond = pipe.condition(codes)
@@ -73,8 +73,8 @@ def draw(pipe, codes: list[np.ndarray], requests, strength: float) -> np.ndarray
 
 def round_trip(pipe, images: np.ndarray) -> np.ndarray:
     """uint8 images -> VAE encoder -> VAE decoder -> uint8 images at the model's size."""
+    from pigeon.core.images import to_uint8
     from pigeon.inference.pipeline import to_model_input
-    from pigeon.serving.images import to_uint8
 
     size = pipe.config.image_size
     x = np.stack([to_model_input(i, size) for i in images])
@@ -285,25 +285,23 @@ class TrainingLink:
             return None
         return cls(data, scorer, scorer.case_set(data.cases))
 
-    def measure(self, stage: str, model, tokenizer) -> dict[str, float]:
-        """{"link_style_acc", "link_concept_r5"} of `stage`'s link; {} for the other stages."""
+    def measure(self, link: str, model, tokenizer) -> dict[str, float]:
+        """{"link", "link_style_acc", "link_concept_r5"} of one link of the chain (a training
+        stage's `Stage.chain_link`) at strength 1.0."""
         from pigeon.inference.pipeline import PigeonPipeline
         from pigeon.inference.runners import TorchRunner
 
-        link = {"vae": "vae_round_trip", "image": "target_tokens", "decoder": "target_tokens"}
-        if stage not in link:
-            return {}
         was_training = model.training
         model.eval()
         try:
             device = str(next(model.parameters()).device)
             pipe = PigeonPipeline(model.config, tokenizer, TorchRunner(model, device))
-            rows = chain_images(pipe, self.data, self.data.cases, [1.0], links=(link[stage],))
+            rows = chain_images(pipe, self.data, self.data.cases, [1.0], links=(link,))
         finally:
             model.train(was_training)
         per, _, _ = self.scorer.score(next(iter(rows.values())), self.case_set, light=True)
         return {
-            "link": link[stage],
+            "link": link,
             "link_style_acc": round(float(per["style_acc"].mean()), 4),
             "link_concept_r5": round(float(per["concept_r5"].mean()), 4),
         }

@@ -322,7 +322,7 @@ class ModelRunner:
 def best_of_k(pipe, model, request, ratios: Sequence[float]) -> np.ndarray:
     """One candidate per reference mask ratio (same seed), the one the stage-2 personalization
     scorer (the model's own history-encoder features) ranks highest."""
-    from pigeon.training.dpo import personalization_scores
+    from pigeon.inference.scoring import personalization_scores
 
     candidates = pipe([dataclasses.replace(request, reference_mask_ratio=float(r)) for r in ratios])
     images = np.stack([c.image for c in candidates])
@@ -335,9 +335,9 @@ def text_only_generate(pipe, requests) -> np.ndarray:
     """The stage-0 base LMM as a text-to-image model: the prompt of its training objective
     ("Instruction: " text "\\nResponse: " <img>) with a zero reference embedding, then the same
     condition / denoise / decode stages as the pipeline. uint8 (N, S, S, 3)."""
+    from pigeon.core.images import to_uint8
+    from pigeon.core.prompt import Prompt, left_pad
     from pigeon.inference.pipeline import request_streams
-    from pigeon.serving.images import to_uint8
-    from pigeon.serving.prompt import Prompt, left_pad
 
     requests = [pipe.check_request(r, i) for i, r in enumerate(requests)]
     streams = [request_streams(r.seed) for r in requests]

@@ -128,11 +128,11 @@ def evaluate_user_data(
     """Generate for every window of `split` (the first `limit`), score, write OUT/report.json."""
     from pigeon.checkpoint import load_checkpoint
     from pigeon.config import apply_overrides
+    from pigeon.core.images import resize
     from pigeon.data.user_data import SPLIT_FRACTIONS, load_user_data
     from pigeon.evaluation.features import EfficientNetLite0, ENL0Config
     from pigeon.inference.pipeline import GenerationRequest, PigeonPipeline
     from pigeon.inference.runners import TorchRunner
-    from pigeon.training.data import resize
 
     if split not in SPLIT_FRACTIONS:
         raise EvaluationError(f"--split {split!r} must be one of {', '.join(SPLIT_FRACTIONS)}")

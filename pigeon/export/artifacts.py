@@ -14,10 +14,9 @@ from pathlib import Path
 
 from pigeon.checkpoint import Checkpoint
 from pigeon.export.errors import ExportError
-from pigeon.export.onnx_export import FLOAT_PRECISIONS, export_float
-from pigeon.export.quantize import QUANTIZED_PRECISIONS, Calibration, export_quantized
-
-PRECISIONS = FLOAT_PRECISIONS + QUANTIZED_PRECISIONS
+from pigeon.export.manifest import PRECISIONS, QUANTIZED_PRECISIONS
+from pigeon.export.onnx_export import export_float
+from pigeon.export.quantize import Calibration, export_quantized
 
 
 def export_onnx(

@@ -11,6 +11,12 @@ from pigeon.files import hash_mismatch
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 
+# The precisions an artifact folder's ONNX files come in: floating point (pigeon.export.onnx_export)
+# and quantized (pigeon.export.quantize); declared here, without torch, for the CLI's choices too
+FLOAT_PRECISIONS = ("fp32", "fp16")
+QUANTIZED_PRECISIONS = ("int8", "mixed")
+PRECISIONS = FLOAT_PRECISIONS + QUANTIZED_PRECISIONS
+
 
 def read_manifest(artifacts: str | Path, verify: bool = True) -> dict:
     """The manifest of an artifact folder, with every file checked against its SHA-256."""

@@ -31,7 +31,7 @@ from torch.export import Dim
 
 from pigeon.checkpoint import Checkpoint, load_checkpoint
 from pigeon.export.errors import ExportError, ToleranceError
-from pigeon.export.manifest import MANIFEST, MANIFEST_FORMAT
+from pigeon.export.manifest import FLOAT_PRECISIONS, MANIFEST, MANIFEST_FORMAT
 from pigeon.export.validate import check_graph_io, normalize_dim_names, validate
 from pigeon.files import replace_dir, sha256_file, staging_dir
 from pigeon.inference.runners import OrtOptions, OrtRunner, TorchRunner
@@ -41,7 +41,6 @@ from pigeon.specs import ComponentSpec, component_specs, sample_inputs
 log = logging.getLogger(__name__)
 FUSED_ATTENTION_OPSET = 23
 EXTERNAL_DATA_BYTES = 1_800_000_000  # below protobuf's 2 GB limit, with room for the graph
-FLOAT_PRECISIONS = ("fp32", "fp16")  # int8 and mixed: pigeon.export.quantize
 
 
 def dynamic_shapes(spec: ComponentSpec) -> tuple:

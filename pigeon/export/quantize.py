@@ -48,13 +48,12 @@ import onnx
 
 from pigeon.checkpoint import Checkpoint, load_checkpoint
 from pigeon.export.errors import ExportError, ToleranceError
-from pigeon.export.manifest import MANIFEST, read_manifest
+from pigeon.export.manifest import MANIFEST, QUANTIZED_PRECISIONS, read_manifest
 from pigeon.export.validate import POINTS, validate
 from pigeon.files import replace_dir, sha256_file, staging_dir
 from pigeon.specs import INT8_IMAGE_MAE, ComponentSpec, Tolerance, component_specs, sample_inputs
 
 log = logging.getLogger(__name__)
-QUANTIZED_PRECISIONS = ("int8", "mixed")
 FALLBACK = ("fp16", "fp32")  # int8: what a rejected component is kept in, first that validates
 MIXED_TIE = 1.10  # mixed: a smaller file within 10% of the fastest candidate's p50 wins
 DYNAMIC_OPS = ["MatMul", "Gemm", "Gather"]
@@ -120,8 +119,8 @@ def component_inputs(
     The VAE encoder only runs in image-to-image requests; it gets every image of the users (history,
     reference, ground truth) at the output size instead, the inputs it encodes.
     """
+    from pigeon.core.images import to_model_input
     from pigeon.inference.pipeline import GenerationRequest, PigeonPipeline
-    from pigeon.serving.images import to_model_input
 
     recorder = RecordingRunner(runner, components)
     pipe = PigeonPipeline(ckpt.config, ckpt.tokenizer, recorder)
@@ -620,7 +619,6 @@ __all__ = [
     "Calibration",
     "HeldOutInputs",
     "POINTS",
-    "QUANTIZED_PRECISIONS",
     "RecordingRunner",
     "component_inputs",
     "export_quantized",

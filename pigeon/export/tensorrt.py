@@ -21,13 +21,11 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from pigeon.export.errors import ExportError
 from pigeon.export.manifest import read_manifest
 from pigeon.files import replace_dir, sha256_file, staging_dir, write_atomic
+from pigeon.inference.runners import TrtRunner, import_tensorrt
 from pigeon.specs import ComponentSpec, component_specs
 
 log = logging.getLogger(__name__)
@@ -88,17 +86,6 @@ def build_record(
     }
 
 
-def import_tensorrt() -> Any:
-    try:
-        import tensorrt
-    except ImportError as exc:
-        raise ExportError(
-            "TensorRT is not installed here (it needs NVIDIA's own index and a GPU); build engines in "
-            "the NVIDIA TensorRT or Triton container, e.g. with the project's Dockerfile"
-        ) from exc
-    return tensorrt
-
-
 def gpu_identity() -> tuple[tuple[int, int], str]:
     """(compute capability, name) of GPU 0, from nvidia-smi (no torch needed in the container)."""
     import subprocess
@@ -146,46 +133,6 @@ def build_engine(onnx_path: Path, spec: ComponentSpec, precision: str, timing_ca
         raise ExportError(f"{spec.name}: TensorRT failed to build an engine from {onnx_path}")
     timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
     return bytes(serialized)
-
-
-class TrtRunner:
-    """Runs TensorRT engines with torch CUDA tensors as buffers (the same `run` as every runner)."""
-
-    name = "tensorrt"
-
-    def __init__(self, engines: dict[str, Path], config: Any) -> None:
-        import torch
-
-        trt = import_tensorrt()
-        self.torch = torch
-        self.specs = component_specs(config)
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engines = {
-            n: runtime.deserialize_cuda_engine(Path(p).read_bytes()) for n, p in engines.items()
-        }
-        self.contexts = {n: e.create_execution_context() for n, e in self.engines.items()}
-        self.stream = torch.cuda.Stream()
-
-    def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        torch = self.torch
-        spec = self.specs[component]
-        context = self.contexts[component]
-        inputs = {
-            n: torch.from_numpy(np.ascontiguousarray(feeds[n])).cuda() for n in spec.input_names
-        }
-        for name, tensor in inputs.items():
-            context.set_input_shape(name, tuple(tensor.shape))
-            context.set_tensor_address(name, tensor.data_ptr())
-        outputs = {}
-        for t in spec.outputs:
-            shape = tuple(context.get_tensor_shape(t.name))
-            dtype = torch.float32 if t.dtype == "float32" else torch.int64
-            outputs[t.name] = torch.empty(shape, dtype=dtype, device="cuda")
-            context.set_tensor_address(t.name, outputs[t.name].data_ptr())
-        if not context.execute_async_v3(self.stream.cuda_stream):
-            raise ExportError(f"{component}: TensorRT execution failed")
-        self.stream.synchronize()
-        return {n: o.cpu().numpy() for n, o in outputs.items()}
 
 
 def cached_engine(

@@ -1,7 +1,7 @@
 """`PigeonPipeline`: history + reference + text -> personalized image, on any runner.
 
 Stages (docs/DESIGN.md, "Inference, step by step"), each timed:
-    preprocess        decode, pad to square, resize (pigeon.serving.images)
+    preprocess        decode, pad to square, resize (pigeon.core.images)
     history_encoder   history images and reference -> visual token ids + keep flags
     personalize       mask generator scores -> Gumbel top-k masks -> masked reference through the
                       condition adapter -> <emb>; prompt assembly; personalizer generation (KV cache)
@@ -29,13 +29,13 @@ from pathlib import Path
 import numpy as np
 
 from pigeon.config import PipelineConfig
+from pigeon.core.decoding import Decoder
+from pigeon.core.images import check_array, to_model_input, to_uint8
+from pigeon.core.masking import gumbel_noise, mask_sequence, pad_right, select_keep
+from pigeon.core.prompt import PromptBuilder, left_pad
 from pigeon.diffusion.guidance import cfg_batch, split_guidance
 from pigeon.diffusion.scheduler import SAMPLERS, add_noise, make_sampler, start_index
 from pigeon.inference.runners import Runner
-from pigeon.serving.decoding import Decoder
-from pigeon.serving.images import check_array, to_model_input, to_uint8
-from pigeon.serving.masking import gumbel_noise, mask_sequence, pad_right, select_keep
-from pigeon.serving.prompt import PromptBuilder, left_pad
 from pigeon.specs import component_specs
 from pigeon.vocab import TextTokenizer, vocab_layout
 

@@ -2,9 +2,12 @@
 
     TorchRunner   the export wrappers of `pigeon.models.export_wrappers` (the reference)
     OrtRunner     ONNX files from `pigeon export onnx`, on ONNX Runtime (CPU, or CUDA/TensorRT providers)
+    TrtRunner     TensorRT engines from `pigeon export tensorrt` (GPU), torch CUDA tensors as buffers
 
-Both compute the same function, so `PigeonPipeline` and the Triton models swap them freely. This module
-imports neither torch nor onnxruntime until a runner is built: the Triton Python models stay light.
+They compute the same function, so `PigeonPipeline` and the Triton models swap them freely (the Triton
+side's own runner, `BlsRunner` in `pigeon.serving.triton_backend`, calls the served networks through
+BLS behind the same interface). This module imports neither torch, onnxruntime nor TensorRT until a
+runner is built: the Triton Python models stay light.
 
 ONNX Runtime's settings are `OrtOptions`, made from the serving config (`OrtOptions.from_serving`) for
 the in-process runner and from the same config's `config.pbtxt` parameters (`OrtOptions.to_parameters`,
@@ -19,6 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from pigeon.export.errors import ExportError
 from pigeon.specs import ComponentSpec, component_specs
 
 
@@ -303,3 +307,54 @@ class OrtRunner:
             spec.output_names, dict(zip(spec.input_names, _ordered(spec, feeds), strict=True))
         )
         return dict(zip(spec.output_names, outputs, strict=True))
+
+
+def import_tensorrt() -> Any:
+    try:
+        import tensorrt
+    except ImportError as exc:
+        raise ExportError(
+            "TensorRT is not installed here (it needs NVIDIA's own index and a GPU); build engines in "
+            "the NVIDIA TensorRT or Triton container, e.g. with the project's Dockerfile"
+        ) from exc
+    return tensorrt
+
+
+class TrtRunner:
+    """Runs TensorRT engines with torch CUDA tensors as buffers (the same `run` as every runner)."""
+
+    name = "tensorrt"
+
+    def __init__(self, engines: dict[str, Path], config: Any) -> None:
+        import torch
+
+        trt = import_tensorrt()
+        self.torch = torch
+        self.specs = component_specs(config)
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engines = {
+            n: runtime.deserialize_cuda_engine(Path(p).read_bytes()) for n, p in engines.items()
+        }
+        self.contexts = {n: e.create_execution_context() for n, e in self.engines.items()}
+        self.stream = torch.cuda.Stream()
+
+    def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self.torch
+        spec = self.specs[component]
+        context = self.contexts[component]
+        inputs = {
+            n: torch.from_numpy(np.ascontiguousarray(feeds[n])).cuda() for n in spec.input_names
+        }
+        for name, tensor in inputs.items():
+            context.set_input_shape(name, tuple(tensor.shape))
+            context.set_tensor_address(name, tensor.data_ptr())
+        outputs = {}
+        for t in spec.outputs:
+            shape = tuple(context.get_tensor_shape(t.name))
+            dtype = torch.float32 if t.dtype == "float32" else torch.int64
+            outputs[t.name] = torch.empty(shape, dtype=dtype, device="cuda")
+            context.set_tensor_address(t.name, outputs[t.name].data_ptr())
+        if not context.execute_async_v3(self.stream.cuda_stream):
+            raise RuntimeError(f"{component}: TensorRT execution failed")
+        self.stream.synchronize()
+        return {n: o.cpu().numpy() for n, o in outputs.items()}

@@ -11,7 +11,7 @@ Scores every history and reference token by how well the encoder's output agrees
 over all history tokens (r = history_mask_ratio), and over the reference tokens with the training /
 inference flip of the keep probability (1 - softmax in training, softmax at inference). In training the
 result is straight-through (y_hard - sg(y_soft) + y_soft), so the LM loss can train this network when
-the config asks for it. `pigeon.serving.masking` is the NumPy twin used by every inference path.
+the config asks for it. `pigeon.core.masking` is the NumPy twin used by every inference path.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pigeon.config import MaskGeneratorConfig
+from pigeon.core.masking import HISTORY_TYPE, PAD_TYPE, REFERENCE_TYPE, num_kept
 from pigeon.models.layers import EncoderLayer, sinusoid_table
-from pigeon.serving.masking import HISTORY_TYPE, PAD_TYPE, REFERENCE_TYPE, num_kept
 
 
 class MaskGenerator(nn.Module):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pigeon.config import COMPONENT_MODULES, PipelineConfig
@@ -14,6 +17,20 @@ from pigeon.models.personalizer import Personalizer
 from pigeon.models.unet import add_reference_input, build_unet
 from pigeon.models.vae import build_vae
 from pigeon.vocab import vocab_layout
+
+
+def to_tensor(images: np.ndarray | list[np.ndarray]) -> torch.Tensor:
+    """uint8 (..., S, S, 3) -> float (..., 3, S, S) in [0, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(np.asarray(images))).float() / 255.0
+    return x.movedim(-1, -3)
+
+
+def encoder_input(model: PigeonModel, images: torch.Tensor) -> torch.Tensor:
+    """images in [0, 1] (batch, 3, S, S) at the history encoder's input size (bicubic)."""
+    size = model.config.history_encoder.image_size
+    if images.shape[-1] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
 
 
 class PigeonModel(nn.Module):

@@ -1,2 +1,3 @@
-"""Torch-free logic shared by the in-process pipeline and the Triton Python-backend models:
-image decoding, request validation, token masking, prompt assembly and decoding."""
+"""Triton Inference Server: the model repository's configs (`triton_config`, `repository`), the Python
+backend's models (`triton_backend`), the server process (`server`) and the client (`client`). The
+torch-free NumPy pieces they share with the in-process pipeline live in `pigeon.core`."""

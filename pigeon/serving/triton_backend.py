@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from pigeon.checkpoint import load_config, verify_pipeline_files
+from pigeon.core.images import ImageError, encode_png, load_image, to_model_input, to_uint8
 from pigeon.inference.pipeline import (
     GenerationRequest,
     PersonalizeInput,
@@ -38,7 +39,6 @@ from pigeon.inference.pipeline import (
 )
 from pigeon.inference.runners import OrtOptions, OrtRunner
 from pigeon.interface import PARAMETERS, RequestParameter, parameters_read_by
-from pigeon.serving.images import ImageError, encode_png, load_image, to_model_input, to_uint8
 from pigeon.serving.triton_config import IN_PROCESS, in_process_key
 from pigeon.specs import component_specs
 from pigeon.vocab import TextTokenizer

@@ -1,13 +1,11 @@
 """The package's import graph: module cycles, and imports that go up the declared layers.
 
-    python -m pigeon.tools.layers            # prints the layers and every violation; exit 1 on a cycle
-    python -m pigeon.tools.layers --strict   # exit 1 on an upward import too
+    python -m pigeon.tools.layers     # prints the layers and every violation; exit 1 on any
 
 Every `import` and `from ... import` of a `pigeon` module counts, at module level or inside a function
 (a lazy import hides a cycle from the interpreter, not from the design). A cycle between modules is an
 error. `LAYERS` declares the packages from the bottom up; a package may import its own layer and the
-layers below. Imports that go up are listed: they are what the next refactor removes (`--strict` makes
-them errors once they are gone).
+layers below, and an import that goes up is an error too.
 """
 
 from __future__ import annotations
@@ -21,21 +19,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # Bottom up. Each entry is one layer: top-level modules or packages of `pigeon`.
-# The NumPy glue under serving/ (images, masking, prompt, decoding) sits below the models that use it;
-# the rest of serving/ is the Triton side, at the top with the publishing of versions. Error types and
-# file formats sit low, and so does the frozen feature network that training's perceptual loss shares
-# with the evaluation.
+# The torch-free NumPy pieces (core: images, masking, prompt, decoding) sit below the models that use
+# them; serving/ is the Triton side, at the top with the publishing of versions. The evaluation sits
+# below training, whose stages log their link of the image chain with it. Error types and file
+# formats sit low, and so does the frozen feature network that training's perceptual loss shares with
+# the evaluation.
 LAYERS = (
     ("files", "config"),
     ("vocab", "specs", "diffusion", "export.errors", "export.manifest", "evaluation.errors"),
     ("interface",),
-    ("serving.images", "serving.masking", "serving.prompt", "serving.decoding", "data"),
+    ("core", "data"),
     ("models", "evaluation.features"),
     ("checkpoint",),
     ("inference",),
+    ("evaluation",),
     ("training",),
     ("export", "interop"),
-    ("evaluation",),
     ("serving", "export.publish"),
     ("demo", "cli", "tools", "__init__", "__main__"),
 )
@@ -129,8 +128,7 @@ def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pigeon.tools.layers", description=__doc__)
-    parser.add_argument("--strict", action="store_true", help="an upward import is an error too")
-    args = parser.parse_args(argv)
+    parser.parse_args(argv)
     graph = module_graph()
     print("layers, bottom up:")
     for i, layer in enumerate(LAYERS):
@@ -142,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     for m, t in up:
         print(f"upward: pigeon.{m} (layer {layer_of(m)}) imports pigeon.{t} (layer {layer_of(t)})")
     print(f"{len(graph)} modules, {len(found)} cycles, {len(up)} upward imports")
-    return 1 if found or (args.strict and up) else 0
+    return 1 if found or up else 0
 
 
 if __name__ == "__main__":

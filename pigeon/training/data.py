@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
+
+from pigeon.core.images import resize
 
 
 @dataclass
@@ -34,12 +34,6 @@ class User:
     # style labels (indices into the source's `style_names`) where the source has them
     history_styles: list[int] | None = None
     target_style: int | None = None
-
-
-def resize(image: np.ndarray, size: int) -> np.ndarray:
-    if image.shape[0] == size:
-        return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
 
 
 class ProceduralData:
@@ -218,9 +212,3 @@ def load_data(source: str, size: int) -> TrainingData:
         f"a user-data folder (no {ITEMS_FILE} + {INTERACTIONS_FILE}); build EmojiPrefs with "
         "`pigeon data emojiprefs --out DIR`"
     )
-
-
-def to_tensor(images: np.ndarray | list[np.ndarray]) -> torch.Tensor:
-    """uint8 (..., S, S, 3) -> float (..., 3, S, S) in [0, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(np.asarray(images))).float() / 255.0
-    return x.movedim(-1, -3)

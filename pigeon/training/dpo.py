@@ -15,30 +15,13 @@ import dataclasses
 import logging
 
 import numpy as np
-import torch
 
 from pigeon.inference.pipeline import GenerationRequest, PigeonPipeline
 from pigeon.inference.runners import TorchRunner
-from pigeon.training.data import to_tensor
+from pigeon.inference.scoring import personalization_scores
 
 log = logging.getLogger(__name__)
 SEED_ATTEMPTS = 4
-
-
-@torch.no_grad()
-def image_features(model, images: np.ndarray) -> torch.Tensor:
-    """uint8 (n, S, S, 3) -> unit ViT features (n, D): mean over patches of the last hidden state."""
-    from pigeon.training.objectives import encoder_input
-
-    x = encoder_input(model, to_tensor(images))
-    hidden = model.history_encoder.vit(pixel_values=model.history_encoder.normalize(x))
-    return torch.nn.functional.normalize(hidden.last_hidden_state[:, 1:].mean(dim=1), dim=-1)
-
-
-def personalization_scores(model, candidates: np.ndarray, history: np.ndarray) -> np.ndarray:
-    """Mean cosine similarity of each candidate to the history images, (n_candidates,)."""
-    c, h = image_features(model, candidates), image_features(model, history)
-    return (c @ h.t()).mean(dim=1).numpy()
 
 
 def candidate_requests(user, config, seed: int) -> list[GenerationRequest]:

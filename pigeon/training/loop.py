@@ -38,24 +38,24 @@ from tqdm import tqdm
 
 from pigeon.checkpoint import load_checkpoint, save_checkpoint
 from pigeon.config import ConfigError, PipelineConfig, apply_overrides, preset, save_json, to_dict
+from pigeon.core.prompt import PromptBuilder
 from pigeon.diffusion.scheduler import alphas_cumprod
+from pigeon.models.pigeon import to_tensor
 from pigeon.models.unet import ConditionSketch
-from pigeon.serving.prompt import PromptBuilder
 from pigeon.training import objectives as O
 from pigeon.training.curves import plot_curves
-from pigeon.training.data import User, load_data, to_tensor
+from pigeon.training.data import User, load_data
+from pigeon.training.stages import STAGE_NAMES, set_trainable, stage_spec
 from pigeon.vocab import DEFAULT_CORPUS, TextTokenizer, train_text_tokenizer
 
 log = logging.getLogger(__name__)
-Stage = Literal["vae", "image", "decoder", "lmm", "sft", "dpo"]
-CHAIN_STAGES = ("vae", "image", "decoder")  # the stages that log a link of the image chain
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """One stage's optimisation and data settings (`train.KEY=VALUE` overrides them)."""
 
-    stage: Stage
+    stage: str  # a name of pigeon.training.stages.STAGES
     steps: int
     batch_size: int
     lr: float
@@ -133,13 +133,22 @@ class TrainConfig:
             )
 
 
-# Steps per stage (vae, image, decoder, lmm, sft, dpo) and batch sizes (images, users).
-# `small` is sized for the 2-core CPU with EmojiPrefs at 64 px, bf16 for the convolutional stages:
-# about 90 minutes in all, estimated from each stage's measured step time (docs/DESIGN.md, "Training").
+# Steps per stage, then the batch of the stages that read images or targets and of those that read
+# users. `small` is sized for the 2-core CPU with EmojiPrefs at 64 px, bf16 for the convolutional
+# stages: about 90 minutes in all, estimated from each stage's measured step time (docs/DESIGN.md,
+# "Training").
 RECIPE_STEPS = {
-    "tiny": ((4, 16, 8, 8, 8, 2), (4, 4)),
-    "small": ((1500, 2000, 1000, 800, 800, 200), (32, 8)),
-    "base": ((10000, 40000, 20000, 20000, 20000, 5000), (64, 16)),
+    "tiny": ({"vae": 4, "image": 16, "decoder": 8, "lmm": 8, "sft": 8, "dpo": 2}, 4, 4),
+    "small": (
+        {"vae": 1500, "image": 2000, "decoder": 1000, "lmm": 800, "sft": 800, "dpo": 200},
+        32,
+        8,
+    ),
+    "base": (
+        {"vae": 10000, "image": 40000, "decoder": 20000, "lmm": 20000, "sft": 20000, "dpo": 5000},
+        64,
+        16,
+    ),
 }
 
 
@@ -150,7 +159,8 @@ def recipe(preset_name: str) -> dict[str, TrainConfig]:
         raise ConfigError(
             f"no training recipe for preset {preset_name!r}; choose {sorted(RECIPE_STEPS)}"
         )
-    (vae, image, decoder, lmm, sft, dpo), (batch, users) = RECIPE_STEPS[preset_name]
+    steps, batch, users = RECIPE_STEPS[preset_name]
+    vae, image, decoder, lmm, sft, dpo = (steps[name] for name in STAGE_NAMES)
     # the convolutional stages under bf16 autocast: about 2x faster VAE steps on the 2-core CPU
     # (AVX-512 bf16); the small transformer stages stay float32
     precision = "fp32" if preset_name == "tiny" else "bf16"
@@ -245,32 +255,26 @@ def reseed_torch(seed: int, step: int, rank: int) -> None:
 
 
 class StageModule(nn.Module):
-    """The stage's objective as a module, so DistributedDataParallel can wrap it."""
+    """The stage's objective (`Stage.objective`) as a module, so DistributedDataParallel can wrap it.
+    `options` is the stage's TrainConfig; `style_count` the data's number of style labels."""
 
     def __init__(
         self,
         model: nn.Module,
-        stage: str,
+        name: str,
         builder: PromptBuilder,
+        options: TrainConfig,
         reference_personalizer: nn.Module | None = None,
-        reconstruct_weight: float = 0.0,
-        perceptual_weight: float = 0.0,
-        history_token_share: float = 0.0,
-        style_weight: float = 0.0,
         style_count: int = 0,
-        seed: int = 0,
     ) -> None:
         super().__init__()
         self.model = model
-        self.stage = stage
+        self.spec = stage_spec(name)
         self.builder = builder
+        self.options = options
         self.reference_personalizer = reference_personalizer
-        self.reconstruct_weight = reconstruct_weight
-        self.perceptual_weight = perceptual_weight
-        self.history_token_share = history_token_share
-        self.style_weight = style_weight
         self.perceptual = None
-        if stage == "vae" and perceptual_weight > 0:
+        if name == "vae" and options.perceptual_weight > 0:
             from pigeon.training.perceptual import PerceptualDistance
 
             self.perceptual = PerceptualDistance()
@@ -279,14 +283,11 @@ class StageModule(nn.Module):
         # so a run's start does not hang on what drew from the global generator before it
         self.heads = nn.ModuleDict()
         with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            if (
-                stage == "image"
-                and reconstruct_weight > 0
-                and not model.config.unet.condition_sketch
-            ):
+            torch.manual_seed(options.seed)
+            sketching = model.config.unet.condition_sketch
+            if name == "image" and options.reconstruct_weight > 0 and not sketching:
                 self.heads["probe"] = ConditionSketch(model.config)
-            if stage == "decoder" and style_weight > 0:
+            if name == "decoder" and options.style_weight > 0:
                 pooled_dim = model.config.condition_adapter.pooled_dim
                 self.heads["style"] = nn.Linear(pooled_dim, style_count)
         self.register_buffer(
@@ -299,56 +300,14 @@ class StageModule(nn.Module):
         """DPO's policy trains with every dropout off, as its frozen reference runs (TRL's
         `disable_dropout`): otherwise the log-ratio differs between the two by dropout noise alone."""
         super().train(mode)
-        if self.stage == "dpo":
+        if self.spec.name == "dpo":
             for module in self.model.modules():
                 if isinstance(module, nn.Dropout):
                     module.eval()
         return self
 
     def forward(self, batch: dict) -> torch.Tensor:
-        m = self.model
-        if self.stage == "vae":
-            return O.vae_objective(
-                m,
-                batch["images"],
-                perceptual=self.perceptual,
-                perceptual_weight=self.perceptual_weight,
-            )
-        if self.stage == "image":
-            return O.image_objective(
-                m,
-                batch["images"],
-                self.alphas_cumprod,
-                probe=self.heads["probe"] if "probe" in self.heads else None,
-                reconstruct_weight=self.reconstruct_weight,
-            )
-        if self.stage == "decoder":
-            return O.decoder_objective(
-                m,
-                batch["targets"],
-                batch["references"],
-                self.alphas_cumprod,
-                history=batch["history"],
-                history_token_share=self.history_token_share,
-                style_head=self.heads["style"] if "style" in self.heads else None,
-                style_weight=self.style_weight,
-                target_styles=batch.get("target_styles"),
-                history_styles=batch.get("history_styles"),
-            )
-        if self.stage == "lmm":
-            return O.lmm_objective(m, self.builder, batch["images"], batch["texts"])
-        if self.stage == "sft":
-            return O.sft_objective(m, self.builder, batch["users"], batch["generator"])
-        return O.dpo_objective(
-            m,
-            self.reference_personalizer,
-            self.builder,
-            batch["users"],
-            batch["chosen"],
-            batch["rejected"],
-            batch["beta"],
-            batch["generator"],
-        )
+        return self.spec.objective(self, batch)
 
 
 def users_batch(users: list[User], config: TrainConfig, device: str) -> O.PersonalizationBatch:
@@ -409,13 +368,14 @@ def make_batch(
         (dist.rank + 1) * config.batch_size // dist.world,
     )
     generator = random.Random(step_seed(config.seed, step))  # r ~ U(0, 1): once per global batch
-    if config.stage in ("vae", "image", "lmm"):
+    reads = stage_spec(config.stage).reads
+    if reads == "images":
         images, texts = data.images(rng, config.batch_size)
         return {"images": to_tensor(images[share]).to(device), "texts": texts[share]}
-    if config.stage == "decoder":  # a target and its concept in another style; no history needed
+    if reads == "targets":  # a target, its concept in another style, one history image
         users = data.users(rng, config.batch_size, 1, 0.0)[share]
         return decoder_batch(users, device, data.paired_reference, config.history_token_share > 0)
-    if config.stage == "sft":
+    if reads == "users":
         users = data.users(rng, config.batch_size, config.history_length, config.noise_ratio)
         return {"users": users_batch(users[share], config, device), "generator": generator}
     chosen = rng.choice(len(pairs), config.batch_size)[share]
@@ -444,7 +404,7 @@ def initial_model(run: Path, stage: str, config: PipelineConfig, init: str | Non
     if init:
         ckpt = load_checkpoint(init)
         return ckpt.model, ckpt.tokenizer, init
-    order = list(O.STAGES)
+    order = list(STAGE_NAMES)
     for previous in reversed(order[: order.index(stage)]):
         for kind in ("best", "last"):
             path = stage_dir(run, previous) / kind
@@ -529,8 +489,10 @@ def train_stage(
     continued with resume=True, e.g. a long recipe spread over several sittings."""
     import resource
 
-    if stage not in O.STAGES:
-        raise ConfigError(f"unknown stage {stage!r}; choose one of {list(O.STAGES)}")
+    try:
+        spec = stage_spec(stage)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     dist = init_distributed()
     run = Path(run)
     out = stage_dir(run, stage)
@@ -570,12 +532,12 @@ def train_stage(
     model.to(device).train()
     link = None  # the stage's link of the image chain, logged at validation
     emojiprefs = getattr(data, "name", "") == "emojiprefs"
-    if dist.main and stage in CHAIN_STAGES and emojiprefs and config.chain_users > 0:
+    if dist.main and spec.chain_link and emojiprefs and config.chain_users > 0:
         from pigeon.evaluation.chain import TrainingLink
 
         link = TrainingLink.load(data_source, config.chain_users)
     builder = PromptBuilder(tokenizer, model.vocab)
-    if config.lora_only and stage not in ("sft", "dpo"):
+    if config.lora_only and not spec.lora:
         raise ConfigError(f"train.lora_only applies to the sft and dpo stages, not {stage!r}")
     style_weight = config.style_weight if stage == "decoder" else 0.0
     if style_weight > 0 and not data.style_names:
@@ -584,7 +546,7 @@ def train_stage(
             "labels (EmojiPrefs and procedural data do); leave it at 0"
         )
     # sft_base and style_weight are read by their own stage only (`pigeon train all --set ...`)
-    trainable = O.set_trainable(
+    trainable = set_trainable(
         model, stage, config.lora_only, config.sft_base and stage == "sft", style_weight > 0
     )
     pairs, reference = None, None
@@ -594,18 +556,7 @@ def train_stage(
         reference = copy.deepcopy(model.personalizer).eval().requires_grad_(False)
         pairs = build_pairs(model, tokenizer, data, config, device)
         model.train()
-    module = StageModule(
-        model,
-        stage,
-        builder,
-        reference,
-        config.reconstruct_weight,
-        config.perceptual_weight,
-        config.history_token_share,
-        style_weight,
-        len(data.style_names),
-        config.seed,
-    ).to(device)
+    module = StageModule(model, stage, builder, config, reference, len(data.style_names)).to(device)
     module.train()  # (DPO: dropout off, see StageModule.train)
     trainable.update({f"heads.{n}": p for n, p in module.heads.named_parameters()})
     wrapped = module
@@ -686,13 +637,13 @@ def train_stage(
         last = step == config.steps - 1
         if (step + 1) % config.val_every == 0 or last or step + 1 == stop_at:
             val = validate(module, data, config, device, pairs)
-            if stage == "image":
+            if spec.health == "tokenizer":
                 health = tokenizer_health(model, data, config, device)
-            if stage == "decoder":
+            if spec.health == "condition":
                 health = decoder_health(model, data, config, device)
             if link is not None:
-                health.update(link.measure(stage, model, tokenizer))
-            if stage == "vae":
+                health.update(link.measure(spec.chain_link, model, tokenizer))
+            if spec.health == "latent_scale":
                 health["scaling_factor"] = calibrate_latent_scale(model, data, config, device)
             if dist.main:
                 logf.write(json.dumps({"step": step, "val_loss": val, **health}) + "\n")
@@ -818,7 +769,7 @@ def condition_gain(
 
 def check_tokenizer(health: dict, config: TrainConfig, step: int) -> None:
     """Stop the image stage when its tokenizer has collapsed (see TrainConfig.min_code_perplexity)."""
-    if config.stage != "image" or not health or step + 1 < config.steps // 4:
+    if "code_perplexity" not in health or step + 1 < config.steps // 4:
         return
     if health["code_perplexity"] < config.min_code_perplexity:
         raise TrainingError(
@@ -841,19 +792,20 @@ def validate(
     losses = []
     val_config = dataclasses.replace(config, seed=config.seed + 1_000_003)
     n = config.batch_size
-    if config.stage in ("decoder", "sft"):  # the fixed validation users, loaded once
-        history = 1 if config.stage == "decoder" else config.history_length
+    reads = module.spec.reads
+    if reads in ("targets", "users"):  # the fixed validation users, loaded once
+        history = 1 if reads == "targets" else config.history_length
         users = data.validation_users(n * config.val_batches, history)
     for k in range(config.val_batches):
         reseed_torch(val_config.seed, k, 0)
-        if config.stage == "decoder":
+        if reads == "targets":
             batch = decoder_batch(
                 users[k * n : (k + 1) * n],
                 device,
                 data.paired_reference,
                 config.history_token_share > 0,
             )
-        elif config.stage == "sft":
+        elif reads == "users":
             batch = {
                 "users": users_batch(users[k * n : (k + 1) * n], config, device),
                 "generator": random.Random(k),
@@ -869,5 +821,5 @@ def train_all(run: str | Path, init: str | None = None, **kwargs) -> list[dict]:
     previous one's best checkpoint."""
     return [
         train_stage(stage, run, init=init if i == 0 else None, **kwargs)
-        for i, stage in enumerate(O.STAGES)
+        for i, stage in enumerate(STAGE_NAMES)
     ]

@@ -1,19 +1,13 @@
-"""What each training stage trains and the loss it minimises (docs/DESIGN.md, "Training stages").
+"""The training stages' losses (the stage table, with what each stage trains: `pigeon.training.stages`).
 
-    stage  trains                                            loss
-    vae    VAE                                               L1 reconstruction + KL + perceptual
-    image  history encoder, condition adapter, UNet          diffusion on images conditioned on their
-                                                             own tokens + VQ + token budget
-    decoder UNet (turns on unet.reference_input)             diffusion on the target conditioned on its
-           (+ condition adapter with train.style_weight)     own tokens + the reference's latents
-                                                             (+ style classification of the pooled
-                                                             embedding)
-    lmm    LLM base weights                                  next-token loss on [text, <img>, codes, </img>]
-    sft    LoRA, reference adapter, mask generator (switch)  masked preference reconstruction (L_MPR)
-    dpo    LoRA                                              sigmoid DPO, beta 0.1, policy and reference
-                                                             on the same sampled context
-
-`set_trainable(model, stage)` freezes everything else, so a stage can only change its own parameters.
+vae      L1 reconstruction + KL + perceptual
+image    diffusion on images conditioned on their own tokens + VQ + token budget (+ latent
+         reconstruction from the condition)
+decoder  diffusion on the target conditioned on its own tokens (or a history image's) + the
+         reference's latents (+ style classification of the pooled embedding)
+lmm      next-token loss on [text, <img>, codes, </img>]
+sft      masked preference reconstruction (L_MPR)
+dpo      sigmoid DPO, beta 0.1, policy and reference on the same sampled context
 """
 
 from __future__ import annotations
@@ -26,75 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pigeon.core.masking import mask_sequence, pad_right
+from pigeon.core.prompt import PromptBatch, PromptBuilder, left_pad
 from pigeon.models.mask_generator import random_reference_keep, select_keep
-from pigeon.models.pigeon import PigeonModel
+from pigeon.models.pigeon import PigeonModel, encoder_input
 from pigeon.models.unet import ConditionSketch, unet_forward
-from pigeon.serving.masking import mask_sequence, pad_right
-from pigeon.serving.prompt import PromptBatch, PromptBuilder, left_pad
 from pigeon.training import losses
-
-STAGES = ("vae", "image", "decoder", "lmm", "sft", "dpo")
-
-
-def stage_parameters(
-    model: PigeonModel,
-    stage: str,
-    lora_only: bool = False,
-    sft_base: bool = False,
-    decoder_condition: bool = False,
-) -> dict[str, torch.nn.Parameter]:
-    """The parameters `stage` trains, by their name in `model`. `lora_only` (sft, dpo): the
-    personalizer's LoRA alone, an adapter that `pigeon deploy --lora` publishes without the rest.
-    `sft_base` (sft): the LLM's base weights too, beside its LoRA (`TrainConfig.sft_base`).
-    `decoder_condition` (decoder): the condition adapter too (`TrainConfig.style_weight`)."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; choose one of {list(STAGES)}")
-    if sft_base and (stage != "sft" or lora_only):
-        raise ValueError(f"sft_base applies to the sft stage without lora_only, not {stage!r}")
-    if decoder_condition and stage != "decoder":
-        raise ValueError(f"decoder_condition applies to the decoder stage, not {stage!r}")
-    named = dict(model.named_parameters())
-    prefixes = {
-        "vae": ("vae.",),
-        "image": ("history_encoder.", "condition_adapter.", "unet."),
-        # the UNet alone: the tokens, the condition and the reference embedding the personalizer
-        # reads stay as the image stage left them; with decoder_condition the condition adapter
-        # too (the tokens stay, so the LMM stage's codes do; stage 1, after it, reads the new
-        # reference embedding)
-        "decoder": ("unet.", "condition_adapter.") if decoder_condition else ("unet.",),
-        "lmm": ("personalizer.llm.",),
-        "sft": ("personalizer.reference_adapter.",)
-        + (
-            ("mask_generator.",)
-            if model.config.mask_generator.training == "straight_through"
-            else ()
-        ),
-        "dpo": (),
-    }[stage]
-    chosen = {n: p for n, p in named.items() if n.startswith(prefixes)}
-    if stage == "lmm":
-        chosen = {n: p for n, p in chosen.items() if "lora_" not in n}
-    if stage in ("sft", "dpo"):
-        lora = {n: p for n, p in named.items() if n.startswith("personalizer.") and "lora_" in n}
-        chosen = lora if lora_only else {**chosen, **lora}
-        if sft_base:
-            chosen.update(stage_parameters(model, "lmm"))
-    elif lora_only:
-        raise ValueError(f"lora_only applies to the sft and dpo stages, not {stage!r}")
-    return chosen
-
-
-def set_trainable(
-    model: PigeonModel,
-    stage: str,
-    lora_only: bool = False,
-    sft_base: bool = False,
-    decoder_condition: bool = False,
-) -> dict[str, torch.nn.Parameter]:
-    chosen = stage_parameters(model, stage, lora_only, sft_base, decoder_condition)
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in chosen)
-    return chosen
 
 
 @dataclass
@@ -107,13 +38,6 @@ class PersonalizationBatch:
     # None: the reference is the (masked) target itself, as the official code trains; otherwise
     # another image of the target concept (batch, 3, S, S)
     reference: torch.Tensor | None = None
-
-
-def encoder_input(model: PigeonModel, images: torch.Tensor) -> torch.Tensor:
-    size = model.config.history_encoder.image_size
-    if images.shape[-1] == size:
-        return images
-    return F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
 
 
 def time_ids_for(model: PigeonModel, batch: int, device: torch.device) -> torch.Tensor:

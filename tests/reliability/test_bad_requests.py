@@ -135,9 +135,9 @@ def test_wrong_dtypes_and_shapes_are_named_and_the_server_keeps_serving(served, 
 
 
 def test_one_pixel_images_are_served(served, checkpoint_dir):
+    from pigeon.core.images import load_image
     from pigeon.inference.pipeline import GenerationRequest, PigeonPipeline
     from pigeon.inference.runners import OrtRunner
-    from pigeon.serving.images import load_image
 
     result = decode(generate(served, history=[ONE_PIXEL] * 3, reference=ONE_PIXEL, steps=3))
     ckpt = load_checkpoint(checkpoint_dir)

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from pigeon.checkpoint import load_checkpoint
 from pigeon.diffusion.scheduler import alphas_cumprod
-from pigeon.training.data import EmojiPrefsData, to_tensor
+from pigeon.models.pigeon import to_tensor
+from pigeon.training.data import EmojiPrefsData
 from pigeon.training.objectives import denoising_loss, encoder_input, image_latents
 
 BATCH = 32

@@ -22,8 +22,9 @@ import itertools
 import numpy as np
 
 from benchmarks.variants import quality_requests
-from pigeon.evaluation.chain import draw, kept_codes
 from pigeon.checkpoint import load_checkpoint
+from pigeon.core.images import to_uint8
+from pigeon.evaluation.chain import draw, kept_codes
 from pigeon.evaluation.data import load_eval_data
 from pigeon.evaluation.evaluate import Scorer
 from pigeon.evaluation.external import External
@@ -31,7 +32,6 @@ from pigeon.evaluation.metric_nets import MetricNets
 from pigeon.evaluation.metrics import resize_images
 from pigeon.inference.pipeline import PigeonPipeline, to_model_input
 from pigeon.inference.runners import TorchRunner
-from pigeon.serving.images import to_uint8
 
 
 def main() -> None:

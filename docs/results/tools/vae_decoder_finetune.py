@@ -17,14 +17,15 @@ import torch
 import torch.nn.functional as F
 
 from pigeon.checkpoint import load_checkpoint
+from pigeon.core.images import to_uint8
 from pigeon.evaluation.data import load_eval_data
 from pigeon.evaluation.evaluate import Scorer
 from pigeon.evaluation.external import External
 from pigeon.evaluation.metric_nets import MetricNets
 from pigeon.evaluation.metrics import resize_images
 from pigeon.inference.pipeline import to_model_input
-from pigeon.serving.images import to_uint8
-from pigeon.training.data import EmojiPrefsData, to_tensor
+from pigeon.models.pigeon import to_tensor
+from pigeon.training.data import EmojiPrefsData
 
 DECODER = ("decoder.", "post_quant_conv.")
 

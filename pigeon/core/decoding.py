@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 
 from pigeon.config import GenerationConfig
-from pigeon.serving.prompt import PromptBatch
+from pigeon.core.prompt import PromptBatch
 from pigeon.vocab import VocabLayout
 
 StepFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]

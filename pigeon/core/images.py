@@ -94,6 +94,13 @@ def to_model_input(image: np.ndarray, size: int) -> np.ndarray:
     return image.astype(np.float32).transpose(2, 0, 1) / 255.0
 
 
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (H, W, 3) -> (size, size, 3), bicubic; the image itself where it has that size."""
+    if image.shape[0] == size:
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
+
+
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """float (batch, 3, H, W) in [0, 1] -> uint8 (batch, H, W, 3)."""
     return (np.clip(images, 0, 1) * 255 + 0.5).astype(np.uint8).transpose(0, 2, 3, 1)
