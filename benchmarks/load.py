@@ -12,8 +12,10 @@ levels; `--duration-limit` bounds the whole run (requests not started by then ar
 sent). Every client call has a deadline (`--timeout`), so nothing can hang.
 
 Every request sent ends in exactly one outcome: succeeded, refused as expected (an invalid request that
-got its error), or failed (a valid request that got an error or no answer in time, an invalid one that
-got another error or was accepted, a returning user whose image differs from its answer). The run
+got its error), shed (a valid request the server refused at its queue bound with UNAVAILABLE / 503,
+`ServingConfig.request_queue_size`), or failed (a valid request that got another error or no answer in
+time, an invalid one that got another error or was accepted, a returning user whose image differs
+from its answer). The run
 HOLDS when nothing failed, the server's own success count for the `pigeon` ensemble grew by exactly the
 successes the clients saw, no stub process died, and the server's resident memory (tritonserver and
 all its stub processes) grew by less than the bound between the end of the warm-up and the end.
@@ -256,6 +258,8 @@ def run_level(
                     message = str(exc)
                     if request.expect is not None and request.expect in message:
                         outcome["outcome"] = "refused"
+                    elif request.expect is None and is_shed(exc):
+                        outcome["outcome"] = "shed"
                     else:
                         outcome["outcome"] = "failed"
                         wrong = f"{request.kind} got another error: " if request.expect else ""
@@ -280,6 +284,11 @@ def run_level(
     return {**summarize(outcomes, len(requests), wall), "_outcomes": outcomes}
 
 
+def is_shed(exc) -> bool:
+    """The server refused a request at a loop model's queue bound (Triton's dynamic batcher)."""
+    return exc.status == "UNAVAILABLE" and "queue" in str(exc).lower()
+
+
 def summarize(outcomes: list[dict], planned: int, wall_s: float) -> dict:
     from benchmarks.common import percentiles
 
@@ -292,6 +301,7 @@ def summarize(outcomes: list[dict], planned: int, wall_s: float) -> dict:
         "not_sent": planned - len(outcomes),
         "succeeded": counts["succeeded"],
         "refused_as_expected": counts["refused"],
+        "shed": counts["shed"],
         "failed": counts["failed"],
         "failed_reasons": dict(
             Counter(o["reason"] for o in outcomes if o["outcome"] == "failed").most_common()
@@ -380,7 +390,8 @@ def run_load(
         lat = level["latency_s"] or {}
         log(
             f"c={c:<3} sent {level['sent']:>5}  ok {level['succeeded']:>5}  refused "
-            f"{level['refused_as_expected']:>4}  failed {level['failed']:>3}  not sent "
+            f"{level['refused_as_expected']:>4}  shed {level['shed']:>4}  failed "
+            f"{level['failed']:>3}  not sent "
             f"{level['not_sent']:>4}  p50 {lat.get('p50', float('nan')) * 1e3:7.1f} ms  p99 "
             f"{lat.get('p99', float('nan')) * 1e3:7.1f} ms  {level['throughput_rps']:6.1f} req/s  "
             f"memory {level['memory_after']['total'] / MIB:.0f} MiB"
@@ -397,7 +408,7 @@ def run_load(
     checks = {
         "nothing_failed": total_record["failed"] == 0,
         "every_request_has_one_outcome": total_record["sent"]
-        == total_record["succeeded"] + total_record["refused_as_expected"] + total_record["failed"],
+        == sum(total_record[k] for k in ("succeeded", "refused_as_expected", "shed", "failed")),
         "server_counted_the_same_successes": successes == total_record["succeeded"],
         "no_stub_process_died": stubs_before <= stubs_after and not server.heals,
         "memory_growth_within_bound": growth <= bound,
@@ -412,7 +423,7 @@ def run_load(
         "mix": dict(Counter(r.kind.split(":")[0] for r in requests)),
         "invalid_cases": sorted({r.kind[4:] for r in requests if r.kind.startswith("bad:")}),
         "warmup": {
-            k: warm_level[k] for k in ("sent", "succeeded", "refused_as_expected", "failed")
+            k: warm_level[k] for k in ("sent", "succeeded", "refused_as_expected", "shed", "failed")
         },
         "levels": levels,
         "total": total_record,
@@ -477,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"total": total, "checks": record["checks"]}, indent=2))
     print(
         f"sent {total['sent']} of {total['planned']}: {total['succeeded']} succeeded, "
-        f"{total['refused_as_expected']} refused as expected, {total['failed']} failed; server "
+        f"{total['refused_as_expected']} refused as expected, {total['shed']} shed at the queue "
+        f"bound, {total['failed']} failed; server "
         f"memory {mem['after_warmup']['total'] / MIB:.0f} -> {mem['end']['total'] / MIB:.0f} MiB "
         f"(bound +{record['memory_bound_bytes'] / MIB:.0f} MiB); "
         + ("HELD" if record["held"] else "DID NOT HOLD")

@@ -337,6 +337,14 @@ class ServingConfig:
     ort_io_binding: bool = field(default=False, metadata=_ADDED)
     # in process: one ONNX Runtime session per (file, settings), shared by every runner built from it
     ort_session_reuse: bool = field(default=True, metadata=_ADDED)
+    # Backpressure: requests waiting for a personalize or denoise instance (each runs one request's
+    # whole loop) beyond this many are refused at once with UNAVAILABLE (gRPC) / 503 (HTTP), rather
+    # than queued behind work that cannot finish in time; 0 = no bound. A request's wait is about
+    # this many over the server's throughput: size it to the latency promised
+    request_queue_size: int = field(default=32, metadata=_ADDED)
+    # a request that waited this long for a personalize or denoise instance is refused the same way
+    # (a client may ask for a shorter wait with its request timeout); 0 = no limit
+    request_queue_timeout_ms: int = field(default=0, metadata=_ADDED)
 
     def __post_init__(self) -> None:
         for name in (
@@ -350,6 +358,9 @@ class ServingConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"serving.{name}={getattr(self, name)} must be >= 1")
+        for name in ("request_queue_size", "request_queue_timeout_ms"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"serving.{name}={getattr(self, name)} must be >= 0")
 
 
 def _check_heads(name: str, width: int, heads: int) -> None:

@@ -437,6 +437,32 @@ def test_serving_config_is_strict():
     assert not config.HasField("dynamic_batching") and config.instance_group[0].count == 2
 
 
+def test_loop_models_queue_requests_with_a_bound_and_keep_the_full_shapes():
+    """personalize and denoise: max_batch_size 1 with the queue policy of the serving config, and
+    every tensor's shape with its batch dimension is the full shape the ensemble passes
+    (`python_model_io`), a batched scalar's dims [1] reshaped to []."""
+    from pigeon.config import ConfigError
+    from pigeon.serving.triton_config import LOOP_MODELS, python_model_io
+
+    serving = ServingConfig(request_queue_size=5, request_queue_timeout_ms=250)
+    configs = repository_configs(preset("tiny"), serving, "cpu")
+    full = python_model_io(preset("tiny"))
+    for name in LOOP_MODELS:
+        config = text_format.Parse(configs[name], model_config_pb2.ModelConfig())
+        policy = config.dynamic_batching.default_queue_policy
+        assert config.max_batch_size == 1
+        assert (policy.max_queue_size, policy.default_timeout_microseconds) == (5, 250_000)
+        assert policy.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT
+        ins, outs = full[name]
+        pairs = [*zip(config.input, ins, strict=True), *zip(config.output, outs, strict=True)]
+        for declared, tensor in pairs:
+            assert declared.name == tensor.name
+            shape = list(declared.reshape.shape) if declared.HasField("reshape") else declared.dims
+            assert [1, *shape] == list(tensor.dims), name
+    with pytest.raises(ConfigError, match="request_queue_size=-1 must be >= 0"):
+        ServingConfig(request_queue_size=-1)
+
+
 def test_pigeon_serve_prints_endpoints_and_stops_on_sigterm(served):
     import signal
     import subprocess

@@ -292,7 +292,8 @@ class PreprocessModel(_Model):
         )
         size = self.config.history_encoder.image_size
         return {
-            "history_pixels": np.stack([to_model_input(h, size) for h in checked.history]),
+            # (1, N, 3, S, S): one user, the leading 1 is personalize's batch dimension
+            "history_pixels": np.stack([to_model_input(h, size) for h in checked.history])[None],
             "reference_pixels": to_model_input(checked.reference, size)[None],
             "reference_image_pixels": to_model_input(checked.reference, self.config.image_size)[
                 None
@@ -347,11 +348,16 @@ class PersonalizeModel(_Model):
         start = time.perf_counter()
         params = self.parameters(request, "personalize")
         mask_rng, token_rng, _ = request_streams(params["seed"])
+        # two history_encoder calls, not one: the history's is the same for a returning user and
+        # Triton's response cache answers it
+        encode = self.pipeline.runner.run
+        history = encode("history_encoder", {"images": self.get(request, "history_pixels")[0]})
+        reference = encode("history_encoder", {"images": self.get(request, "reference_pixels")})
         item = PersonalizeInput(
-            history_ids=self.get(request, "history_token_ids"),
-            history_keep=self.get(request, "history_token_keep"),
-            reference_ids=self.get(request, "reference_token_ids")[0],
-            reference_keep=self.get(request, "reference_token_keep")[0],
+            history_ids=history["token_ids"],
+            history_keep=history["token_keep"],
+            reference_ids=reference["token_ids"][0],
+            reference_keep=reference["token_keep"][0],
             text=_text(self.get(request, "text"), "text"),
             reference_mask_ratio=params["reference_mask_ratio"],
         )

@@ -2,13 +2,21 @@
 
     pigeon (ensemble)
       preprocess          python: decode + validate the request, resize, defaults
-      history_encoder     x2 (history, reference); response cache: a returning user's history is free
-      personalize         python BLS: mask_generator, condition_adapter (reference), personalizer loop
+      personalize         python BLS: history_encoder x2 (history, reference; its response cache makes
+                          a returning user's history free), mask_generator, condition_adapter
+                          (reference), personalizer loop
       condition_adapter   generated tokens -> UNet conditioning
       denoise             python BLS: sampler loop with CFG over unet (dynamic batching); with
                           strength < 1 it first encodes the reference through vae_encoder
       vae_decoder
       postprocess         python: PNG + timings
+
+Backpressure: personalize and denoise, each running one request's whole loop per instance, take
+max_batch_size 1 so that Triton's dynamic batcher queues their requests, bounded by
+`ServingConfig.request_queue_size` and `request_queue_timeout_ms` with REJECT: an overloaded server
+refuses new requests at once (UNAVAILABLE / 503) instead of letting every request wait longer.
+personalize encodes the images itself for that reason: a batching model's request carries one
+user, and the history's tokens, batched over its images, could not be one.
 
 The seven networks are `python` models running ONNX Runtime on the `cpu` target and `tensorrt_plan`
 engines on the `gpu` target; every model and tensor name is the same on both. Their tensors come from
@@ -37,6 +45,7 @@ TRITON_DTYPES = {
     "bytes": "TYPE_STRING",
 }
 PYTHON_MODELS = ("preprocess", "personalize", "denoise", "postprocess")
+LOOP_MODELS = ("personalize", "denoise")  # one request's whole loop per execution; bounded queues
 
 
 @dataclass(frozen=True)
@@ -66,7 +75,8 @@ def _read_by(reader: str) -> list[IO]:
 
 
 def python_model_io(config: PipelineConfig) -> dict[str, tuple[list[IO], list[IO]]]:
-    """Inputs and outputs of the four Python models (max_batch_size 0: full shapes)."""
+    """Inputs and outputs of the four Python models, as full shapes (a request's leading 1 becomes
+    the batch dimension of the loop models, `batched_io`)."""
     p = config.history_encoder.num_patches
     s = config.history_encoder.image_size
     ca = config.condition_adapter
@@ -77,7 +87,7 @@ def python_model_io(config: PipelineConfig) -> dict[str, tuple[list[IO], list[IO
         "preprocess": (
             request,
             [
-                IO("history_pixels", "float32", (-1, 3, s, s)),
+                IO("history_pixels", "float32", (1, -1, 3, s, s)),
                 IO("reference_pixels", "float32", (1, 3, s, s)),
                 IO("reference_image_pixels", "float32", (1, 3, s_out, s_out)),
                 IO("text_out", "bytes", (1,)),
@@ -87,10 +97,8 @@ def python_model_io(config: PipelineConfig) -> dict[str, tuple[list[IO], list[IO
         ),
         "personalize": (
             [
-                IO("history_token_ids", "int64", (-1, p)),
-                IO("history_token_keep", "int64", (-1, p)),
-                IO("reference_token_ids", "int64", (1, p)),
-                IO("reference_token_keep", "int64", (1, p)),
+                IO("history_pixels", "float32", (1, -1, 3, s, s)),
+                IO("reference_pixels", "float32", (1, 3, s, s)),
                 IO("text", "bytes", (1,)),
                 *_read_by("personalize"),
             ],
@@ -144,22 +152,10 @@ ENSEMBLE_STEPS = (
         },
     ),
     (
-        "history_encoder",
-        {"images": "history_pixels"},
-        {"token_ids": "history_token_ids", "token_keep": "history_token_keep"},
-    ),
-    (
-        "history_encoder",
-        {"images": "reference_pixels"},
-        {"token_ids": "reference_token_ids", "token_keep": "reference_token_keep"},
-    ),
-    (
         "personalize",
         {
-            "history_token_ids": "history_token_ids",
-            "history_token_keep": "history_token_keep",
-            "reference_token_ids": "reference_token_ids",
-            "reference_token_keep": "reference_token_keep",
+            "history_pixels": "history_pixels",
+            "reference_pixels": "reference_pixels",
             "text": "text_checked",
             **_checked("personalize"),
         },
@@ -264,14 +260,38 @@ def _parameters(values: dict[str, str]) -> str:
     return f"parameters [\n{items}\n]\n"
 
 
+def batched_io(io: IO) -> IO:
+    """A full shape with a leading 1 -> the same tensor of a max_batch_size 1 model (dims without
+    the batch dimension; a (1,) tensor is a batched scalar)."""
+    if io.dims[0] != 1:
+        raise ValueError(f"{io.name}: a loop model's tensor must lead with 1, not {io.dims}")
+    rest = io.dims[1:]
+    return IO(io.name, io.dtype, rest or (1,), io.optional, scalar=not rest)
+
+
+def queue_policy(serving: ServingConfig) -> str:
+    """The dynamic batcher's queue of a loop model: bounded, and REJECT past the bound or timeout."""
+    return (
+        "dynamic_batching {\n  max_queue_delay_microseconds: 0\n  default_queue_policy {\n"
+        "    timeout_action: REJECT\n"
+        f"    default_timeout_microseconds: {serving.request_queue_timeout_ms * 1000}\n"
+        "    allow_timeout_override: true\n"
+        f"    max_queue_size: {serving.request_queue_size}\n  }}\n}}\n"
+    )
+
+
 def python_config(
     name: str, inputs: list[IO], outputs: list[IO], serving: ServingConfig, target: str
 ) -> str:
-    count = serving.bls_instances if name in ("personalize", "denoise") else serving.instances
+    loop = name in LOOP_MODELS
+    count = serving.bls_instances if loop else serving.instances
+    if loop:
+        inputs, outputs = [batched_io(i) for i in inputs], [batched_io(o) for o in outputs]
     text = (
         HEADER
-        + f'name: "{name}"\nbackend: "python"\nmax_batch_size: 0\n'
+        + f'name: "{name}"\nbackend: "python"\nmax_batch_size: {int(loop)}\n'
         + _io_block(inputs, outputs)
+        + (queue_policy(serving) if loop else "")
         + f"instance_group [ {{ count: {count}\n  kind: KIND_CPU }} ]\n"
     )
     key = in_process_key(name)

@@ -1,0 +1,64 @@
+"""Backpressure: past its queue bound the server refuses new requests with UNAVAILABLE / 503, and
+serves the ones it took. The server runs one instance of each loop model and lets one request wait
+for each (`request_queue_size` 1), so a long request holding the denoise loop leaves room for one
+more request in all; the rest must be refused, not queued."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from pigeon.serving.client import ClientError
+from pigeon.serving.server import TritonServer
+
+from .support import LIGHT, STARTUP_S, decode, generate, long_request_in_flight, make_repository
+
+pytestmark = pytest.mark.triton
+
+BOUNDED = dataclasses.replace(LIGHT, request_queue_size=1)
+BURST = 8
+
+
+@pytest.fixture(scope="module")
+def bounded(tmp_path_factory, checkpoint_dir, artifacts):
+    repo = make_repository(
+        tmp_path_factory.mktemp("bounded"), checkpoint_dir, artifacts, serving=BOUNDED
+    )
+    with TritonServer(repo, startup_timeout_s=STARTUP_S) as server:
+        yield server
+
+
+def outcome(server, protocol: str, seed: int) -> tuple[str, float]:
+    """("served" or the error's status, seconds) of one short request."""
+    start = time.perf_counter()
+    try:
+        decode(generate(server, protocol, seed=seed))
+        return "served", time.perf_counter() - start
+    except ClientError as exc:
+        expected = "503" if protocol == "http" else "UNAVAILABLE"
+        shown = str(exc.http_status) if protocol == "http" else exc.status
+        assert shown == expected, f"{protocol}: refused with {shown}, not {expected}: {exc}"
+        return exc.status, time.perf_counter() - start
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_past_its_queue_bound_the_server_refuses_and_serves_what_it_took(bounded, protocol):
+    alone = outcome(bounded, protocol, seed=0)
+    assert alone[0] == "served"
+    thread, box = long_request_in_flight(bounded, protocol)  # holds the one denoise instance
+    with ThreadPoolExecutor(BURST) as pool:
+        results = list(pool.map(lambda s: outcome(bounded, protocol, s), range(1, BURST + 1)))
+    thread.join(STARTUP_S)
+    assert "result" in box, f"the long request failed: {box}"
+    served = [t for o, t in results if o == "served"]
+    refused = [t for o, t in results if o == "UNAVAILABLE"]
+    assert len(served) + len(refused) == BURST  # every request exactly one outcome
+    # room for one request at most beside the long one (personalize's instance or queue, then
+    # denoise's queue); every other one refused
+    assert 1 <= len(refused) and len(served) <= 2, results
+    # refused at the queue, not after waiting for the long request (which runs 400 steps)
+    assert max(refused) < min(served, default=float("inf")), results
+    assert outcome(bounded, protocol, seed=99)[0] == "served"  # and it serves again
