@@ -503,8 +503,9 @@ def test_the_stage_table_names_real_links_batches_and_the_recipe_covers_it():
     """Every stage's chain link is a link the chain draws, the recipe has steps for every stage of
     every preset, and `pigeon train` offers exactly the table's stages (plus `all`)."""
     from pigeon.cli import build_parser
+    from pigeon.config import ConfigError
     from pigeon.evaluation.chain import LINKS
-    from pigeon.training.loop import RECIPE_STEPS, recipe
+    from pigeon.training.loop import RECIPE_STEPS, TrainConfig, recipe
     from pigeon.training.stages import STAGES
 
     assert {s.chain_link for s in STAGES.values()} - {None} <= set(LINKS)
@@ -513,6 +514,8 @@ def test_the_stage_table_names_real_links_batches_and_the_recipe_covers_it():
         configs = recipe(preset_name)
         assert [configs[name].stage for name in STAGE_NAMES] == list(STAGE_NAMES)
         assert all(configs[name].steps == steps[name] for name in STAGE_NAMES)
+    with pytest.raises(ConfigError, match="train.stage='rl' is not one of"):
+        TrainConfig(stage="rl", steps=1, batch_size=1, lr=1e-3)
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     stage_action = next(a for a in train._actions if a.dest == "stage")
     assert list(stage_action.choices) == [*STAGE_NAMES, "all"]

@@ -120,6 +120,8 @@ class TrainConfig:
                 "train.sft_base trains the LLM's base weights, --lora-only the LoRA alone: "
                 "choose one"
             )
+        if self.stage not in STAGE_NAMES:
+            raise ConfigError(f"train.stage={self.stage!r} is not one of {list(STAGE_NAMES)}")
         if self.style_weight < 0:
             raise ConfigError(f"train.style_weight={self.style_weight} is negative")
         if not 0.0 <= self.history_token_share <= 1.0:
@@ -571,6 +573,8 @@ def train_stage(
         state = torch.load(state_path, weights_only=True)
         if "heads" in state:
             module.heads.load_state_dict(state["heads"])
+        elif "probe" in state and "probe" in module.heads:  # a trainer state saved before heads
+            module.heads["probe"].load_state_dict(state["probe"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step, best = state["step"], state["best"]
