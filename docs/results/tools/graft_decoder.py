@@ -3,7 +3,7 @@
     PYTHONPATH=. python docs/results/tools/graft_decoder.py --decoder RUN/decoder/best \
         --into OLD_RUN/sft/best --out RUN/sft/best
 
-The `decoder` stage trains the UNet alone (`pigeon.training.objectives.stage_parameters`). The lmm and
+The `decoder` stage trains the UNet alone (`pigeon.training.stages.stage_parameters`). The lmm and
 sft stages neither read nor write the UNet: they read the history encoder's tokens and the condition
 adapter's reference embedding, which the decoder stage leaves as they were. So an lmm or sft stage
 retrained after the decoder stage, with the same seeds, learns what it learned before, and swapping the
