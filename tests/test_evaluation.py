@@ -470,7 +470,7 @@ def test_supcon_loss_and_training_reads_only_the_training_concepts(proc):
 # --- CLI ----------------------------------------------------------------------------------------
 
 
-def test_cli_evaluate_baselines_and_errors(tmp_path, saved_nets, capsys):
+def test_cli_evaluate_baselines_and_errors(tmp_path, saved_nets, capsys, caplog):
     from pigeon.cli import main
 
     out = tmp_path / "eval"
@@ -502,6 +502,7 @@ def test_cli_evaluate_baselines_and_errors(tmp_path, saved_nets, capsys):
     assert summary["methods"]["oracle"]["copy_rate"] == 0.0
     assert summary["methods"]["reference_copy"]["copy_rate"] == 1.0
     assert summary["skipped_methods"]["pigeon"] == "no --checkpoint given"
+    assert "skipping pigeon: no --checkpoint given" in caplog.text  # said before the run
     assert (out / "results.md").is_file()
     assert (
         "pigeon evaluate" in json.loads((out / "results.json").read_text())["provenance"]["command"]

@@ -575,6 +575,8 @@ def command(args) -> dict:
             ratios=args.ratios,
             batch=args.batch,
         )
+    for name, why in skipped.items():  # said before the run, not only in its report
+        log.warning("skipping %s: %s", name, why)
     config = EvalConfig(
         methods=methods,
         seed=args.seed,
