@@ -529,6 +529,8 @@ def from_dict(cls: type, data: dict[str, Any], *, where: str = "config") -> Any:
             kwargs[f.name] = f.metadata["when_omitted"]
     try:
         return cls(**kwargs)
+    except ConfigError as exc:  # a value the dataclass refuses: say which file it came from
+        raise ConfigError(f"{where}: {exc}") from None
     except TypeError as exc:  # pragma: no cover - guarded by the checks above
         raise ConfigError(f"{where}: {exc}") from exc
 

@@ -199,3 +199,16 @@ def test_the_fuzzers_reach_both_outcomes():
         assert from_dict(cls, to_dict(base), where=name) == base
     with pytest.raises(ConfigError):
         from_dict(ServingConfig, {"instances": 0}, where="x")
+
+
+def test_what_the_long_run_found_is_named():
+    """Two inputs the 100,000-example run found escaping unnamed: a PNG whose IHDR chunk is empty
+    (PIL raises ValueError while opening), and a config value that the dataclass itself refuses
+    (its message lacked the file's name)."""
+    png = SEEDS["PNG"]
+    empty_header = png[:8] + b"\x00\x00\x00\x00" + png[12:]  # IHDR length 0
+    with pytest.raises(ImageError, match=r"^fuzzed: not a readable image \(ValueError\)"):
+        load_image(empty_header, "fuzzed")
+    generation = to_dict(CONFIG.generation)
+    with pytest.raises(ConfigError, match=r"^fuzzed.json: generation.temperature=0.0 must be > 0"):
+        from_dict(type(CONFIG.generation), {**generation, "temperature": 0.0}, where="fuzzed.json")

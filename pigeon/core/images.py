@@ -35,7 +35,7 @@ def _open(source: Image.Image | bytes | str | Path, name: str) -> Image.Image:
         raise ImageError(f"{name}: is a directory, not an image") from None
     except Image.DecompressionBombError:
         raise ImageError(f"{name}: exceeds the limit of {MAX_PIXELS} pixels") from None
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:  # PIL's header errors
         raise ImageError(f"{name}: not a readable image ({exc.__class__.__name__})") from None
     w, h = image.size
     if w * h > MAX_PIXELS:
