@@ -80,6 +80,13 @@ def check_array(image: np.ndarray, name: str = "image") -> np.ndarray:
     return image
 
 
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (H, W, 3) -> (size, size, 3), bicubic; the image itself where it has that size."""
+    if image.shape[0] == size:
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
+
+
 def to_model_input(image: np.ndarray, size: int) -> np.ndarray:
     """uint8 (H, W, 3) -> float32 (3, size, size) in [0, 1]: pad to square on white, bicubic resize."""
     h, w = image.shape[:2]
@@ -89,16 +96,7 @@ def to_model_input(image: np.ndarray, size: int) -> np.ndarray:
         top, left = (side - h) // 2, (side - w) // 2
         square[top : top + h, left : left + w] = image
         image = square
-    if side != size:
-        image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
-    return image.astype(np.float32).transpose(2, 0, 1) / 255.0
-
-
-def resize(image: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (H, W, 3) -> (size, size, 3), bicubic; the image itself where it has that size."""
-    if image.shape[0] == size:
-        return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
+    return resize(image, size).astype(np.float32).transpose(2, 0, 1) / 255.0
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

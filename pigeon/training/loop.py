@@ -162,30 +162,29 @@ def recipe(preset_name: str) -> dict[str, TrainConfig]:
             f"no training recipe for preset {preset_name!r}; choose {sorted(RECIPE_STEPS)}"
         )
     steps, batch, users = RECIPE_STEPS[preset_name]
-    vae, image, decoder, lmm, sft, dpo = (steps[name] for name in STAGE_NAMES)
     # the convolutional stages under bf16 autocast: about 2x faster VAE steps on the 2-core CPU
     # (AVX-512 bf16); the small transformer stages stay float32
     precision = "fp32" if preset_name == "tiny" else "bf16"
 
-    def every(steps: int) -> int:
-        return max(2, steps // 4)
+    def every(stage_steps: int) -> int:  # validate four times a stage
+        return max(2, stage_steps // 4)
 
     return {
         "vae": TrainConfig(
             stage="vae",
-            steps=vae,
+            steps=steps["vae"],
             batch_size=batch,
             lr=1e-3,
-            val_every=every(vae),
+            val_every=every(steps["vae"]),
             perceptual_weight=0.0 if preset_name == "tiny" else 0.1,
             precision=precision,
         ),
         "image": TrainConfig(
             stage="image",
-            steps=image,
+            steps=steps["image"],
             batch_size=batch,
             lr=5e-4,
-            val_every=every(image),
+            val_every=every(steps["image"]),
             min_code_perplexity=0.0 if preset_name == "tiny" else 4.0,
             # measured on small: without it the UNet ignored its condition (docs/RESULTS.md §4)
             reconstruct_weight=1.0,
@@ -193,20 +192,32 @@ def recipe(preset_name: str) -> dict[str, TrainConfig]:
         ),
         "decoder": TrainConfig(
             stage="decoder",
-            steps=decoder,
+            steps=steps["decoder"],
             batch_size=batch,
             lr=5e-4,
-            val_every=every(decoder),
+            val_every=every(steps["decoder"]),
             precision=precision,
         ),
-        "lmm": TrainConfig(stage="lmm", steps=lmm, batch_size=batch, lr=5e-4, val_every=every(lmm)),
-        "sft": TrainConfig(stage="sft", steps=sft, batch_size=users, lr=1e-3, val_every=every(sft)),
+        "lmm": TrainConfig(
+            stage="lmm",
+            steps=steps["lmm"],
+            batch_size=batch,
+            lr=5e-4,
+            val_every=every(steps["lmm"]),
+        ),
+        "sft": TrainConfig(
+            stage="sft",
+            steps=steps["sft"],
+            batch_size=users,
+            lr=1e-3,
+            val_every=every(steps["sft"]),
+        ),
         "dpo": TrainConfig(
             stage="dpo",
-            steps=dpo,
+            steps=steps["dpo"],
             batch_size=users,
             lr=5e-5,
-            val_every=every(dpo),
+            val_every=every(steps["dpo"]),
             dpo_pairs=max(4, users * 4),
             # the 8-step tiny LM generates the same tokens at every mask ratio under one seed
             dpo_seeds="per_candidate" if preset_name == "tiny" else "shared",
