@@ -205,6 +205,56 @@ def test_style_labels_follow_the_images_of_each_source():
             assert matches, "a history image is not drawn in its labelled style"
 
 
+def test_image_style_term_is_the_cross_entropy_of_the_images_styles_and_reaches_the_tokenizer(
+    setup,
+):
+    """The image stage's style term against a hand-built cross-entropy of the style head on the
+    pooled embedding of the images' own tokens (a second pass through the tokenizer and the adapter
+    with the same weights), and its gradient reaches the tokenizer, which the decoder's does not."""
+    config, _ = setup
+    model = make_model(config).eval()  # eval: no dead-code restarts, deterministic keep
+    g = torch.Generator().manual_seed(3)
+    images = torch.rand(4, 3, 32, 32, generator=g)
+    styles = torch.tensor([2, 0, 3, 1])
+    head = torch.nn.Linear(config.condition_adapter.pooled_dim, 4)
+    ac = torch.from_numpy(alphas_cumprod(model.config.scheduler)).float()
+
+    def objective(weight: float) -> torch.Tensor:
+        torch.manual_seed(7)
+        return O.image_objective(
+            model, images, ac, style_head=head, style_weight=weight, styles=styles
+        )
+
+    set_trainable(model, "image")
+    with_style, without = objective(1.5), objective(0.0)
+    tok = model.history_encoder.tokenize(O.encoder_input(model, images))
+    _, pooled, _ = model.condition_adapter(tok.quantized, tok.token_keep)
+    expected = F.cross_entropy(head(pooled), styles)
+    torch.testing.assert_close(with_style - without, 1.5 * expected)
+    assert not torch.allclose(F.cross_entropy(head(pooled), styles.flip(0)), expected)
+    model.zero_grad()
+    (with_style - without).backward()  # the style term's gradient alone
+    grads = [p.grad for p in model.history_encoder.parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    with pytest.raises(ValueError, match="style labels"):
+        O.image_objective(model, images, ac, style_head=head, style_weight=1.0, styles=None)
+
+
+def test_labelled_images_are_the_same_draw_as_images_with_their_styles():
+    """`labelled_images` draws what `images` draws from the same generator, and each label names
+    the style the image is drawn in (procedural images re-rendered from the labels)."""
+    from pigeon.training.data import ProceduralData
+
+    data = ProceduralData(32)
+    images, captions = data.images(np.random.default_rng(4), 12)
+    same, same_captions, styles = data.labelled_images(np.random.default_rng(4), 12)
+    assert np.array_equal(images, same) and captions == same_captions
+    for image, caption, style in zip(same, same_captions, styles, strict=True):
+        concept = caption.removeprefix("a ")
+        assert np.array_equal(data.cache[(concept, data.style_names[style])], image)
+    assert len(set(styles.tolist())) > 1
+
+
 @pytest.mark.parametrize("stage", STAGE_NAMES)
 def test_a_stage_changes_exactly_its_own_parameters(setup, stage):
     config, tokenizer = setup

@@ -1,6 +1,7 @@
 """Training data behind one interface, drawn from a seeded generator so a step's batch can be re-made.
 
     TrainingData.images(rng, n)            -> uint8 (n, S, S, 3), captions       stages vae, image, lmm
+    TrainingData.labelled_images(rng, n)   -> the same draw, and its style labels (None: none)
     TrainingData.users(rng, n, L, noise)   -> [User(history, reference, target, text)]  stages sft, dpo
     TrainingData.validation_users(n, L)    -> the same fixed users every time
     TrainingData.style_names               -> the style labels its users carry (empty: none)
@@ -55,10 +56,19 @@ class ProceduralData:
         }
 
     def images(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, list[str]]:
+        return self.labelled_images(rng, n)[:2]
+
+    def labelled_images(
+        self, rng: np.random.Generator, n: int
+    ) -> tuple[np.ndarray, list[str], np.ndarray]:
         picks = [
             (str(rng.choice(self.p.CONCEPTS)), str(rng.choice(self.p.STYLES))) for _ in range(n)
         ]
-        return np.stack([self.cache[p] for p in picks]), [f"a {c}" for c, _ in picks]
+        return (
+            np.stack([self.cache[p] for p in picks]),
+            [f"a {c}" for c, _ in picks],
+            np.array([self.style_names.index(s) for _, s in picks]),
+        )
 
     def users(
         self, rng: np.random.Generator, n: int, history_length: int, noise_ratio: float
@@ -112,6 +122,11 @@ class EmojiPrefsData:
         )
 
     def images(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, list[str]]:
+        return self.labelled_images(rng, n)[:2]
+
+    def labelled_images(
+        self, rng: np.random.Generator, n: int
+    ) -> tuple[np.ndarray, list[str], np.ndarray]:
         concepts = rng.choice(self.train, n)
         styles = rng.integers(0, len(self.dataset.styles), n)
         images = np.stack(
@@ -120,7 +135,8 @@ class EmojiPrefsData:
                 for c, s in zip(concepts, styles, strict=True)
             ]
         )
-        return images, [f"a sticker of {self.dataset.concepts[c].name}" for c in concepts]
+        captions = [f"a sticker of {self.dataset.concepts[c].name}" for c in concepts]
+        return images, captions, styles
 
     def users(
         self, rng: np.random.Generator, n: int, history_length: int, noise_ratio: float
@@ -178,6 +194,11 @@ class UserFormatData:
             np.stack([self.image(i) for i in picks]),
             [self.data.items[i].caption for i in picks],
         )
+
+    def labelled_images(
+        self, rng: np.random.Generator, n: int
+    ) -> tuple[np.ndarray, list[str], None]:
+        return (*self.images(rng, n), None)
 
     def users(
         self, rng: np.random.Generator, n: int, history_length: int, noise_ratio: float

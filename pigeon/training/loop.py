@@ -45,7 +45,7 @@ from pigeon.models.unet import ConditionSketch
 from pigeon.training import objectives as O
 from pigeon.training.curves import plot_curves
 from pigeon.training.data import User, load_data
-from pigeon.training.stages import STAGE_NAMES, set_trainable, stage_spec
+from pigeon.training.stages import STAGE_NAMES, STYLE_STAGES, set_trainable, stage_spec
 from pigeon.vocab import DEFAULT_CORPUS, TextTokenizer, train_text_tokenizer
 
 log = logging.getLogger(__name__)
@@ -91,11 +91,13 @@ class TrainConfig:
     # personalizer's tokens, which miss the concept, then decide it; a history image's tokens carry
     # only the style, so the concept has to come from the reference
     history_token_share: float = 0.0
-    # decoder stage: weight of a style classification of the condition's pooled embedding (the style
-    # of the image whose tokens made it), by a training-only linear head; the condition adapter then
-    # trains beside the UNet, so the pooled embedding, which reaches every ResNet block through the
-    # time embedding, becomes a style code. Needs data with style labels (EmojiPrefs, procedural);
-    # stage 1 must come after it, since the reference embedding it reads moves too
+    # image and decoder stages: weight of a style classification of the condition's pooled
+    # embedding (the style of the image whose tokens made it), by a training-only linear head. In
+    # the decoder stage the condition adapter then trains beside the UNet, so the pooled embedding,
+    # which reaches every ResNet block through the time embedding, becomes a style code; in the
+    # image stage the gradient reaches the tokenizer too, so the codes themselves carry the style.
+    # Needs data with style labels (EmojiPrefs, procedural); the stages that read the tokens or
+    # the reference embedding (lmm, sft) must come after it
     style_weight: float = 0.0
     # vae stage: weight of the perceptual distance (pigeon.training.perceptual) beside L1
     perceptual_weight: float = 0.0
@@ -300,7 +302,7 @@ class StageModule(nn.Module):
             sketching = model.config.unet.condition_sketch
             if name == "image" and options.reconstruct_weight > 0 and not sketching:
                 self.heads["probe"] = ConditionSketch(model.config)
-            if name == "decoder" and options.style_weight > 0:
+            if name in STYLE_STAGES and options.style_weight > 0:
                 pooled_dim = model.config.condition_adapter.pooled_dim
                 self.heads["style"] = nn.Linear(pooled_dim, style_count)
         self.register_buffer(
@@ -383,8 +385,12 @@ def make_batch(
     generator = random.Random(step_seed(config.seed, step))  # r ~ U(0, 1): once per global batch
     reads = stage_spec(config.stage).reads
     if reads == "images":
-        images, texts = data.images(rng, config.batch_size)
-        return {"images": to_tensor(images[share]).to(device), "texts": texts[share]}
+        images, texts, styles = data.labelled_images(rng, config.batch_size)
+        return {
+            "images": to_tensor(images[share]).to(device),
+            "texts": texts[share],
+            "styles": None if styles is None else torch.from_numpy(styles[share]).to(device),
+        }
     if reads == "targets":  # a target, its concept in another style, one history image
         users = data.users(rng, config.batch_size, 1, 0.0)[share]
         return decoder_batch(users, device, data.paired_reference, config.history_token_share > 0)
@@ -552,7 +558,7 @@ def train_stage(
     builder = PromptBuilder(tokenizer, model.vocab)
     if config.lora_only and not spec.lora:
         raise ConfigError(f"train.lora_only applies to the sft and dpo stages, not {stage!r}")
-    style_weight = config.style_weight if stage == "decoder" else 0.0
+    style_weight = config.style_weight if stage in STYLE_STAGES else 0.0
     if style_weight > 0 and not data.style_names:
         raise ConfigError(
             f"train.style_weight={config.style_weight}: --data {data_source} carries no style "
@@ -560,7 +566,11 @@ def train_stage(
         )
     # sft_base and style_weight are read by their own stage only (`pigeon train all --set ...`)
     trainable = set_trainable(
-        model, stage, config.lora_only, config.sft_base and stage == "sft", style_weight > 0
+        model,
+        stage,
+        config.lora_only,
+        config.sft_base and stage == "sft",
+        style_weight > 0 and stage == "decoder",
     )
     pairs, reference = None, None
     if stage == "dpo":

@@ -76,6 +76,9 @@ def image_objective(
     budget_weight: float = 1.0,
     probe: ConditionSketch | None = None,
     reconstruct_weight: float = 0.0,
+    style_head: nn.Module | None = None,
+    style_weight: float = 0.0,
+    styles: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """LaVIT's tokenizer + diffusion decoder: denoise the image's latents conditioned on its own tokens.
 
@@ -89,6 +92,11 @@ def image_objective(
     earlier small run's tokens carried nothing (the UNet's loss was the same with the condition
     zeroed). The regressor is the UNet's own condition sketch, or `probe` (a training-only
     `ConditionSketch` kept in the trainer state) for a UNet without one.
+
+    The style term (`style_weight` > 0, data with style labels): as in `decoder_objective`,
+    `style_head` classifies the image's style (`styles`, (batch,) indices) from the pooled
+    embedding; here the gradient reaches the tokenizer through the quantizer's straight-through
+    estimate, so the kept codes themselves, which the LMM learns to generate, carry the style.
 
     alphas_cumprod: (T,) from `pigeon.diffusion.scheduler.alphas_cumprod`.
     """
@@ -111,9 +119,12 @@ def image_objective(
         model, latents, alphas_cumprod, prompt_embeds, pooled, uncond_prob
     )
     budget = keep_budget(tok.keep_prob, keep_target)
-    return (
+    loss = (
         diffusion + tok.commit_loss + budget_weight * budget + reconstruct_weight * reconstruction
     )
+    if style_weight > 0:
+        loss = loss + style_weight * style_loss(style_head, pooled, styles)
+    return loss
 
 
 def image_latents(model: PigeonModel, images: torch.Tensor) -> torch.Tensor:
@@ -252,10 +263,18 @@ def decoder_objective(
         model, latents, alphas_cumprod, prompt_embeds, pooled, uncond_prob, reference_latents
     )
     if style_weight > 0:
-        if style_head is None or token_styles is None:
-            raise ValueError("the style term needs a style head and the tokens' style labels")
-        loss = loss + style_weight * F.cross_entropy(style_head(pooled), token_styles)
+        loss = loss + style_weight * style_loss(style_head, pooled, token_styles)
     return loss
+
+
+def style_loss(
+    style_head: nn.Module | None, pooled: torch.Tensor, styles: torch.Tensor | None
+) -> torch.Tensor:
+    """Cross-entropy of the style head on the pooled embedding (batch, pooled_dim) against the
+    style labels (batch,) of the images whose tokens made it."""
+    if style_head is None or styles is None:
+        raise ValueError("the style term needs a style head and the tokens' style labels")
+    return F.cross_entropy(style_head(pooled), styles)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ this table; the losses themselves are in `pigeon.training.objectives`.
     stage    trains                                       reads     validation logs
     vae      VAE                                          images    latent scale, VAE round trip
     image    history encoder, condition adapter, UNet     images    tokenizer health, target tokens
+             (+ style head: style_weight)
     decoder  UNet (+ condition adapter: style_weight)     targets   condition gain, target tokens
     lmm      LLM base weights                             images
     sft      LoRA, reference adapter, mask generator      users
@@ -56,6 +57,9 @@ def _image(module, batch: dict) -> torch.Tensor:
         module.alphas_cumprod,
         probe=module.heads["probe"] if "probe" in module.heads else None,
         reconstruct_weight=module.options.reconstruct_weight,
+        style_head=module.heads["style"] if "style" in module.heads else None,
+        style_weight=module.options.style_weight,
+        styles=batch.get("styles"),
     )
 
 
@@ -166,6 +170,7 @@ STAGES: dict[str, Stage] = {
     )
 }
 STAGE_NAMES = tuple(STAGES)  # the recipe's order
+STYLE_STAGES = ("image", "decoder")  # the stages that read `TrainConfig.style_weight`
 
 
 def stage_spec(name: str) -> Stage:
