@@ -217,9 +217,11 @@ def run_level(
     deadline: float,
     timeout_s: float,
     tolerance: int = 2,
+    progress: Progress | None = None,
 ) -> dict:
     """`concurrency` client threads (alternating between `protocols`, each on its `urls` entry) share
-    `requests` until all are sent or `deadline` (time.monotonic) passes."""
+    `requests` until all are sent or `deadline` (time.monotonic) passes; each outcome counts in
+    `progress`, which the deployment operator watches."""
     from pigeon.serving.client import ClientError, PigeonClient
 
     queue = list(reversed(requests))
@@ -270,6 +272,8 @@ def run_level(
                     outcome["reason"] = f"{exc.__class__.__name__}: {_reason(str(exc))}"
                 with lock:
                     outcomes.append(outcome)
+                if progress is not None:
+                    progress.add()
 
     start = time.perf_counter()
     threads = [
@@ -282,6 +286,54 @@ def run_level(
         t.join()
     wall = time.perf_counter() - start
     return {**summarize(outcomes, len(requests), wall), "_outcomes": outcomes}
+
+
+class Progress:
+    """Requests ended so far in the measured run, shared by the client threads."""
+
+    def __init__(self) -> None:
+        self.done = 0
+        self.lock = threading.Lock()
+
+    def add(self) -> None:
+        with self.lock:
+            self.done += 1
+
+
+def operate(server, progress: Progress, total: int, deploy_at: float, rollback_at: float):
+    """Deploy version 2 once `deploy_at` of the `total` requests have ended, roll back to version 1
+    at `rollback_at`, as an operator would during traffic (`pigeon deploy` / `pigeon rollback`).
+    Returns (thread, record): the record gets each action's request count, seconds and outcome."""
+    from pigeon.serving.client import deploy, rollback
+
+    record: dict = {}
+
+    def act(name: str, fraction: float, fn) -> bool:
+        while progress.done < fraction * total:
+            if stop.wait(0.1):
+                record[name] = {"error": "the run ended before it"}
+                return False
+        start = time.perf_counter()
+        entry = {"after_requests": progress.done}
+        try:
+            entry["result"] = fn()
+            entry["ok"] = True
+        except Exception as exc:  # recorded and checked: a failed switch fails the run
+            entry["error"], entry["ok"] = f"{exc.__class__.__name__}: {exc}", False
+        entry["seconds"] = time.perf_counter() - start
+        entry["requests_during"] = progress.done - entry["after_requests"]
+        record[name] = entry
+        return entry["ok"]
+
+    def run() -> None:
+        url, repo, headers = server.http_url, server.repository, server.admin_headers
+        if act("deploy", deploy_at, lambda: deploy(url, repo, 2, headers)):
+            act("rollback", rollback_at, lambda: rollback(url, repo, headers))
+
+    stop = threading.Event()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, stop, record
 
 
 def is_shed(exc) -> bool:
@@ -337,11 +389,14 @@ def run_load(
     seed: int = 0,
     bound_mib: float = DEFAULT_BOUND_MIB,
     bound_fraction: float = DEFAULT_BOUND_FRACTION,
+    switch: tuple[float, float] | None = None,
     log=print,
 ) -> dict:
-    """Run the load against a started `TritonServer` (bound to 127.0.0.1); returns the record."""
+    """Run the load against a started `TritonServer` (bound to 127.0.0.1); returns the record.
+    `switch` (deploy_at, rollback_at): with version 2 published beside 1, deploy it and roll back
+    once those shares of the requests have ended."""
     from pigeon.checkpoint import load_config
-    from pigeon.serving.client import PigeonClient
+    from pigeon.serving.client import PigeonClient, deploy
 
     if server.host not in ("127.0.0.1", "localhost", "::1"):
         raise ValueError(f"the load test only sends traffic to 127.0.0.1, not {server.host}")
@@ -351,6 +406,8 @@ def run_load(
     deadline = time.monotonic() + duration_limit_s
     memory = {"start": server.memory()}
     url = server.grpc_url
+    if switch is not None:  # version 1 on record, so that the rollback has one to go back to
+        deploy(server.http_url, server.repository, 1, server.admin_headers)
 
     # answers: each returning user's image, alone on an idle server
     requests = make_requests(total, size, max_history, seed)
@@ -371,6 +428,9 @@ def run_load(
     memory["after_warmup"] = server.memory()
     stubs_before = {s.pid for s in server.stubs() if s.alive}
     successes_before = success_count(url)
+    progress = Progress()
+    if switch is not None:
+        operator, stop, operations = operate(server, progress, total, *switch)
     log(
         f"warm-up: {warm_level['sent']} requests, {warm_level['failed']} failed; server memory "
         f"{memory['after_warmup']['total'] / MIB:.0f} MiB in {memory['after_warmup']['stub_processes']}"
@@ -384,7 +444,9 @@ def run_load(
     for c, n in zip(concurrency, per_level, strict=True):
         share = requests[offset : offset + n]
         offset += n
-        level = run_level(urls, list(protocols), c, share, answers, size, deadline, timeout_s)
+        level = run_level(
+            urls, list(protocols), c, share, answers, size, deadline, timeout_s, progress=progress
+        )
         level["memory_after"] = server.memory()
         levels[f"c{c}"] = level
         lat = level["latency_s"] or {}
@@ -396,6 +458,10 @@ def run_load(
             f"{lat.get('p99', float('nan')) * 1e3:7.1f} ms  {level['throughput_rps']:6.1f} req/s  "
             f"memory {level['memory_after']['total'] / MIB:.0f} MiB"
         )
+    if switch is not None:
+        stop.set()
+        operator.join()
+        log(f"deployment: {json.dumps(operations)}")
     memory["end"] = server.memory()
     successes = success_count(url) - successes_before
     stubs_after = {s.pid for s in server.stubs() if s.alive}
@@ -410,9 +476,17 @@ def run_load(
         "every_request_has_one_outcome": total_record["sent"]
         == sum(total_record[k] for k in ("succeeded", "refused_as_expected", "shed", "failed")),
         "server_counted_the_same_successes": successes == total_record["succeeded"],
-        "no_stub_process_died": stubs_before <= stubs_after and not server.heals,
+        # a deployment replaces the Python models' processes; then their number must hold
+        "no_stub_process_died": (
+            len(stubs_after) >= len(stubs_before) if switch else stubs_before <= stubs_after
+        )
+        and not server.heals,
         "memory_growth_within_bound": growth <= bound,
     }
+    if switch is not None:
+        checks["deployed_and_rolled_back"] = all(
+            operations.get(k, {}).get("ok") for k in ("deploy", "rollback")
+        )
     return {
         "benchmark": "load",
         "requests": total,
@@ -432,6 +506,7 @@ def run_load(
         "memory_growth_bytes": growth,
         "memory_bound_bytes": int(bound),
         "memory_bound": f"{bound_mib:g} MiB + {bound_fraction:.0%} of the memory after warm-up",
+        "deployment": operations if switch is not None else None,
         "checks": checks,
         "held": all(checks.values()),
     }
@@ -450,6 +525,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bound-mib", type=float, default=DEFAULT_BOUND_MIB)
     parser.add_argument("--bound-fraction", type=float, default=DEFAULT_BOUND_FRACTION)
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="serve this checkpoint (e.g. checkpoints/small) instead of a random --preset one",
+    )
+    parser.add_argument(
+        "--deploy-during",
+        nargs=2,
+        type=float,
+        metavar=("DEPLOY_AT", "ROLLBACK_AT"),
+        default=None,
+        help="publish the checkpoint again as version 2, deploy it once this share of the "
+        "requests has ended and roll back to version 1 at the second share (e.g. 0.4 0.6)",
+    )
     parser.add_argument("--workdir", default=None, help="default: runs/load-<preset>")
     parser.add_argument("--out", default="benchmarks/results/load.jsonl")
     args = parser.parse_args(argv)
@@ -459,16 +548,32 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--requests must be at least one per level, each concurrency >= 1")
     if not set(protocols) <= {"grpc", "http"}:
         parser.error(f"--protocols {args.protocols!r}: grpc and/or http")
+    switch = tuple(args.deploy_during) if args.deploy_during else None
+    if switch and not 0 < switch[0] < switch[1] < 1:
+        parser.error(f"--deploy-during {switch}: need 0 < DEPLOY_AT < ROLLBACK_AT < 1")
 
-    from benchmarks.common import append_jsonl, environment, prepare, timestamp
+    from benchmarks.common import append_jsonl, environment, export_artifacts, prepare, timestamp
     from benchmarks.serving import build_repository
     from pigeon.config import ServingConfig
+    from pigeon.serving.repository import publish_version
     from pigeon.serving.server import TritonServer
 
-    workdir = Path(args.workdir or f"runs/load-{args.preset}")
-    checkpoint, artifacts = prepare(args.preset, workdir)
+    name = Path(args.checkpoint).name if args.checkpoint else args.preset
+    workdir = Path(args.workdir or f"runs/load-{name}")
+    if args.checkpoint:
+        checkpoint, artifacts = Path(args.checkpoint), workdir / "onnx-fp32"
+        export_artifacts(checkpoint, artifacts)
+    else:
+        checkpoint, artifacts = prepare(args.preset, workdir)
     repo = build_repository(checkpoint, artifacts, workdir / "repo", "default", ServingConfig())
-    record = {"time": timestamp(), "env": environment(), "preset": args.preset}
+    if switch and not (repo / "pigeon" / "2").exists():
+        publish_version(repo, checkpoint, artifacts, 2)
+    record = {
+        "time": timestamp(),
+        "env": environment(),
+        "preset": args.preset,
+        "checkpoint": str(checkpoint) if args.checkpoint else None,
+    }
     with TritonServer(repo, log_file=workdir / "tritonserver.log") as server:
         record.update(
             run_load(
@@ -481,6 +586,7 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 bound_mib=args.bound_mib,
                 bound_fraction=args.bound_fraction,
+                switch=switch,
             )
         )
     append_jsonl(args.out, record)

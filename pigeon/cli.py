@@ -907,6 +907,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from pigeon.checkpoint import CheckpointError
     from pigeon.config import ConfigError
+    from pigeon.core.deadline import DeadlineExceeded
     from pigeon.core.images import ImageError
     from pigeon.data.emojiprefs import EmojiPrefsError
     from pigeon.data.user_data import UserDataError
@@ -926,6 +927,7 @@ def main(argv: list[str] | None = None) -> int:
         CheckpointError,
         ImageError,
         RequestError,
+        DeadlineExceeded,
         ExportError,
         EvaluationError,
         ServerError,

@@ -15,7 +15,7 @@ Checking (types, ranges, the checkpoint's defaults) is `inference.pipeline.check
 check that in-process and served requests both pass through.
 
     >>> [p.name for p in PARAMETERS]
-    ['seed', 'steps', 'guidance', 'reference_mask_ratio', 'sampler', 'strength']
+    ['seed', 'steps', 'guidance', 'reference_mask_ratio', 'sampler', 'strength', 'timeout_ms']
 """
 
 from __future__ import annotations
@@ -92,6 +92,13 @@ PARAMETERS = (
         choices=tuple(sorted(SAMPLERS)),
     ),
     RequestParameter("strength", "float32", ("denoise",), STRENGTH_HELP),
+    RequestParameter(
+        "timeout_ms",
+        "int64",
+        ("personalize", "denoise"),
+        "the request's time budget in ms from its arrival: past it the work stops between two "
+        "steps and the request ends UNAVAILABLE (default 0: none; PigeonClient sends its own timeout)",
+    ),
 )
 
 

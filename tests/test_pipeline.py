@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from pigeon.core.images import ImageError
+from pigeon.core.deadline import Deadline, DeadlineExceeded
+from pigeon.core.images import ImageError, to_model_input
+from pigeon.core.prompt import left_pad
 from pigeon.diffusion.scheduler import make_sampler
 from pigeon.inference.pipeline import GenerationRequest, PigeonPipeline, RequestError
 from pigeon.inference.runners import TorchRunner
@@ -191,6 +193,8 @@ def test_any_image_mode_and_size_is_accepted(pipe):
         ({"sampler": "euler"}, "sampler='euler'"),
         ({"strength": 0.0}, r"strength=0.0 must be in \(0, 1\]"),
         ({"strength": float("nan")}, r"strength=nan must be in \(0, 1\]"),
+        ({"timeout_ms": -5}, r"timeout_ms=-5 must be an integer in \[0, 3600000\]"),
+        ({"timeout_ms": 2.5}, r"timeout_ms=2.5 must be an integer"),
     ],
 )
 def test_bad_requests_name_the_problem(pipe, images, change, message):
@@ -233,3 +237,63 @@ def test_a_good_request_works_after_a_bad_one(pipe, images):
     with pytest.raises(RequestError):
         pipe(dataclasses.replace(request(images), text=""))
     assert pipe(request(images))[0].image.shape == (32, 32, 3)
+
+
+def counting_cancel(after: int):
+    """A cancellation signal that turns true at its `after`-th question: where the loops ask."""
+    asked = []
+
+    def cancelled() -> bool:
+        asked.append(1)
+        return len(asked) > after
+
+    return cancelled, asked
+
+
+def test_the_denoising_loop_asks_its_deadline_before_every_step(pipe, images):
+    """Stopped at its 4th question, the loop has run 3 of its 10 steps (DDIM from pure noise),
+    and the error says so; with no stop it asks once per step."""
+    cond = pipe.condition([np.arange(5)])
+    rng = [np.random.default_rng(0)]
+    args = (cond["prompt_embeds"], cond["pooled_embeds"], 10, 2.0, "ddim", rng)
+    cancelled, asked = counting_cancel(3)
+    with pytest.raises(DeadlineExceeded, match="cancelled the request after 3 of 10 denoising"):
+        pipe.denoise(*args, deadline=Deadline(None, 0, cancelled))
+    cancelled, asked = counting_cancel(10**6)
+    pipe.denoise(*args, deadline=Deadline(None, 0, cancelled))
+    assert len(asked) == 10
+
+
+def test_a_request_past_its_timeout_stops_and_names_it(pipe, images):
+    """timeout_ms=1 on a 1,000-step request: it stops with the budget in the message, long before
+    its last step; a request without one (0) runs to the end."""
+    with pytest.raises(DeadlineExceeded, match=r"timeout_ms=1 passed after \d+ of \d+"):
+        pipe(request(images, steps=1000, timeout_ms=1))
+    assert pipe(request(images, steps=3, timeout_ms=0))[0].image.shape == (32, 32, 3)
+
+
+def test_a_passed_deadline_stops_token_generation_at_the_step_it_reached(pipe, images):
+    """Deadline.check counts generated tokens: stopped at its 3rd question, 2 tokens are done."""
+    cancelled, _ = counting_cancel(2)
+    with pytest.raises(DeadlineExceeded, match="after 2 of 16 visual tokens"):
+        pipe.decoder.generate(
+            *generation_inputs(pipe, images), deadline=Deadline(None, 0, cancelled)
+        )
+
+
+def generation_inputs(pipe, images):
+    """The personalizer's inputs for one request, as `PigeonPipeline.personalize` builds them."""
+    size = pipe.config.history_encoder.image_size
+    encoded = pipe.runner.run(
+        "history_encoder", {"images": np.stack([to_model_input(i, size) for i in images[:3]])}
+    )
+    hist = [h[k > 0] for h, k in zip(encoded["token_ids"], encoded["token_keep"], strict=True)]
+    batch = left_pad([pipe.prompts.build("a red ball", hist, [np.ones(len(h)) for h in hist])])
+    p = pipe.config.history_encoder.num_patches
+    reference = pipe.runner.run(
+        "condition_adapter",
+        {"token_ids": np.zeros((1, p), np.int64), "token_keep": np.ones((1, p), np.int64)},
+    )
+    # greedy or sampled, the loop asks before each token; min_new_tokens keeps it going
+    config = dataclasses.replace(pipe.config.generation, min_new_tokens=p)
+    return batch, reference["reference_embedding"], config, p, [np.random.default_rng(0)]

@@ -3,7 +3,8 @@
 The personalizer component returns logits over [</img>, code_0 .. code_{K-1}] only, so text ids are
 suppressed by construction. Generation stops at </img> or after `max_codes` codes (the official code
 truncates to the tokenizer's P). Strategies: greedy, top-k sampling, beam search; every random choice
-draws from the request's own generator, so a request's result does not depend on its batch.
+draws from the request's own generator, so a request's result does not depend on its batch. A
+request's `Deadline` is checked before every step.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 import numpy as np
 
 from pigeon.config import GenerationConfig
+from pigeon.core.deadline import NO_DEADLINE, Deadline
 from pigeon.core.prompt import PromptBatch
 from pigeon.vocab import VocabLayout
 
@@ -85,10 +87,12 @@ class Decoder:
         config: GenerationConfig,
         max_codes: int,
         rngs: list[np.random.Generator],
+        deadline: Deadline = NO_DEADLINE,
     ) -> list[np.ndarray]:
-        """Codes (each a 1-D int64 array of length <= max_codes) for every prompt row."""
+        """Codes (each a 1-D int64 array of length <= max_codes) for every prompt row; `deadline`
+        is checked before every personalizer call."""
         if config.strategy == "beam":
-            return self._beam(prompt, reference_embedding, config, max_codes)
+            return self._beam(prompt, reference_embedding, config, max_codes, deadline)
         b = prompt.input_ids.shape[0]
         empty = [np.zeros((b, *self.kv_shape[:1], 0, self.kv_shape[1]), np.float32)] * (
             2 * self.num_layers
@@ -105,6 +109,7 @@ class Decoder:
         codes: list[list[int]] = [[] for _ in range(b)]
         done = np.zeros(b, dtype=bool)
         for n in range(max_codes + 1):
+            deadline.check(n, max_codes, "visual tokens")
             logits, past = self._run(feeds)
             if n < config.min_new_tokens:
                 logits[:, END] = -np.inf
@@ -139,6 +144,7 @@ class Decoder:
         reference_embedding: np.ndarray,
         config: GenerationConfig,
         max_codes: int,
+        deadline: Deadline = NO_DEADLINE,
     ) -> list[np.ndarray]:
         """Beam search with HF's length normalisation (sum log p / length)."""
         nb = config.num_beams
@@ -164,6 +170,7 @@ class Decoder:
         beams: list[list[int]] = [[] for _ in range(b * nb)]
         finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(b)]
         for n in range(max_codes + 1):
+            deadline.check(n, max_codes, "visual tokens")
             logits, past = self._run(feeds)
             logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
             if n < config.min_new_tokens:

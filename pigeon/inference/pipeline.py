@@ -13,7 +13,8 @@ Stages (docs/DESIGN.md, "Inference, step by step"), each timed:
 
 All glue is NumPy and lives in `pigeon.serving` and `pigeon.diffusion`, so the Triton models run the
 same code. Every random choice (mask Gumbel noise, token sampling, initial latents) draws from streams
-spawned from the request's seed.
+spawned from the request's seed. A request's `timeout_ms` is checked before every step of the two
+loops (token generation, denoising; `pigeon.core.deadline`).
 
     >>> pipe = PigeonPipeline.from_checkpoint("runs/tiny")                      # doctest: +SKIP
     >>> result = pipe(GenerationRequest(history=[...], reference=ref, text="a cat"))  # doctest: +SKIP
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from pigeon.config import PipelineConfig
+from pigeon.core.deadline import MAX_TIMEOUT_MS, NO_DEADLINE, Deadline
 from pigeon.core.decoding import Decoder
 from pigeon.core.images import check_array, to_model_input, to_uint8
 from pigeon.core.masking import gumbel_noise, mask_sequence, pad_right, select_keep
@@ -58,6 +60,8 @@ class GenerationRequest:
     sampler: str | None = None
     # None: the checkpoint's scheduler.strength (1.0: from pure noise)
     strength: float | None = None
+    # the time budget from the call (served: from the request's arrival); 0 or None: none
+    timeout_ms: int | None = None
 
 
 @dataclass
@@ -141,6 +145,16 @@ def check_request(
         or not 0.0 < strength <= 1.0
     ):
         raise RequestError(f"{where}: strength={strength!r} must be in (0, 1]")
+    timeout_ms = request.timeout_ms or 0
+    if (
+        isinstance(timeout_ms, bool)
+        or not isinstance(timeout_ms, int)
+        or not 0 <= timeout_ms <= MAX_TIMEOUT_MS
+    ):
+        raise RequestError(
+            f"{where}: timeout_ms={timeout_ms!r} must be an integer in [0, {MAX_TIMEOUT_MS}] "
+            "(0: no deadline)"
+        )
     return GenerationRequest(
         history,
         reference,
@@ -151,6 +165,7 @@ def check_request(
         float(ratio),
         sampler,
         float(strength),
+        timeout_ms,
     )
 
 
@@ -194,14 +209,16 @@ class PigeonPipeline:
         requests = [requests] if single else list(requests)
         if not requests:
             raise RequestError("no requests given")
+        received_s = time.time()
         requests = [self.check_request(r, i) for i, r in enumerate(requests)]
         first = requests[0]
-        shared = ("steps", "guidance", "sampler", "strength")
+        shared = ("steps", "guidance", "sampler", "strength", "timeout_ms")
         for i, r in enumerate(requests[1:], 1):
             if any(getattr(r, k) != getattr(first, k) for k in shared):
                 raise RequestError(
                     f"request {i}: {', '.join(shared)} must match request 0 within one batch"
                 )
+        deadline = Deadline.after(first.timeout_ms, received_s)
         timings: dict[str, float] = {}
         streams = [request_streams(r.seed) for r in requests]
         mask_rngs, token_rngs, latent_rngs = (list(s) for s in zip(*streams, strict=True))
@@ -229,7 +246,7 @@ class PigeonPipeline:
                     )
                 )
                 start += n + 1
-            codes = self.personalize(items, mask_rngs, token_rngs)
+            codes = self.personalize(items, mask_rngs, token_rngs, deadline)
         with _timer(timings, "condition"):
             cond = self.condition(codes)
         with _timer(timings, "denoise"):
@@ -242,6 +259,7 @@ class PigeonPipeline:
                 latent_rngs,
                 self.reference_pixels(requests, first.strength),
                 first.strength,
+                deadline,
             )
         with _timer(timings, "vae_decoder"):
             pixels = self.runner.run("vae_decoder", {"latents": latents})["images"]
@@ -255,8 +273,10 @@ class PigeonPipeline:
         items: list[PersonalizeInput],
         mask_rngs: list[np.random.Generator],
         token_rngs: list[np.random.Generator],
+        deadline: Deadline = NO_DEADLINE,
     ) -> list[np.ndarray]:
-        """Mask generator -> masked reference -> prompt -> generated codes, one array per item."""
+        """Mask generator -> masked reference -> prompt -> generated codes, one array per item;
+        `deadline` is checked before each generated token."""
         # 1. per item: kept tokens of each image, in raster order
         runs = [
             (
@@ -317,7 +337,7 @@ class PigeonPipeline:
                 "history images or a shorter text"
             )
         return self.decoder.generate(
-            batch, reference["reference_embedding"], self.config.generation, p, token_rngs
+            batch, reference["reference_embedding"], self.config.generation, p, token_rngs, deadline
         )
 
     def condition(self, codes: list[np.ndarray]) -> dict[str, np.ndarray]:
@@ -345,8 +365,10 @@ class PigeonPipeline:
         rngs: list[np.random.Generator],
         references: np.ndarray | None = None,
         strength: float = 1.0,
+        deadline: Deadline = NO_DEADLINE,
     ) -> np.ndarray:
-        """The visible denoising loop: sampler + classifier-free guidance over the UNet.
+        """The visible denoising loop: sampler + classifier-free guidance over the UNet, with
+        `deadline` checked before each step.
 
         strength < 1 (image-to-image): `references` (batch, 3, S, S) in [0, 1] are encoded, noised to
         the first timestep kept by `start_index`, and the loop runs only the remaining steps. With
@@ -377,6 +399,7 @@ class PigeonPipeline:
             {"reference_latents": np.concatenate([clean] * branches)} if reference_input else {}
         )
         for i in range(start, len(sampler.timesteps)):
+            deadline.check(i - start, len(sampler.timesteps) - start, "denoising steps")
             t = sampler.timesteps[i]
             model_input = np.concatenate([latents] * branches)
             noise_pred = self.runner.run(

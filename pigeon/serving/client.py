@@ -2,6 +2,7 @@
 
     client = PigeonClient("127.0.0.1:8001", protocol="grpc", timeout_s=60)
     result = client.generate(history=[b"...png", ...], reference=b"...", text="a cat", seed=0)
+    # the server stops the request once 60 s have passed (timeout_ms, sent by default)
     result.image_png, result.timings, result.latency_s
 
     deploy(url, repository / "cpu", version=3)     # every model to version 3, no restart
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pigeon.core.deadline import MAX_TIMEOUT_MS
 from pigeon.files import write_atomic
 from pigeon.interface import PARAMETERS
 from pigeon.serving.triton_config import PYTHON_MODELS
@@ -129,10 +131,15 @@ class PigeonClient:
         reference_mask_ratio: float | None = None,
         sampler: str | None = None,
         strength: float | None = None,
+        timeout_ms: int | None = None,
     ) -> ServedResult:
         """One request to the `pigeon` ensemble; the parameters are `pigeon.interface.PARAMETERS`
-        (None: the server's default)."""
+        (None: the server's default). `timeout_ms` None sends the client's own `timeout_s`, as
+        gRPC propagates a deadline: the server stops a request that nobody waits for any more."""
         from tritonclient.utils import InferenceServerException
+
+        if timeout_ms is None:
+            timeout_ms = min(math.ceil(self.timeout_s * 1000), MAX_TIMEOUT_MS)
 
         try:
             encoded = text.encode("utf-8")

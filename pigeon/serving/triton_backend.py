@@ -12,8 +12,10 @@ from here, so the serving logic is ordinary, tested package code:
 
 Per-request failures become that request's error response, naming the problem, with a status code by
 cause (`error_response`): the client's bad input is INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT), a
-component that failed passes its own code up through BLS and the ensemble, anything else is INTERNAL
-(500): load balancers and retry policies read 500 as the server's fault. The model keeps serving.
+component that failed passes its own code up through BLS and the ensemble, a request stopped at its
+deadline (`timeout_ms`, `pigeon.core.deadline`) or by its client's hang-up is UNAVAILABLE (HTTP 503),
+anything else is INTERNAL (500): load balancers and retry policies read 500 as the server's fault.
+The model keeps serving.
 No torch is imported here (each Python model process stays small).
 """
 
@@ -27,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from pigeon.checkpoint import load_config, verify_pipeline_files
+from pigeon.core.deadline import Deadline, DeadlineExceeded
 from pigeon.core.images import ImageError, encode_png, load_image, to_model_input, to_uint8
 from pigeon.inference.pipeline import (
     GenerationRequest,
@@ -68,6 +71,10 @@ def error_response(exc: Exception, prefix: str = ""):
     pb = _pb()
     if isinstance(exc, BAD_INPUT):
         code = pb.TritonError.INVALID_ARG
+    elif isinstance(exc, DeadlineExceeded):  # its budget passed or its client left
+        # UNAVAILABLE, not CANCELLED: Triton's HTTP front end answers CANCELLED with 400, which
+        # tells a client not to retry; 503 (and gRPC UNAVAILABLE) says "later, or elsewhere"
+        code = pb.TritonError.UNAVAILABLE
     elif isinstance(exc, BlsError) and exc.code is not None:
         code = exc.code
     else:
@@ -173,6 +180,12 @@ class _Model:
         tensor = _pb().get_input_tensor_by_name(request, name)
         return None if tensor is None else tensor.as_numpy()
 
+    def deadline(self, request: Any, timeout_ms: int) -> Deadline:
+        """The request's deadline: `timeout_ms` from its arrival at preprocess, or Triton's own
+        cancellation where the client's hang-up reached it first."""
+        received_s = float(self.get(request, "received_s").reshape(-1)[0])
+        return Deadline.after(timeout_ms, received_s, request.is_cancelled)
+
     def parameters(self, request: Any, reader: str) -> dict[str, Any]:
         """{name: value} of the checked request parameters that `reader` takes (preprocess has
         checked and defaulted them, so each is present)."""
@@ -262,6 +275,7 @@ class PreprocessModel(_Model):
 
     def handle(self, request: Any) -> dict[str, np.ndarray]:
         start = time.perf_counter()
+        received_s = time.time()
         history_bytes = self.get(request, "history_images")
         if history_bytes is None or history_bytes.size == 0:
             raise RequestError("history is empty; give at least one image")
@@ -301,6 +315,7 @@ class PreprocessModel(_Model):
             "text_out": np.array([checked.text.encode("utf-8")], dtype=np.object_),
             **{f"{p.name}_out": p.to_array(getattr(checked, p.name)) for p in PARAMETERS},
             "preprocess_s": np.array([time.perf_counter() - start]),
+            "received_s": np.array([received_s]),
         }
 
 
@@ -361,7 +376,8 @@ class PersonalizeModel(_Model):
             text=_text(self.get(request, "text"), "text"),
             reference_mask_ratio=params["reference_mask_ratio"],
         )
-        codes = self.pipeline.personalize([item], [mask_rng], [token_rng])
+        deadline = self.deadline(request, params["timeout_ms"])
+        codes = self.pipeline.personalize([item], [mask_rng], [token_rng], deadline)
         ids, keep = codes_to_tokens(codes, self.pipeline.config.history_encoder.num_patches)
         return {
             "token_ids": ids,
@@ -389,6 +405,7 @@ class DenoiseModel(_Model):
             [latent_rng],
             self.get(request, "reference_image_pixels"),
             params["strength"],
+            self.deadline(request, params["timeout_ms"]),
         )
         return {"latents": latents, "denoise_s": np.array([time.perf_counter() - start])}
 

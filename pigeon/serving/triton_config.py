@@ -93,6 +93,9 @@ def python_model_io(config: PipelineConfig) -> dict[str, tuple[list[IO], list[IO
                 IO("text_out", "bytes", (1,)),
                 *[IO(f"{x.name}_out", x.dtype, (1,)) for x in PARAMETERS],
                 IO("preprocess_s", "float64", (1,)),
+                IO(
+                    "received_s", "float64", (1,)
+                ),  # arrival (wall clock): timeout_ms counts from it
             ],
         ),
         "personalize": (
@@ -100,6 +103,7 @@ def python_model_io(config: PipelineConfig) -> dict[str, tuple[list[IO], list[IO
                 IO("history_pixels", "float32", (1, -1, 3, s, s)),
                 IO("reference_pixels", "float32", (1, 3, s, s)),
                 IO("text", "bytes", (1,)),
+                IO("received_s", "float64", (1,)),
                 *_read_by("personalize"),
             ],
             [
@@ -113,6 +117,7 @@ def python_model_io(config: PipelineConfig) -> dict[str, tuple[list[IO], list[IO
                 IO("prompt_embeds", "float32", (1, ca.num_queries, ca.context_dim)),
                 IO("pooled_embeds", "float32", (1, ca.pooled_dim)),
                 IO("reference_image_pixels", "float32", (1, 3, s_out, s_out)),
+                IO("received_s", "float64", (1,)),
                 *_read_by("denoise"),
             ],
             [IO("latents", "float32", (1, c, h, h)), IO("denoise_s", "float64", (1,))],
@@ -149,6 +154,7 @@ ENSEMBLE_STEPS = (
             **{f"{p.name}_out": p.checked for p in PARAMETERS},
             "reference_image_pixels": "reference_image_pixels",
             "preprocess_s": "preprocess_s",
+            "received_s": "received_s",
         },
     ),
     (
@@ -157,6 +163,7 @@ ENSEMBLE_STEPS = (
             "history_pixels": "history_pixels",
             "reference_pixels": "reference_pixels",
             "text": "text_checked",
+            "received_s": "received_s",
             **_checked("personalize"),
         },
         {
@@ -176,6 +183,7 @@ ENSEMBLE_STEPS = (
             "prompt_embeds": "prompt_embeds",
             "pooled_embeds": "pooled_embeds",
             "reference_image_pixels": "reference_image_pixels",
+            "received_s": "received_s",
             **_checked("denoise"),
         },
         {"latents": "latents", "denoise_s": "denoise_s"},
