@@ -32,7 +32,7 @@ def test_load_of_mixed_requests_loses_nothing(served, tmp_path):
     print(json.dumps({k: record[k] for k in ("total", "memory_bytes", "checks")}, indent=1))
 
 
-def run_load_tool(tmp_path, requests: int, concurrency: str, limit_s: int) -> dict:
+def run_load_tool(tmp_path, requests: int, concurrency: str, limit_s: int, *extra: str) -> dict:
     """`python -m benchmarks.load` as a user runs it; returns its JSON line."""
     out = tmp_path / "load.jsonl"
     res = subprocess.run(
@@ -50,6 +50,7 @@ def run_load_tool(tmp_path, requests: int, concurrency: str, limit_s: int) -> di
             str(tmp_path / "w"),
             "--out",
             str(out),
+            *extra,
         ],
         cwd=ROOT,
         capture_output=True,
@@ -60,10 +61,20 @@ def run_load_tool(tmp_path, requests: int, concurrency: str, limit_s: int) -> di
     return json.loads(out.read_text().splitlines()[-1])
 
 
-def test_load_tool_runs_end_to_end(tmp_path):
-    """The standalone tool, CI-sized: its own repository build, server, mix and checks."""
-    record = run_load_tool(tmp_path, 40, "1,4", 300)
-    assert record["held"] and record["total"]["sent"] == 40 and record["total"]["failed"] == 0
+def test_load_tool_runs_end_to_end_through_a_deployment_and_a_rollback(tmp_path):
+    """The standalone tool, CI-sized: its own repository build, server, mix and checks, with
+    version 2 deployed after 30% of the requests and rolled back after 70%; no request fails
+    across either switch, and the versions' record ends where it began."""
+    record = run_load_tool(tmp_path, 60, "1,4", 300, "--deploy-during", "0.3", "0.7")
+    assert record["held"] and record["total"]["sent"] == 60 and record["total"]["failed"] == 0
+    deploy, rollback = record["deployment"]["deploy"], record["deployment"]["rollback"]
+    assert deploy["ok"] and rollback["ok"], record["deployment"]
+    assert 18 <= deploy["after_requests"] < rollback["after_requests"] <= 60
+    assert rollback["result"] == 1  # the version served before the deployment
+    versions = json.loads(
+        (tmp_path / "w" / "repo" / "cpu-default" / ".deployments.json").read_text()
+    )
+    assert versions["versions"] == [1]
 
 
 @pytest.mark.slow
@@ -71,3 +82,36 @@ def test_long_load_run_holds(tmp_path):
     """The standalone tool at its documented size (thousands of requests, concurrency 1, 8, 32)."""
     record = run_load_tool(tmp_path, 3000, "1,8,32", 3600)
     assert record["held"] and record["total"]["sent"] == 3000 and record["total"]["failed"] == 0
+
+
+def test_overload_tool_refuses_the_excess_and_serves_the_rest(tmp_path):
+    """`python -m benchmarks.overload`, CI-sized: at 4x the measured capacity with one instance and
+    a queue of one per loop model, every request is served or refused at the queue bound (none
+    failed) and some are refused. Its latency goals are measured, not asserted here."""
+    out = tmp_path / "overload.jsonl"
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.overload",
+            "--seconds",
+            "6",
+            "--unloaded",
+            "5",
+            "--steps",
+            "8",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    record = json.loads(out.read_text().splitlines()[-1])
+    assert record["failed"] == 0, record["failed_reasons"]
+    assert record["sent"] == record["served"] + record["shed"] > 0
+    assert record["shed"] > 0 and record["served"] > 0, res.stdout[-2000:]
+    assert res.returncode in (0, 1)  # 1: a latency goal missed, which the record says
