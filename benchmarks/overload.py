@@ -7,7 +7,8 @@ get slow. Real tritonserver (`cpu` target), traffic to 127.0.0.1 only.
 
 In one run, on one server:
 1. unloaded: `--unloaded` requests one after another -> their p50 / p99;
-2. capacity: a closed loop at concurrency `--instances` x 2 for `--seconds` -> requests per second;
+2. capacity: a closed loop at concurrency `--instances` (none waits, none is refused) for `--seconds`
+   -> requests per second;
 3. overload: open-loop arrivals at `--factor` x that rate for `--seconds` (one thread per request, a
    fixed interval, so the offered load does not slow down when the server does).
 Each overload request ends served, or refused at a loop model's queue bound (UNAVAILABLE / 503), or
@@ -134,7 +135,10 @@ def run_overload(
     alone_s = [s for o, s in alone if o == "served"]
     base = percentiles(alone_s)
     log(f"unloaded: p50 {base['p50'] * 1e3:.0f} ms, p99 {base['p99'] * 1e3:.0f} ms")
-    capacity = closed_loop(url, fresh(10_000, 3), 2 * instances, seconds)
+    # capacity: one request per loop instance at a time, so none waits and none is refused (a
+    # closed loop past that is refused at once and its clients spin); the pool ends the loop early,
+    # with the rate still right, if the server is faster than 20 requests a second
+    capacity = closed_loop(url, fresh(int(20 * seconds) + 10, 3), instances, seconds)
     rate = factor * capacity["rps"]
     log(f"capacity: {capacity['rps']:.2f} req/s; offering {rate:.2f} req/s for {seconds:g} s")
     outcomes = open_loop(url, fresh(int(rate * seconds) + 1, 4), rate, seconds)

@@ -325,8 +325,60 @@ def test_engine_key_changes_with_everything_an_engine_depends_on(tiny_config):
         {"profile": wider},
         {"trt_version": "10.10.0"},
         {"compute_capability": (8, 9)},
+        {"refittable": True},
     ):
         assert trt_export.engine_key(**{**base, **change}) != key, change
+
+
+def test_a_lora_versions_refit_plan_is_exactly_its_lora_weights(
+    artifacts, checkpoint_dir, tmp_path
+):
+    """The refit plan from the base personalizer's ONNX file to one whose LoRA changed lists exactly
+    the LoRA's tensors (their values, as the exporter lays them out: A and B, transposed or not),
+    and nothing else; a LoRA of another rank, or an identical file, is refused by name."""
+    from pigeon.checkpoint import save_checkpoint
+    from pigeon.export.refit import refit_key, refit_plan
+
+    base = load_checkpoint(checkpoint_dir)
+    torch.manual_seed(1)
+    lora = {}
+    for name, param in base.model.personalizer.llm.named_parameters():
+        if "lora_" in name:
+            param.data.normal_(0, 0.5)
+            lora[name] = param.detach().numpy().copy()
+    tuned = save_checkpoint(base.model, base.tokenizer, tmp_path / "tuned")
+    export_onnx(tuned, tmp_path / "art", components=["personalizer"])
+    base_onnx = artifacts / "personalizer" / "model.onnx"
+    new_onnx = tmp_path / "art" / "personalizer" / "model.onnx"
+
+    plan = refit_plan(base_onnx, new_onnx)
+    assert len(plan) == len(lora) and plan.unchanged > 0
+    expected = [v for v in lora.values()]
+    for name, value in plan.weights.items():
+        matches = [
+            e
+            for e in expected
+            if e.shape in (value.shape, value.T.shape)
+            and (np.allclose(e, value) or np.allclose(e.T, value))
+        ]
+        assert matches, f"{name}: not one of the LoRA's tensors"
+    with pytest.raises(ExportError, match="nothing to refit"):
+        refit_plan(base_onnx, base_onnx)
+    key = refit_key("e" * 64, "a" * 64)
+    assert key != refit_key("e" * 64, "b" * 64) and key != refit_key("f" * 64, "a" * 64)
+
+    wider = dataclasses.replace(
+        base.config,
+        personalizer=dataclasses.replace(
+            base.config.personalizer, lora_rank=2 * base.config.personalizer.lora_rank
+        ),
+    )
+    from pigeon.models.pigeon import PigeonModel
+
+    other = save_checkpoint(PigeonModel(wider), base.tokenizer, tmp_path / "rank")
+    export_onnx(other, tmp_path / "art-rank", components=["personalizer"])
+    with pytest.raises(ExportError, match="a refit keeps every weight's shape|not the graph of"):
+        refit_plan(base_onnx, tmp_path / "art-rank" / "personalizer" / "model.onnx")
 
 
 def test_tensorrt_export_explains_when_tensorrt_is_missing(artifacts):

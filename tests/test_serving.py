@@ -444,14 +444,16 @@ def test_loop_models_queue_requests_with_a_bound_and_keep_the_full_shapes():
     from pigeon.config import ConfigError
     from pigeon.serving.triton_config import LOOP_MODELS, python_model_io
 
-    serving = ServingConfig(request_queue_size=5, request_queue_timeout_ms=250)
+    serving = ServingConfig(request_queue_size=5, request_queue_timeout_ms=250, bls_instances=3)
     configs = repository_configs(preset("tiny"), serving, "cpu")
     full = python_model_io(preset("tiny"))
+    # denoise has room for all that personalize holds (3 running, 5 waiting): only the entry refuses
+    bounds = {"personalize": 5, "denoise": 5 + 3}
     for name in LOOP_MODELS:
         config = text_format.Parse(configs[name], model_config_pb2.ModelConfig())
         policy = config.dynamic_batching.default_queue_policy
         assert config.max_batch_size == 1
-        assert (policy.max_queue_size, policy.default_timeout_microseconds) == (5, 250_000)
+        assert (policy.max_queue_size, policy.default_timeout_microseconds) == (bounds[name], 250_000)
         assert policy.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT
         ins, outs = full[name]
         pairs = [*zip(config.input, ins, strict=True), *zip(config.output, outs, strict=True)]

@@ -11,6 +11,9 @@ is written into the artifact folder.
 
     ART/tensorrt/<component>/engine.plan, build.json
     CACHE/<key>.plan, <key>.json, timing.cache
+
+The personalizer's engine is built refittable: a LoRA version (`pigeon deploy --lora`) gets the base
+version's engine with its LoRA weights refitted in (`pigeon.export.refit`), not a new build.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 
 from pigeon.export.errors import ExportError
 from pigeon.export.manifest import read_manifest
+from pigeon.export.refit import REFITTABLE, refitted_engine
 from pigeon.files import replace_dir, sha256_file, staging_dir, write_atomic
 from pigeon.inference.runners import TrtRunner, import_tensorrt
 from pigeon.specs import ComponentSpec, component_specs
@@ -45,6 +49,7 @@ def engine_key(
     profile: Profile,
     trt_version: str,
     compute_capability: tuple[int, int],
+    refittable: bool = False,
 ) -> str:
     """What an engine depends on; any change means a rebuild, never a stale engine."""
     record = json.dumps(
@@ -54,6 +59,7 @@ def engine_key(
             "profile": {k: [list(s) for s in v] for k, v in sorted(profile.items())},
             "tensorrt": trt_version,
             "sm": list(compute_capability),
+            "refit": refittable,
         },
         sort_keys=True,
     )
@@ -121,6 +127,8 @@ def build_engine(onnx_path: Path, spec: ComponentSpec, precision: str, timing_ca
     config = builder.create_builder_config()
     if precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
+    if spec.name in REFITTABLE:  # a LoRA version refits its weights (pigeon.export.refit)
+        config.set_flag(trt.BuilderFlag.REFIT)
     profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in trt_profile(spec).items():
         profile.set_shape(name, lo, opt, hi)
@@ -149,7 +157,7 @@ def cached_engine(
     start = time.perf_counter()
     onnx_sha = sha256_file(onnx_path)
     profile = trt_profile(spec)
-    key = engine_key(onnx_sha, precision, profile, trt_version, capability)
+    key = engine_key(onnx_sha, precision, profile, trt_version, capability, spec.name in REFITTABLE)
     cached = cache / f"{key}.plan"
     if cached.exists():
         log.info("%s: engine cache hit %s", spec.name, key[:12])
@@ -245,15 +253,24 @@ def build_repository_engines(
     cache = Path(cache_dir or repository / ".engine-cache")
     cache.mkdir(parents=True, exist_ok=True)
     config = load_config(repository / "personalize" / str(version) / "pipeline")
+    lora = read_manifest(repository / "personalizer" / str(version), verify=False).get("lora")
     records = {}
     for name, spec in component_specs(config).items():
         folder = repository / name / str(version)
         onnx_path = folder / "model.onnx"
         if not onnx_path.exists():
             raise ExportError(f"{onnx_path}: missing; publish version {version} first")
-        cached, records[name] = cached_engine(
-            onnx_path, spec, precision, cache, trt.__version__, capability, gpu_name
-        )
+        base = repository / name / str(lora["base_version"]) if lora else None
+        if base is not None and name in REFITTABLE and (base / "model.plan").exists():
+            # a LoRA version: the base version's engine with this version's LoRA weights
+            base_key = json.loads((base / "build.json").read_text())["key"]
+            cached, records[name] = refitted_engine(
+                base / "model.plan", base_key, base / "model.onnx", onnx_path, cache
+            )
+        else:
+            cached, records[name] = cached_engine(
+                onnx_path, spec, precision, cache, trt.__version__, capability, gpu_name
+            )
         tmp = folder / ".model.plan.tmp"
         shutil.copyfile(cached, tmp)
         tmp.replace(folder / "model.plan")

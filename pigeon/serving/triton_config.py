@@ -277,14 +277,21 @@ def batched_io(io: IO) -> IO:
     return IO(io.name, io.dtype, rest or (1,), io.optional, scalar=not rest)
 
 
-def queue_policy(serving: ServingConfig) -> str:
-    """The dynamic batcher's queue of a loop model: bounded, and REJECT past the bound or timeout."""
+def queue_policy(serving: ServingConfig, name: str) -> str:
+    """The dynamic batcher's queue of a loop model: bounded, and REJECT past the bound or timeout.
+
+    Only `personalize`, the first loop, refuses by its bound: `denoise` has room for everything
+    personalize can hold (its instances and its queue), so a request it took is never refused after
+    its tokens were generated, which would waste that work and answer late."""
+    bound = serving.request_queue_size
+    if name == "denoise":
+        bound += serving.bls_instances
     return (
         "dynamic_batching {\n  max_queue_delay_microseconds: 0\n  default_queue_policy {\n"
         "    timeout_action: REJECT\n"
         f"    default_timeout_microseconds: {serving.request_queue_timeout_ms * 1000}\n"
         "    allow_timeout_override: true\n"
-        f"    max_queue_size: {serving.request_queue_size}\n  }}\n}}\n"
+        f"    max_queue_size: {bound}\n  }}\n}}\n"
     )
 
 
@@ -299,7 +306,7 @@ def python_config(
         HEADER
         + f'name: "{name}"\nbackend: "python"\nmax_batch_size: {int(loop)}\n'
         + _io_block(inputs, outputs)
-        + (queue_policy(serving) if loop else "")
+        + (queue_policy(serving, name) if loop else "")
         + f"instance_group [ {{ count: {count}\n  kind: KIND_CPU }} ]\n"
     )
     key = in_process_key(name)
