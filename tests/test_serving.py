@@ -453,7 +453,10 @@ def test_loop_models_queue_requests_with_a_bound_and_keep_the_full_shapes():
         config = text_format.Parse(configs[name], model_config_pb2.ModelConfig())
         policy = config.dynamic_batching.default_queue_policy
         assert config.max_batch_size == 1
-        assert (policy.max_queue_size, policy.default_timeout_microseconds) == (bounds[name], 250_000)
+        assert (policy.max_queue_size, policy.default_timeout_microseconds) == (
+            bounds[name],
+            250_000,
+        )
         assert policy.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT
         ins, outs = full[name]
         pairs = [*zip(config.input, ins, strict=True), *zip(config.output, outs, strict=True)]
