@@ -342,6 +342,16 @@ def operate(server, progress: Progress, total: int, deploy_at: float, rollback_a
     return thread, stop, record
 
 
+def settle(server, version: int, timeout_s: float = 120.0) -> None:
+    """Wait until every live stub process serves `version`: after a switch, the old version's
+    processes exit once their last requests end, and memory and process counts are read after."""
+    until = time.monotonic() + timeout_s
+    while any(s.alive and s.version != version for s in server.stubs()):
+        if time.monotonic() > until:
+            return  # the check that follows reads what is left
+        time.sleep(0.5)
+
+
 def is_shed(exc) -> bool:
     """The server refused a request at a loop model's queue bound (Triton's dynamic batcher)."""
     return exc.status == "UNAVAILABLE" and "queue" in str(exc).lower()
@@ -414,6 +424,7 @@ def run_load(
     url = server.grpc_url
     if switch is not None:  # version 1 on record, so that the rollback has one to go back to
         deploy(server.http_url, server.repository, 1, server.admin_headers)
+        settle(server, 1)
 
     # answers: each returning user's image, alone on an idle server
     requests = make_requests(total, size, max_history, seed)
@@ -468,12 +479,7 @@ def run_load(
         stop.set()
         operator.join()
         log(f"deployment: {json.dumps(operations)}")
-        # the old version's processes exit once their last requests end: measure after they have
-        settle_until = time.monotonic() + 120
-        while len([s for s in server.stubs() if s.alive]) > len(stubs_before):
-            if time.monotonic() > settle_until:
-                break
-            time.sleep(0.5)
+        settle(server, 1)  # the rollback's version
     memory["end"] = server.memory()
     successes = success_count(url) - successes_before
     stubs_after = {s.pid for s in server.stubs() if s.alive}

@@ -261,12 +261,18 @@ def build_repository_engines(
         if not onnx_path.exists():
             raise ExportError(f"{onnx_path}: missing; publish version {version} first")
         base = repository / name / str(lora["base_version"]) if lora else None
+        refitted = None
         if base is not None and name in REFITTABLE and (base / "model.plan").exists():
             # a LoRA version: the base version's engine with this version's LoRA weights
             base_key = json.loads((base / "build.json").read_text())["key"]
-            cached, records[name] = refitted_engine(
-                base / "model.plan", base_key, base / "model.onnx", onnx_path, cache
-            )
+            try:
+                refitted = refitted_engine(
+                    base / "model.plan", base_key, base / "model.onnx", onnx_path, cache
+                )
+            except ExportError as exc:  # e.g. an untrained base LoRA the exporter folded away
+                log.warning("%s: no refit (%s); building a new engine", name, exc)
+        if refitted is not None:
+            cached, records[name] = refitted
         else:
             cached, records[name] = cached_engine(
                 onnx_path, spec, precision, cache, trt.__version__, capability, gpu_name
