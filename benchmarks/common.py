@@ -107,6 +107,31 @@ def prepare(
     return checkpoint, artifacts
 
 
+def checkpoint_and_artifacts(
+    checkpoint: str | None, preset: str, workdir: Path
+) -> tuple[Path, Path]:
+    """`checkpoint` (e.g. checkpoints/small) with its ONNX export in `workdir`, or, without one, a
+    random checkpoint of `preset` (`prepare`). Returns (checkpoint, artifacts)."""
+    if checkpoint is None:
+        return prepare(preset, workdir)
+    artifacts = workdir / "onnx-fp32"
+    export_artifacts(Path(checkpoint), artifacts)
+    return Path(checkpoint), artifacts
+
+
+def run_threads(workers: list[Callable[[], None]]) -> float:
+    """Run each worker in its own thread, all at once; the wall seconds until the last ends."""
+    import threading
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=w) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start
+
+
 def export_artifacts(checkpoint: Path, artifacts: Path, precision: str = "fp32") -> None:
     """Export and validate `checkpoint` into `artifacts` unless an export of it is there already."""
     from pigeon.export.artifacts import export_onnx

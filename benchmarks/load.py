@@ -31,6 +31,7 @@ Results: one JSON line per run in `--out`; the exit status is 0 when the run hel
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import threading
@@ -281,16 +282,10 @@ def run_level(
                 if progress is not None:
                     progress.add()
 
-    start = time.perf_counter()
-    threads = [
-        threading.Thread(target=worker, args=(protocols[i % len(protocols)],))
-        for i in range(concurrency)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+    from benchmarks.common import run_threads
+
+    assigned = [protocols[i % len(protocols)] for i in range(concurrency)]
+    wall = run_threads([functools.partial(worker, protocol) for protocol in assigned])
     return {**summarize(outcomes, len(requests), wall), "_outcomes": outcomes}
 
 
@@ -576,7 +571,12 @@ def main(argv: list[str] | None = None) -> int:
     if switch and not 0 < switch[0] < switch[1] < 1:
         parser.error(f"--deploy-during {switch}: need 0 < DEPLOY_AT < ROLLBACK_AT < 1")
 
-    from benchmarks.common import append_jsonl, environment, export_artifacts, prepare, timestamp
+    from benchmarks.common import (
+        append_jsonl,
+        checkpoint_and_artifacts,
+        environment,
+        timestamp,
+    )
     from benchmarks.serving import build_repository
     from pigeon.config import ServingConfig
     from pigeon.serving.repository import publish_version
@@ -584,11 +584,7 @@ def main(argv: list[str] | None = None) -> int:
 
     name = Path(args.checkpoint).name if args.checkpoint else args.preset
     workdir = Path(args.workdir or f"runs/load-{name}")
-    if args.checkpoint:
-        checkpoint, artifacts = Path(args.checkpoint), workdir / "onnx-fp32"
-        export_artifacts(checkpoint, artifacts)
-    else:
-        checkpoint, artifacts = prepare(args.preset, workdir)
+    checkpoint, artifacts = checkpoint_and_artifacts(args.checkpoint, args.preset, workdir)
     repo = build_repository(checkpoint, artifacts, workdir / "repo", "default", ServingConfig())
     if switch and not (repo / "pigeon" / "2").exists():
         publish_version(repo, checkpoint, artifacts, 2)

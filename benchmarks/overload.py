@@ -48,6 +48,7 @@ def send(client, request) -> tuple[str, float]:
 
 def closed_loop(url: str, requests: list, concurrency: int, seconds: float) -> dict:
     """`concurrency` clients, each sending its next request when the last one ends."""
+    from benchmarks.common import run_threads
     from pigeon.serving.client import PigeonClient
 
     queue, lock, outcomes = list(reversed(requests)), threading.Lock(), []
@@ -64,13 +65,7 @@ def closed_loop(url: str, requests: list, concurrency: int, seconds: float) -> d
                 with lock:
                     outcomes.append(outcome)
 
-    start = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+    wall = run_threads([worker] * concurrency)
     served = sum(1 for o, _ in outcomes if o == "served")
     return {"sent": len(outcomes), "served": served, "wall_s": wall, "rps": served / wall}
 
@@ -187,18 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.factor <= 1 or args.seconds <= 0 or args.unloaded < 2 or args.queue < 1:
         parser.error("--factor > 1, --seconds > 0, --unloaded >= 2, --queue >= 1")
 
-    from benchmarks.common import append_jsonl, environment, export_artifacts, prepare, timestamp
+    from benchmarks.common import append_jsonl, checkpoint_and_artifacts, environment, timestamp
     from benchmarks.serving import build_repository
     from pigeon.config import ServingConfig
     from pigeon.serving.server import TritonServer
 
     name = Path(args.checkpoint).name if args.checkpoint else args.preset
     workdir = Path(args.workdir or f"runs/overload-{name}")
-    if args.checkpoint:
-        checkpoint, artifacts = Path(args.checkpoint), workdir / "onnx-fp32"
-        export_artifacts(checkpoint, artifacts)
-    else:
-        checkpoint, artifacts = prepare(args.preset, workdir)
+    checkpoint, artifacts = checkpoint_and_artifacts(args.checkpoint, args.preset, workdir)
     serving = dataclasses.replace(
         ServingConfig(), bls_instances=args.instances, request_queue_size=args.queue
     )

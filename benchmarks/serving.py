@@ -24,7 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import append_jsonl, environment, percentiles, prepare, timestamp
+from benchmarks.common import (
+    append_jsonl,
+    environment,
+    percentiles,
+    prepare,
+    run_threads,
+    timestamp,
+)
 
 RESULTS = Path("benchmarks/results")
 
@@ -131,13 +138,7 @@ def run_level(
                     with lock:
                         errors.append(str(exc)[:200])
 
-    start = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+    wall = run_threads([worker] * concurrency)
     return {
         "latency_s": percentiles(latencies) if latencies else None,
         "completed": len(latencies),

@@ -16,7 +16,7 @@ from pigeon.vocab import DEFAULT_CORPUS, TextTokenizer, train_text_tokenizer
 # What starts a real tritonserver: these fixtures, or these calls in the test's own code. Such tests
 # get the `triton` marker whatever file they are in, so `-m "not triton"` is the fast lane.
 SERVER_FIXTURES = {"served"}
-STARTS_A_SERVER = ("TritonServer(", "run_load_tool(", "benchmarks.overload")
+STARTS_A_SERVER = ("TritonServer(", "run_load_tool(", "run_tool(")
 
 
 def pytest_collection_modifyitems(items) -> None:

@@ -11,7 +11,8 @@ the base engine in seconds instead of a full build:
 The plan is computed on any machine (it reads the two ONNX files); the refit itself needs TensorRT and
 a GPU, and an engine built refittable (`BuilderFlag.REFIT`; `tensorrt.build_engine` sets it for the
 personalizer). Refitted engines are cached under a key of the base engine's key and the new ONNX
-file's SHA-256, so a version published twice, or rolled back and forth, is refitted once.
+file's SHA-256, with a record of what was refitted beside them (`<key>.json`), so a version published
+twice, or rolled back and forth, is refitted once and its ONNX files are not read again.
 """
 
 from __future__ import annotations
@@ -92,7 +93,9 @@ def refitted_engine(
 
     new_sha = sha256_file(new_onnx)
     key = refit_key(base_key, new_sha)
-    cached = cache / f"{key}.plan"
+    cached, described = cache / f"{key}.plan", cache / f"{key}.json"
+    if cached.exists() and described.exists():  # refitted before: no second comparison
+        return cached, {**json.loads(described.read_text()), "cache_hit": True}
     plan = refit_plan(base_onnx, new_onnx)
     record = {
         "refit_from": base_key,
@@ -100,8 +103,6 @@ def refitted_engine(
         "onnx_sha256": new_sha,
         "weights_refitted": sorted(plan.weights),
     }
-    if cached.exists():
-        return cached, {**record, "cache_hit": True}
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     engine = trt.Runtime(logger).deserialize_cuda_engine(base_engine.read_bytes())
@@ -124,4 +125,5 @@ def refitted_engine(
     if missing or not refitter.refit_cuda_engine():
         raise ExportError(f"{base_engine}: the refit failed (weights still missing: {missing})")
     write_atomic(cached, bytes(engine.serialize()))
+    write_atomic(described, json.dumps(record, indent=2) + "\n")
     return cached, {**record, "cache_hit": False}

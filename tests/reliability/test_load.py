@@ -32,33 +32,29 @@ def test_load_of_mixed_requests_loses_nothing(served, tmp_path):
     print(json.dumps({k: record[k] for k in ("total", "memory_bytes", "checks")}, indent=1))
 
 
-def run_load_tool(tmp_path, requests: int, concurrency: str, limit_s: int, *extra: str) -> dict:
-    """`python -m benchmarks.load` as a user runs it; returns its JSON line."""
-    out = tmp_path / "load.jsonl"
+def run_tool(module: str, tmp_path, args: list[str], timeout_s: int):
+    """`python -m benchmarks.<module>` as a user runs it, with its own work folder and results file;
+    returns (the process, its JSON line)."""
+    out = tmp_path / f"{module}.jsonl"
     res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.load",
-            "--requests",
-            str(requests),
-            "--concurrency",
-            concurrency,
-            "--duration-limit",
-            str(limit_s),
-            "--workdir",
-            str(tmp_path / "w"),
-            "--out",
-            str(out),
-            *extra,
-        ],
+        [sys.executable, "-m", f"benchmarks.{module}", *args]
+        + ["--workdir", str(tmp_path / "w"), "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=limit_s + 400,
+        timeout=timeout_s,
     )
+    assert out.exists(), res.stdout[-3000:] + res.stderr[-3000:]
+    return res, json.loads(out.read_text().splitlines()[-1])
+
+
+def run_load_tool(tmp_path, requests: int, concurrency: str, limit_s: int, *extra: str) -> dict:
+    """`python -m benchmarks.load`; it must exit 0 (the run held)."""
+    args = ["--requests", str(requests), "--concurrency", concurrency]
+    args += ["--duration-limit", str(limit_s), *extra]
+    res, record = run_tool("load", tmp_path, args, limit_s + 400)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return json.loads(out.read_text().splitlines()[-1])
+    return record
 
 
 def test_load_tool_runs_end_to_end_through_a_deployment_and_a_rollback(tmp_path):
@@ -88,29 +84,8 @@ def test_overload_tool_refuses_the_excess_and_serves_the_rest(tmp_path):
     """`python -m benchmarks.overload`, CI-sized: at 4x the measured capacity with one instance and
     a queue of one per loop model, every request is served or refused at the queue bound (none
     failed) and some are refused. Its latency goals are measured, not asserted here."""
-    out = tmp_path / "overload.jsonl"
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.overload",
-            "--seconds",
-            "6",
-            "--unloaded",
-            "5",
-            "--steps",
-            "8",
-            "--workdir",
-            str(tmp_path / "w"),
-            "--out",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    record = json.loads(out.read_text().splitlines()[-1])
+    args = ["--seconds", "6", "--unloaded", "5", "--steps", "8"]
+    res, record = run_tool("overload", tmp_path, args, 900)
     assert record["failed"] == 0, record["failed_reasons"]
     assert record["sent"] == record["served"] + record["shed"] > 0
     assert record["shed"] > 0 and record["served"] > 0, res.stdout[-2000:]
