@@ -103,6 +103,47 @@ def run_stage(model, tokenizer, stage):
     )
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_loss_weighs_each_sample_by_its_clipped_snr(setup, prediction_type):
+    """denoising_loss under Min-SNR-gamma against the formula written out per sample: the UNet's
+    squared error at each timestep times min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v), with
+    SNR = a_t / (1 - a_t); gamma 0 is the plain mean squared error."""
+    config, _ = setup
+    config = dataclasses.replace(
+        config,
+        scheduler=dataclasses.replace(config.scheduler, prediction_type=prediction_type),
+    )
+    model = make_model(config).eval()
+    g = torch.Generator().manual_seed(11)
+    images = torch.rand(3, 3, 32, 32, generator=g)
+    latents = O.image_latents(model, images)
+    noise = torch.randn(latents.shape, generator=g)
+    t = torch.tensor([5, 300, 950])  # SNR far above, near and far below gamma
+    ac = torch.from_numpy(alphas_cumprod(model.config.scheduler)).float()
+    with torch.no_grad():
+        embeds, pooled = O.serving_condition(model, images)
+        gamma = 5.0
+        got = O.denoising_loss(model, latents, noise, t, ac, embeds, pooled, snr_gamma=gamma)
+        plain = O.denoising_loss(model, latents, noise, t, ac, embeds, pooled)
+        expected = 0.0
+        for i, step in enumerate(t.tolist()):
+            a = float(ac[step])
+            snr = a / (1 - a)
+            one = O.denoising_loss(
+                model,
+                latents[i : i + 1],
+                noise[i : i + 1],
+                t[i : i + 1],
+                ac,
+                embeds[i : i + 1],
+                pooled[i : i + 1],
+            )
+            denominator = snr + 1 if prediction_type == "v_prediction" else snr
+            expected += float(one) * min(snr, gamma) / denominator / len(t)
+    assert float(got) == pytest.approx(expected, rel=1e-4)
+    assert float(got) != pytest.approx(float(plain), rel=1e-2)  # the weights do change the loss
+
+
 @pytest.mark.parametrize("share", [0.0, 1.0])
 def test_decoder_tokens_come_from_the_history_for_their_share(setup, share):
     """decoder_objective against the same loss built by hand from the images whose tokens it

@@ -99,6 +99,11 @@ class TrainConfig:
     # Needs data with style labels (EmojiPrefs, procedural); the stages that read the tokens or
     # the reference embedding (lmm, sft) must come after it
     style_weight: float = 0.0
+    # image and decoder stages: Min-SNR-gamma weighting of the diffusion loss (0 = uniform). The
+    # epsilon loss weighs an error in the image by the timestep's SNR, so uniform timesteps spend
+    # most of the gradient on low-noise steps where the noisy latents give the answer and the
+    # condition matters least; 5 is the paper's gamma
+    snr_gamma: float = 0.0
     # vae stage: weight of the perceptual distance (pigeon.training.perceptual) beside L1
     perceptual_weight: float = 0.0
     # vae, image, decoder: validation users on which the stage's link of the image chain is
@@ -126,6 +131,8 @@ class TrainConfig:
             raise ConfigError(f"train.stage={self.stage!r} is not one of {list(STAGE_NAMES)}")
         if self.style_weight < 0:
             raise ConfigError(f"train.style_weight={self.style_weight} is negative")
+        if self.snr_gamma < 0:
+            raise ConfigError(f"train.snr_gamma={self.snr_gamma} is negative (0 turns it off)")
         if not 0.0 <= self.history_token_share <= 1.0:
             raise ConfigError(
                 f"train.history_token_share={self.history_token_share} is outside [0, 1]"

@@ -1,6 +1,7 @@
 """Losses as pure functions (docs/DESIGN.md, "Training stages"). Tested on their own.
 
 L_diff = || eps_hat - eps ||^2                                    (or v-target)
+         weighted per sample by min(SNR_t, gamma) / SNR_t under Min-SNR-gamma (v: / (SNR_t + 1))
 L_VAE  = || x_hat - x ||_1 + w_kl KL(q(z|x) || N(0, I))
 L_LM   = -1/|T| sum_{t in T} log p(y_t | y_<t)                   T: the labelled positions
 L_DPO  = -log sigma(beta [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))])
@@ -14,8 +15,22 @@ import torch.nn.functional as F
 IGNORE = -100
 
 
-def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.mse_loss(prediction.float(), target.float())
+def diffusion_loss(
+    prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean squared error; with weights (batch,), the weighted mean of the per-sample errors."""
+    if weights is None:
+        return F.mse_loss(prediction.float(), target.float())
+    per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+    return (weights.float() * per_sample).mean()
+
+
+def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma (Hang et al. 2023) per-sample weights for L_diff at signal-to-noise ratios snr
+    (batch,): the low-noise timesteps, where the noisy latents alone give the answer, stop dominating
+    the loss, so more of its gradient falls where the condition decides the image."""
+    clipped = snr.clamp(max=gamma)
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
 
 
 def vae_loss(

@@ -79,6 +79,7 @@ def image_objective(
     style_head: nn.Module | None = None,
     style_weight: float = 0.0,
     styles: torch.Tensor | None = None,
+    snr_gamma: float = 0.0,
 ) -> torch.Tensor:
     """LaVIT's tokenizer + diffusion decoder: denoise the image's latents conditioned on its own tokens.
 
@@ -116,7 +117,7 @@ def image_objective(
     if probe is not None and reconstruct_weight > 0:
         reconstruction = F.mse_loss(probe(prompt_embeds), latents)
     diffusion = sampled_denoising_loss(
-        model, latents, alphas_cumprod, prompt_embeds, pooled, uncond_prob
+        model, latents, alphas_cumprod, prompt_embeds, pooled, uncond_prob, snr_gamma=snr_gamma
     )
     budget = keep_budget(tok.keep_prob, keep_target)
     loss = (
@@ -141,9 +142,11 @@ def denoising_loss(
     prompt_embeds: torch.Tensor,
     pooled: torch.Tensor,
     reference_latents: torch.Tensor | None = None,
+    snr_gamma: float = 0.0,
 ) -> torch.Tensor:
     """L_diff of the UNet on latents noised to timesteps t (batch,), given its condition (and the
-    reference's latents as input channels when `unet.reference_input` is on)."""
+    reference's latents as input channels when `unet.reference_input` is on); Min-SNR-gamma
+    weighted when snr_gamma > 0."""
     b = latents.shape[0]
     a_t = alphas_cumprod.to(latents)[t].view(b, 1, 1, 1)
     noisy = a_t.sqrt() * latents + (1 - a_t).sqrt() * noise
@@ -157,11 +160,16 @@ def denoising_loss(
         time_ids_for(model, b, latents.device),
         reference_latents,
     )
-    if model.config.scheduler.prediction_type == "v_prediction":
+    prediction_type = model.config.scheduler.prediction_type
+    if prediction_type == "v_prediction":
         target = a_t.sqrt() * noise - (1 - a_t).sqrt() * latents
     else:
         target = noise
-    return losses.diffusion_loss(pred, target)
+    weights = None
+    if snr_gamma > 0:
+        a = a_t.flatten()
+        weights = losses.min_snr_weights(a / (1 - a), snr_gamma, prediction_type)
+    return losses.diffusion_loss(pred, target, weights)
 
 
 def sampled_denoising_loss(
@@ -172,6 +180,7 @@ def sampled_denoising_loss(
     pooled: torch.Tensor,
     uncond_prob: float,
     reference_latents: torch.Tensor | None = None,
+    snr_gamma: float = 0.0,
 ) -> torch.Tensor:
     """`denoising_loss` at random noise and timesteps, the condition zeroed for a share uncond_prob
     of the batch (CFG's negatives; a reference input stays)."""
@@ -182,7 +191,15 @@ def sampled_denoising_loss(
     noise = torch.randn_like(latents)
     t = torch.randint(0, len(alphas_cumprod), (b,), device=latents.device)
     return denoising_loss(
-        model, latents, noise, t, alphas_cumprod, prompt_embeds, pooled, reference_latents
+        model,
+        latents,
+        noise,
+        t,
+        alphas_cumprod,
+        prompt_embeds,
+        pooled,
+        reference_latents,
+        snr_gamma,
     )
 
 
@@ -226,6 +243,7 @@ def decoder_objective(
     style_weight: float = 0.0,
     target_styles: torch.Tensor | None = None,
     history_styles: torch.Tensor | None = None,
+    snr_gamma: float = 0.0,
 ) -> torch.Tensor:
     """LaVIT's detokenizer on a frozen tokenizer, with the reference as a spatial input: denoise the
     target's latents given tokens (cross-attention) and the reference's latents (input channels,
@@ -260,7 +278,14 @@ def decoder_objective(
         latents = image_latents(model, targets)
         reference_latents = None if references is None else image_latents(model, references)
     loss = sampled_denoising_loss(
-        model, latents, alphas_cumprod, prompt_embeds, pooled, uncond_prob, reference_latents
+        model,
+        latents,
+        alphas_cumprod,
+        prompt_embeds,
+        pooled,
+        uncond_prob,
+        reference_latents,
+        snr_gamma,
     )
     if style_weight > 0:
         loss = loss + style_weight * style_loss(style_head, pooled, token_styles)

@@ -60,6 +60,7 @@ def _image(module, batch: dict) -> torch.Tensor:
         style_head=module.heads["style"] if "style" in module.heads else None,
         style_weight=module.options.style_weight,
         styles=batch.get("styles"),
+        snr_gamma=module.options.snr_gamma,
     )
 
 
@@ -77,6 +78,7 @@ def _decoder(module, batch: dict) -> torch.Tensor:
         style_weight=module.options.style_weight,
         target_styles=batch.get("target_styles"),
         history_styles=batch.get("history_styles"),
+        snr_gamma=module.options.snr_gamma,
     )
 
 
