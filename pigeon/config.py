@@ -166,8 +166,23 @@ class UNetConfig:
     condition_sketch: bool = field(
         default=True, metadata={"added_after_format": 1, "when_omitted": False}
     )
+    # transformer layers in each cross-attention block (and the middle block: the last entry), as
+    # diffusers' `transformer_layers_per_block` for the blocks after the plain first one; () = one
+    # each. SDXL: (1, 2, 10) over (320, 640, 1280), the first block's entry unused
+    transformer_layers_per_block: tuple[int, ...] = field(
+        default=(), metadata={"added_after_format": 1}
+    )
+    # the transformer blocks' input and output projections as linear layers (SD 2, SDXL) rather than
+    # 1x1 convolutions (SD 1.5): the same map, stored in another tensor shape
+    use_linear_projection: bool = field(default=False, metadata={"added_after_format": 1})
 
     def __post_init__(self) -> None:
+        layers = self.transformer_layers_per_block
+        if layers and (len(layers) != len(self.block_out_channels) or min(layers) < 1):
+            raise ConfigError(
+                f"unet.transformer_layers_per_block={list(layers)} must give one count >= 1 per "
+                f"block of block_out_channels={list(self.block_out_channels)} (or be empty)"
+            )
         for ch in self.block_out_channels:
             if ch % self.norm_num_groups:
                 raise ConfigError(
@@ -445,15 +460,19 @@ def _base() -> PipelineConfig:
             lora_alpha=16,
             adapter_hidden=512,
         ),
+        # the widths of SDXL's text encoders (cross-attention 2048, pooled 1280), so that an SDXL
+        # UNet and VAE load into this preset without surgery (`pigeon checkpoint import`)
         condition_adapter=ConditionAdapterConfig(
-            width=768, num_layers=6, num_heads=12, num_queries=77, context_dim=1024, pooled_dim=640
+            width=768, num_layers=6, num_heads=12, num_queries=77, context_dim=2048, pooled_dim=1280
         ),
-        unet=UNetConfig(
+        unet=UNetConfig(  # SDXL's UNet layout
             block_out_channels=(320, 640, 1280),
             layers_per_block=2,
             attention_head_dim=64,
             addition_time_embed_dim=256,
             norm_num_groups=32,
+            transformer_layers_per_block=(1, 2, 10),
+            use_linear_projection=True,
         ),
         vae=VAEConfig(
             block_out_channels=(128, 256, 512, 512),

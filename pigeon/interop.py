@@ -13,11 +13,12 @@ safetensors only: a folder that holds only pickled weights (*.bin, *.pt, *.pth, 
 by name, since unpickling runs code.
 
 What fits. Pigeon's UNet is diffusers' `UNet2DConditionModel` in the SDXL layout (a plain first down
-block, cross-attention blocks after it, `text_time` added conditioning, one transformer layer per
-block); its config is read off the folder's config.json, and the condition adapter's widths follow it
-(cross_attention_dim -> condition_adapter.context_dim, the pooled width from
-projection_class_embeddings_input_dim). Pigeon's own input channels beside the noisy latents (the
-condition sketch, the reference's latents) travel as `condition_sketch.safetensors` and
+block, cross-attention blocks after it, `text_time` added conditioning, any transformer layers per
+block, linear or 1x1-convolution projections); the `base` preset is SDXL's shapes, so an SDXL UNet
+and VAE load into it as they are. The config is read off the folder's config.json, and the condition
+adapter's widths follow it (cross_attention_dim -> condition_adapter.context_dim, the pooled width
+from projection_class_embeddings_input_dim). Pigeon's own input channels beside the noisy latents
+(the condition sketch, the reference's latents) travel as `condition_sketch.safetensors` and
 `pigeon_unet.json` beside the diffusers files. The LLM's body loads when its shapes match
 `personalizer.*`; an LLM whose vocabulary is not Pigeon's (text BPE + image codes + specials) keeps
 Pigeon's embeddings and output head, and the report says so. Whatever does not fit is an
@@ -142,10 +143,12 @@ def unet_config(folder: Path, config: PipelineConfig) -> PipelineConfig:
     )
     _expect(where, "addition_embed_type", c.get("addition_embed_type"), "text_time")
     layers = c.get("transformer_layers_per_block", 1)
-    if any(v != 1 for v in (layers if isinstance(layers, list) else [layers])):
+    if isinstance(layers, int):
+        layers = [layers] * n
+    if not (isinstance(layers, list) and len(layers) == n and all(type(v) is int for v in layers)):
         raise InteropError(
-            f"{where}: config.json transformer_layers_per_block={layers!r}; Pigeon's UNetConfig "
-            "builds one transformer layer per block"
+            f"{where}: config.json transformer_layers_per_block={layers!r}; Pigeon's "
+            "unet.transformer_layers_per_block takes one count per block"
         )
     heads = c.get("num_attention_heads") or c["attention_head_dim"]  # diffusers: heads per block
     heads = heads if isinstance(heads, list) else [heads] * n
@@ -177,6 +180,8 @@ def unet_config(folder: Path, config: PipelineConfig) -> PipelineConfig:
         norm_num_groups=int(c["norm_num_groups"]),
         reference_input=reference,
         condition_sketch=sketch,
+        transformer_layers_per_block=() if set(layers) == {1} else tuple(layers),
+        use_linear_projection=bool(c.get("use_linear_projection", False)),
     )
     adapter = dataclasses.replace(
         config.condition_adapter, context_dim=int(c["cross_attention_dim"]), pooled_dim=pooled

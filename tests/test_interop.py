@@ -4,6 +4,7 @@ output with the originals; the exports loaded back with `from_pretrained`. Nothi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -23,7 +24,8 @@ CONTEXT, POOLED, TIME = 24, 16, 8
 
 
 def diffusers_unet() -> UNet2DConditionModel:
-    """SDXL's layout at toy size: heads of width 8, cross-attention width 24."""
+    """SDXL's layout at toy size: heads of width 8, cross-attention width 24, linear projections,
+    more transformer layers in the deeper block."""
     torch.manual_seed(1)
     return UNet2DConditionModel(
         sample_size=16,
@@ -39,7 +41,43 @@ def diffusers_unet() -> UNet2DConditionModel:
         addition_embed_type="text_time",
         addition_time_embed_dim=TIME,
         projection_class_embeddings_input_dim=POOLED + 6 * TIME,
+        transformer_layers_per_block=(1, 2),
+        use_linear_projection=True,
     ).eval()
+
+
+# SDXL base 1.0's unet/config.json (stabilityai/stable-diffusion-xl-base-1.0), the keys that decide
+# its tensors
+SDXL_UNET = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [320, 640, 1280],
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "cross_attention_dim": 2048,
+    "attention_head_dim": [5, 10, 20],
+    "num_attention_heads": None,
+    "transformer_layers_per_block": [1, 2, 10],
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
+# its vae/config.json (the SDXL VAE)
+SDXL_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "scaling_factor": 0.13025,
+}
 
 
 def diffusers_vae() -> AutoencoderKL:
@@ -281,3 +319,32 @@ def test_what_does_not_fit_is_named(folders, tmp_path):
 
     with pytest.raises(InteropError, match="nothing to import"):
         import_weights(tmp_path / "e", preset_name="tiny")
+
+
+def shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def test_the_base_preset_has_sdxls_unet_and_vae_tensors(tmp_path):
+    """An SDXL UNet and VAE load into `base` without surgery: built on the meta device (no memory),
+    the two models have the same tensor names and shapes, but for Pigeon's own condition sketch
+    (its weights and the input channels it adds), which an imported SDXL folder does not turn on;
+    and `unet_config` maps SDXL's config.json onto exactly `base`'s UNet and condition widths."""
+    from pigeon.interop import unet_config
+    from pigeon.models.unet import build_unet
+    from pigeon.models.vae import build_vae
+
+    base = preset("base")
+    with torch.device("meta"):
+        ours, theirs = shapes(build_unet(base)), shapes(UNet2DConditionModel(**SDXL_UNET))
+        our_vae, their_vae = shapes(build_vae(base)), shapes(AutoencoderKL(**SDXL_VAE))
+    sketch = {k for k in ours if k.startswith("condition_sketch.")}
+    assert sketch and set(ours) - sketch == set(theirs)
+    assert {k for k in theirs if ours[k] != theirs[k]} == {"conv_in.weight"}
+    assert ours["conv_in.weight"][1] == 2 * theirs["conv_in.weight"][1]  # latents + sketch
+    assert our_vae == their_vae and base.vae.scaling_factor == SDXL_VAE["scaling_factor"]
+
+    (tmp_path / "config.json").write_text(json.dumps(SDXL_UNET))
+    mapped = unet_config(tmp_path, base)
+    assert mapped.unet == dataclasses.replace(base.unet, condition_sketch=False)
+    assert mapped.condition_adapter == base.condition_adapter

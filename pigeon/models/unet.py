@@ -69,6 +69,8 @@ def build_unet(config: PipelineConfig) -> UNet2DConditionModel:
         norm_num_groups=u.norm_num_groups,
         cross_attention_dim=config.condition_adapter.context_dim,
         attention_head_dim=u.attention_heads,  # diffusers: heads per block
+        transformer_layers_per_block=u.transformer_layers_per_block or 1,
+        use_linear_projection=u.use_linear_projection,
         addition_embed_type="text_time",
         addition_time_embed_dim=u.addition_time_embed_dim,
         projection_class_embeddings_input_dim=(
