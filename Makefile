@@ -6,9 +6,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: venv demo test test-all test-fast test-slow bench gpu-wheels lint clean
+.PHONY: venv demo test test-all test-fast test-slow bench perf-analyzer gpu-wheels lint clean
 
-venv: $(VENV)/.installed
+venv: $(VENV)/.installed $(VENV)/.perf_analyzer
 
 # The CPU build of torch goes in first: a looser requirement would pull a CUDA build of several GB.
 # numpy < 2: the Triton Python backend sees empty tensors with numpy 2.
@@ -18,6 +18,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"
 	$(BIN)/python -m pip install -q -e ".[export,serving,dev,data,eval]"
+	@touch $@
+
+# NVIDIA's perf_analyzer, the second opinion on the served numbers (benchmarks.perf_analyzer_compare)
+perf-analyzer: $(VENV)/.perf_analyzer
+$(VENV)/.perf_analyzer: benchmarks/install_perf_analyzer.sh | $(VENV)/.installed
+	VENV=$(VENV) bash benchmarks/install_perf_analyzer.sh
 	@touch $@
 
 demo: venv

@@ -115,3 +115,77 @@ def test_gpu_check_dry_runs_on_the_cpu(tmp_path):
     from pigeon.specs import component_specs
 
     assert set(record["components"]) == set(component_specs(preset("tiny")))
+
+
+PERF_ANALYZER_ROW = (
+    "Concurrency,Inferences/Second,Client Send,Network+Server Send/Recv,Server Queue,"
+    "Server Compute Input,Server Compute Infer,Server Compute Output,Client Recv,"
+    "p50 latency,p90 latency,p95 latency,p99 latency\n"
+    "1,23.0915,9,711,3,232,40127,2010,4,42722,48616,53060,55309\n"
+)
+
+
+def test_perf_analyzer_input_data_and_csv_round_trip(tmp_path):
+    """The --input-data entries decode (as Triton deserializes BYTES) to exactly the requests'
+    PNGs and text, with their seed, steps and budget; a perf_analyzer CSV row (one written by
+    perf_analyzer 2.60 here) reads as seconds."""
+    import base64
+
+    import numpy as np
+    from tritonclient.utils import deserialize_bytes_tensor
+
+    from benchmarks.perf_analyzer_compare import input_data, parse_csv
+    from benchmarks.serving import user_request
+
+    requests = [user_request(32, i, returning=i == 0) for i in range(2)]
+    data = input_data(requests, steps=3, timeout_ms=9000)["data"]
+    assert len(data) == 2
+
+    def decoded(entry: dict, name: str) -> list[bytes]:
+        return list(deserialize_bytes_tensor(base64.b64decode(entry[name]["content"]["b64"])))
+
+    for entry, r in zip(data, requests, strict=True):
+        assert decoded(entry, "history_images") == r["history"]
+        assert entry["history_images"]["shape"] == [len(r["history"])]
+        assert decoded(entry, "reference_image") == [r["reference"]]
+        assert decoded(entry, "text") == [r["text"].encode()]
+        assert {k: entry[k]["content"] for k in ("seed", "steps", "timeout_ms")} == {
+            "seed": [r["seed"]],
+            "steps": [3],
+            "timeout_ms": [9000],
+        }
+    csv = tmp_path / "c1.csv"
+    csv.write_text(PERF_ANALYZER_ROW)
+    row = parse_csv(csv)
+    assert row["throughput_rps"] == 23.0915
+    assert row["latency_s"]["p50"] == pytest.approx(0.042722)
+    assert row["latency_s"]["p99"] == pytest.approx(0.055309)
+    assert row["breakdown_s"]["server_compute"] == pytest.approx(0.040127)
+    assert np.isclose(sum(row["breakdown_s"].values()), (9 + 711 + 3 + 40127 + 4) * 1e-6)
+
+
+def test_perf_analyzer_and_the_harness_measure_the_same_server(tmp_path):
+    """benchmarks.perf_analyzer_compare end to end on the tiny preset: perf_analyzer's requests
+    (from the written --input-data) are all served by the ensemble, at least three windows of them,
+    and both tools' numbers land in one record."""
+    from benchmarks.perf_analyzer_compare import perf_analyzer_binary
+
+    perf_analyzer_binary()  # installed by `make venv`; a clear error otherwise
+    out = tmp_path / "pa.jsonl"
+    run(
+        "benchmarks.perf_analyzer_compare",
+        "--preset", "tiny",
+        "--requests", "4",
+        "--concurrency", "1", "2",
+        "--stability", "1.0",
+        "--max-trials", "3",
+        "--workdir", str(tmp_path / "w"),
+        "--out", str(out),
+    )  # fmt: skip
+    record = json.loads(out.read_text().splitlines()[-1])
+    assert set(record["levels"]) == {"c1", "c2"}
+    for level in record["levels"].values():
+        assert level["perf_analyzer"]["failed"] == 0
+        assert level["perf_analyzer"]["served"] >= 3 * 4  # three windows of --requests
+        assert level["harness"]["completed"] == 4 and not level["harness"]["errors"]
+        assert all(v > 0 for v in level["ratios"].values())
