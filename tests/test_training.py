@@ -326,6 +326,35 @@ def test_a_stage_changes_exactly_its_own_parameters(setup, stage):
             assert torch.equal(p, before[name]), f"{stage}: frozen {name} changed"
 
 
+def test_vae_decoder_only_trains_the_decoder_on_the_frozen_latents(setup):
+    """vae_decoder_only: the loss is the L1 of decoding the frozen encoder's posterior mean (known
+    answer built by hand), the gradient reaches exactly the decoder's parameters, and after a step
+    every image still encodes to the same latents (the later stages' latent space holds)."""
+    from pigeon.training.stages import VAE_DECODER
+
+    config, _ = setup
+    model = make_model(config).train()
+    trainable = set_trainable(model, "vae", vae_decoder_only=True)
+    assert trainable and all(n.startswith(VAE_DECODER) for n in trainable)
+    assert any(n.startswith("vae.decoder.") for n in trainable)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    x = images * 2 - 1
+    with torch.no_grad():
+        latents = model.vae.encode(x).latent_dist.mean
+        decoded = model.vae.decode(latents).sample
+        expected = F.l1_loss(decoded, x)
+    loss = O.vae_objective(model, images, decoder_only=True)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == set(trainable)
+    torch.optim.SGD(trainable.values(), lr=0.5).step()
+    with torch.no_grad():
+        assert torch.equal(model.vae.encode(x).latent_dist.mean, latents)
+        assert not torch.allclose(model.vae.decode(latents).sample, decoded)  # the decoder moved
+    with pytest.raises(ValueError, match="vae_decoder_only applies to the vae stage"):
+        set_trainable(model, "image", vae_decoder_only=True)
+
+
 def test_stage_parameter_groups(setup):
     config, _ = setup
     model = make_model(config)

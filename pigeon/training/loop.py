@@ -106,6 +106,10 @@ class TrainConfig:
     snr_gamma: float = 0.0
     # vae stage: weight of the perceptual distance (pigeon.training.perceptual) beside L1
     perceptual_weight: float = 0.0
+    # vae stage: train the decoder alone on the frozen encoder's latents. The latent space, and so
+    # every network trained on it after the VAE, stays valid: a longer VAE decoder can be trained
+    # into a finished checkpoint (`--init CKPT`) without retraining the stages after it
+    vae_decoder_only: bool = False
     # vae, image, decoder: validation users on which the stage's link of the image chain is
     # scored (pigeon.evaluation.chain; EmojiPrefs data only); 0 = none
     chain_users: int = 32
@@ -578,6 +582,7 @@ def train_stage(
         config.lora_only,
         config.sft_base and stage == "sft",
         style_weight > 0 and stage == "decoder",
+        config.vae_decoder_only and stage == "vae",
     )
     pairs, reference = None, None
     if stage == "dpo":
@@ -675,7 +680,7 @@ def train_stage(
                 health = decoder_health(model, data, config, device)
             if link is not None:
                 health.update(link.measure(spec.chain_link, model, tokenizer))
-            if spec.health == "latent_scale":
+            if spec.health == "latent_scale" and not config.vae_decoder_only:  # else unmoved
                 health["scaling_factor"] = calibrate_latent_scale(model, data, config, device)
             if dist.main:
                 logf.write(json.dumps({"step": step, "val_loss": val, **health}) + "\n")

@@ -55,13 +55,26 @@ def vae_objective(
     kl_weight: float = 1e-6,
     perceptual: nn.Module | None = None,
     perceptual_weight: float = 0.0,
+    decoder_only: bool = False,
 ) -> torch.Tensor:
     """L1 + KL (+ perceptual_weight * a perceptual distance, `pigeon.training.perceptual`).
-    images in [0, 1] (batch, 3, H, W)."""
+    images in [0, 1] (batch, 3, H, W).
+
+    decoder_only: the encoder is frozen, so the latents every later stage learned on stay as they
+    are; the decoder learns to draw the image from its posterior mean, the latents serving decodes
+    (L1 + perceptual, no KL: nothing trains the posterior)."""
     x = images * 2 - 1
-    posterior = model.vae.encode(x).latent_dist
-    reconstruction = model.vae.decode(posterior.sample()).sample
-    loss = losses.vae_loss(reconstruction.float(), x, posterior.mean, posterior.logvar, kl_weight)
+    if decoder_only:
+        with torch.no_grad():
+            latents = model.vae.encode(x).latent_dist.mean
+        reconstruction = model.vae.decode(latents).sample
+        loss = F.l1_loss(reconstruction.float(), x)
+    else:
+        posterior = model.vae.encode(x).latent_dist
+        reconstruction = model.vae.decode(posterior.sample()).sample
+        loss = losses.vae_loss(
+            reconstruction.float(), x, posterior.mean, posterior.logvar, kl_weight
+        )
     if perceptual is not None and perceptual_weight > 0:
         loss = loss + perceptual_weight * perceptual(reconstruction.float(), x)
     return loss

@@ -45,6 +45,7 @@ def _vae(module, batch: dict) -> torch.Tensor:
         batch["images"],
         perceptual=module.perceptual,
         perceptual_weight=module.options.perceptual_weight,
+        decoder_only=module.options.vae_decoder_only,
     )
 
 
@@ -173,6 +174,7 @@ STAGES: dict[str, Stage] = {
 }
 STAGE_NAMES = tuple(STAGES)  # the recipe's order
 STYLE_STAGES = ("image", "decoder")  # the stages that read `TrainConfig.style_weight`
+VAE_DECODER = ("vae.decoder.", "vae.post_quant_conv.")  # what `vae_decoder_only` trains
 
 
 def stage_spec(name: str) -> Stage:
@@ -187,13 +189,14 @@ def stage_parameters(
     lora_only: bool = False,
     sft_base: bool = False,
     decoder_condition: bool = False,
+    vae_decoder_only: bool = False,
 ) -> dict[str, torch.nn.Parameter]:
     """The parameters stage `name` trains, by their name in `model`. `lora_only` (sft, dpo): the
     personalizer's LoRA alone, an adapter that `pigeon deploy --lora` publishes without the rest.
     `sft_base` (sft): the LLM's base weights too, beside its LoRA (`TrainConfig.sft_base`).
     `decoder_condition` (decoder): the condition adapter too (`TrainConfig.style_weight`); the
     tokens stay, so the lmm stage's codes hold, and stage 1, after it, reads the new reference
-    embedding."""
+    embedding. `vae_decoder_only` (vae): the VAE's decoder alone (`TrainConfig.vae_decoder_only`)."""
     spec = stage_spec(name)
     if sft_base and (name != "sft" or lora_only):
         raise ValueError(f"sft_base applies to the sft stage without lora_only, not {name!r}")
@@ -201,7 +204,11 @@ def stage_parameters(
         raise ValueError(f"decoder_condition applies to the decoder stage, not {name!r}")
     if lora_only and not spec.lora:
         raise ValueError(f"lora_only applies to the sft and dpo stages, not {name!r}")
+    if vae_decoder_only and name != "vae":
+        raise ValueError(f"vae_decoder_only applies to the vae stage, not {name!r}")
     prefixes = spec.trains + (("condition_adapter.",) if decoder_condition else ())
+    if vae_decoder_only:
+        prefixes = VAE_DECODER
     if name == "sft" and model.config.mask_generator.training != "straight_through":
         prefixes = tuple(p for p in prefixes if p != "mask_generator.")  # the official code's
     named = dict(model.named_parameters())
@@ -222,8 +229,9 @@ def set_trainable(
     lora_only: bool = False,
     sft_base: bool = False,
     decoder_condition: bool = False,
+    vae_decoder_only: bool = False,
 ) -> dict[str, torch.nn.Parameter]:
-    chosen = stage_parameters(model, name, lora_only, sft_base, decoder_condition)
+    chosen = stage_parameters(model, name, lora_only, sft_base, decoder_condition, vae_decoder_only)
     for n, p in model.named_parameters():
         p.requires_grad_(n in chosen)
     return chosen
