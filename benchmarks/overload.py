@@ -176,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="default: the checkpoint's")
     parser.add_argument("--instances", type=int, default=1, help="of each loop model")
     parser.add_argument("--queue", type=int, default=1, help="request_queue_size per loop model")
+    parser.add_argument(
+        "--serving",
+        default=None,
+        help="serving.json (ServingConfig) to start from; --instances and --queue override it",
+    )
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--out", default="benchmarks/results/overload.jsonl")
     args = parser.parse_args(argv)
@@ -184,14 +189,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.common import append_jsonl, checkpoint_and_artifacts, environment, timestamp
     from benchmarks.serving import build_repository
-    from pigeon.config import ServingConfig
+    from pigeon.config import ServingConfig, load_json
     from pigeon.serving.server import TritonServer
 
     name = Path(args.checkpoint).name if args.checkpoint else args.preset
     workdir = Path(args.workdir or f"runs/overload-{name}")
     checkpoint, artifacts = checkpoint_and_artifacts(args.checkpoint, args.preset, workdir)
     serving = dataclasses.replace(
-        ServingConfig(), bls_instances=args.instances, request_queue_size=args.queue
+        load_json(ServingConfig, args.serving) if args.serving else ServingConfig(),
+        bls_instances=args.instances,
+        request_queue_size=args.queue,
     )
     repo = build_repository(checkpoint, artifacts, workdir / "repo", "default", serving)
     record = {
@@ -203,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": args.seconds,
         "instances": args.instances,
         "queue": args.queue,
+        "serving": dataclasses.asdict(serving),
         "steps": args.steps,
     }
     with TritonServer(repo, log_file=workdir / "tritonserver.log") as server:
