@@ -102,7 +102,7 @@ class TrainConfig:
     # image and decoder stages: Min-SNR-gamma weighting of the diffusion loss (0 = uniform). The
     # epsilon loss weighs an error in the image by the timestep's SNR, so uniform timesteps spend
     # most of the gradient on low-noise steps where the noisy latents give the answer and the
-    # condition matters least; 5 is the paper's gamma
+    # condition matters least; 5 is the Min-SNR paper's gamma
     snr_gamma: float = 0.0
     # vae stage: weight of the perceptual distance (pigeon.training.perceptual) beside L1
     perceptual_weight: float = 0.0
