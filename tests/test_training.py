@@ -144,6 +144,34 @@ def test_min_snr_loss_weighs_each_sample_by_its_clipped_snr(setup, prediction_ty
     assert float(got) != pytest.approx(float(plain), rel=1e-2)  # the weights do change the loss
 
 
+def test_timesteps_stay_below_the_fraction_and_the_loss_is_built_from_them(setup):
+    """sampled_denoising_loss with max_timestep_fraction 0.3 against denoising_loss rebuilt by hand
+    from the same draws (condition drop, noise, then timesteps below ceil(0.3 T)); with a fraction
+    of 1, the same seed draws timesteps above 0.3 T too, so the bound is what holds them down."""
+    config, _ = setup
+    model = make_model(config).eval()
+    images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    ac = torch.from_numpy(alphas_cumprod(model.config.scheduler)).float()
+    top = math.ceil(0.3 * len(ac))
+    with torch.no_grad():
+        latents = O.image_latents(model, images)
+        embeds, pooled = O.serving_condition(model, images)
+        torch.manual_seed(2)
+        got = O.sampled_denoising_loss(
+            model, latents, ac, embeds, pooled, 0.0, max_timestep_fraction=0.3
+        )
+        torch.manual_seed(2)
+        torch.rand(8)  # the condition-drop draw
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, top, (8,))
+        expected = O.denoising_loss(model, latents, noise, t, ac, embeds, pooled)
+        torch.manual_seed(2)
+        torch.rand(8), torch.randn_like(latents)
+        unbounded = torch.randint(0, len(ac), (8,))
+    assert int(t.max()) < top <= int(unbounded.max())
+    torch.testing.assert_close(got, expected)
+
+
 @pytest.mark.parametrize("share", [0.0, 1.0])
 def test_decoder_tokens_come_from_the_history_for_their_share(setup, share):
     """decoder_objective against the same loss built by hand from the images whose tokens it

@@ -104,6 +104,10 @@ class TrainConfig:
     # most of the gradient on low-noise steps where the noisy latents give the answer and the
     # condition matters least; 5 is the Min-SNR paper's gamma
     snr_gamma: float = 0.0
+    # decoder stage: draw the training timesteps from the first this share of the schedule. Serving
+    # starts from the reference noised to strength x T (0.6 for `checkpoints/small`), so the UNet is
+    # only ever asked about the timesteps below that; 1 = the whole schedule
+    max_timestep_fraction: float = 1.0
     # vae stage: weight of the perceptual distance (pigeon.training.perceptual) beside L1
     perceptual_weight: float = 0.0
     # vae stage: train the decoder alone on the frozen encoder's latents. The latent space, and so
@@ -135,6 +139,10 @@ class TrainConfig:
             raise ConfigError(f"train.stage={self.stage!r} is not one of {list(STAGE_NAMES)}")
         if self.style_weight < 0:
             raise ConfigError(f"train.style_weight={self.style_weight} is negative")
+        if not 0.0 < self.max_timestep_fraction <= 1.0:
+            raise ConfigError(
+                f"train.max_timestep_fraction={self.max_timestep_fraction} is outside (0, 1]"
+            )
         if self.snr_gamma < 0:
             raise ConfigError(f"train.snr_gamma={self.snr_gamma} is negative (0 turns it off)")
         if not 0.0 <= self.history_token_share <= 1.0:

@@ -12,6 +12,7 @@ dpo      sigmoid DPO, beta 0.1, policy and reference on the same sampled context
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -194,15 +195,19 @@ def sampled_denoising_loss(
     uncond_prob: float,
     reference_latents: torch.Tensor | None = None,
     snr_gamma: float = 0.0,
+    max_timestep_fraction: float = 1.0,
 ) -> torch.Tensor:
     """`denoising_loss` at random noise and timesteps, the condition zeroed for a share uncond_prob
-    of the batch (CFG's negatives; a reference input stays)."""
+    of the batch (CFG's negatives; a reference input stays). Timesteps are drawn from the first
+    `max_timestep_fraction` of the schedule (an image-to-image start at strength s only ever asks
+    the UNet about timesteps below s T)."""
     b = latents.shape[0]
     drop = (torch.rand(b, device=latents.device) < uncond_prob).to(prompt_embeds.dtype)
     prompt_embeds = prompt_embeds * (1 - drop)[:, None, None]  # CFG: zero negatives
     pooled = pooled * (1 - drop)[:, None]
     noise = torch.randn_like(latents)
-    t = torch.randint(0, len(alphas_cumprod), (b,), device=latents.device)
+    top = max(1, math.ceil(max_timestep_fraction * len(alphas_cumprod)))
+    t = torch.randint(0, top, (b,), device=latents.device)
     return denoising_loss(
         model,
         latents,
@@ -257,6 +262,7 @@ def decoder_objective(
     target_styles: torch.Tensor | None = None,
     history_styles: torch.Tensor | None = None,
     snr_gamma: float = 0.0,
+    max_timestep_fraction: float = 1.0,
 ) -> torch.Tensor:
     """LaVIT's detokenizer on a frozen tokenizer, with the reference as a spatial input: denoise the
     target's latents given tokens (cross-attention) and the reference's latents (input channels,
@@ -299,6 +305,7 @@ def decoder_objective(
         uncond_prob,
         reference_latents,
         snr_gamma,
+        max_timestep_fraction,
     )
     if style_weight > 0:
         loss = loss + style_weight * style_loss(style_head, pooled, token_styles)

@@ -80,6 +80,7 @@ def _decoder(module, batch: dict) -> torch.Tensor:
         target_styles=batch.get("target_styles"),
         history_styles=batch.get("history_styles"),
         snr_gamma=module.options.snr_gamma,
+        max_timestep_fraction=module.options.max_timestep_fraction,
     )
 
 
