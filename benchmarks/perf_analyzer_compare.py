@@ -71,8 +71,9 @@ def input_data(requests: list[dict], steps: int, timeout_ms: int) -> dict:
             "text": b64([r["text"].encode("utf-8")]),
         }
         for name, value in (("seed", r["seed"]), ("steps", steps), ("timeout_ms", timeout_ms)):
+            if by_name[name].dtype != "int64":  # perf_analyzer reads a JSON number as the dtype
+                raise ValueError(f"{name} is served as {by_name[name].dtype}, not an integer")
             entry[name] = {"content": [value], "shape": [1]}
-            assert by_name[name].dtype == "int64"  # the JSON number is read as the input's dtype
         entries.append(entry)
     return {"data": entries}
 
