@@ -132,6 +132,19 @@ def run_threads(workers: list[Callable[[], None]]) -> float:
     return time.perf_counter() - start
 
 
+def ensemble_counts(url: str) -> tuple[int, int]:
+    """The server's own (success, fail) counts of `pigeon` ensemble requests (gRPC url)."""
+    from pigeon.serving.client import PigeonClient
+
+    with PigeonClient(url, "grpc", timeout_s=30) as client:
+        stats = client.statistics("pigeon")["model_stats"]
+    counts = [s["inference_stats"] for s in stats]
+    success, fail = (
+        sum(int(c.get(k, {}).get("count", 0)) for c in counts) for k in ("success", "fail")
+    )
+    return success, fail
+
+
 def export_artifacts(checkpoint: Path, artifacts: Path, precision: str = "fp32") -> None:
     """Export and validate `checkpoint` into `artifacts` unless an export of it is there already."""
     from pigeon.export.artifacts import export_onnx

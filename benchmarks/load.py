@@ -380,15 +380,6 @@ def summarize(outcomes: list[dict], planned: int, wall_s: float) -> dict:
     }
 
 
-def success_count(url: str) -> int:
-    """The server's own count of successful `pigeon` ensemble requests."""
-    from pigeon.serving.client import PigeonClient
-
-    with PigeonClient(url, "grpc", timeout_s=30) as client:
-        stats = client.statistics("pigeon")["model_stats"]
-    return sum(int(s["inference_stats"].get("success", {}).get("count", 0)) for s in stats)
-
-
 def run_load(
     server,
     total: int,
@@ -406,6 +397,7 @@ def run_load(
     """Run the load against a started `TritonServer` (bound to 127.0.0.1); returns the record.
     `switch` (deploy_at, rollback_at): with version 2 published beside 1, deploy it and roll back
     once those shares of the requests have ended."""
+    from benchmarks.common import ensemble_counts
     from pigeon.checkpoint import load_config
     from pigeon.serving.client import PigeonClient, deploy
 
@@ -439,7 +431,7 @@ def run_load(
     )
     memory["after_warmup"] = server.memory()
     stubs_before = {s.pid for s in server.stubs() if s.alive}
-    successes_before = success_count(url)
+    successes_before = ensemble_counts(url)[0]
     progress = Progress()
     if switch is not None:
         operator, stop, operations = operate(server, progress, total, *switch)
@@ -476,7 +468,7 @@ def run_load(
         log(f"deployment: {json.dumps(operations)}")
         settle(server, 1)  # the rollback's version
     memory["end"] = server.memory()
-    successes = success_count(url) - successes_before
+    successes = ensemble_counts(url)[0] - successes_before
     stubs_after = {s.pid for s in server.stubs() if s.alive}
 
     everything = [o for level in levels.values() for o in level.pop("_outcomes")]

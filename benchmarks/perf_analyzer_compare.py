@@ -141,18 +141,6 @@ def run_perf_analyzer(
     return {**parse_csv(out_csv), "command": command[:1] + ["..."] + command[3:]}
 
 
-def ensemble_counts(url: str) -> tuple[int, int]:
-    """The server's own (success, fail) counts of `pigeon` ensemble requests."""
-    from pigeon.serving.client import PigeonClient
-
-    with PigeonClient(url, "grpc", timeout_s=30) as client:
-        stats = client.statistics("pigeon")["model_stats"]
-    counts = [s["inference_stats"] for s in stats]
-    return tuple(
-        sum(int(c.get(k, {}).get("count", 0)) for c in counts) for k in ("success", "fail")
-    )
-
-
 def compare(ours: dict, theirs: dict) -> dict:
     """theirs / ours for p50, p99 and throughput, and whether each is within AGREEMENT."""
     ratios = {
@@ -188,7 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.requests < 2 or min(args.concurrency) < 1 or args.max_trials < 3:
         parser.error("--requests >= 2, --concurrency >= 1, --max-trials >= 3")
 
-    from benchmarks.common import append_jsonl, checkpoint_and_artifacts, environment, timestamp
+    from benchmarks.common import (
+        append_jsonl,
+        checkpoint_and_artifacts,
+        ensemble_counts,
+        environment,
+        timestamp,
+    )
     from benchmarks.serving import build_repository, run_level, user_request
     from pigeon.checkpoint import load_config
     from pigeon.config import ServingConfig

@@ -120,7 +120,7 @@ def refitted_engine(
                 f"{base_engine}: weight {name!r} is not refittable in this engine (TensorRT "
                 "folded it into another); build a new engine"
             )
-        refitter.set_named_weights(name, trt.Weights(np.ascontiguousarray(value)))
+        refitter.set_named_weights(name, trt.Weights(value))
     missing = refitter.get_missing_weights()
     if missing or not refitter.refit_cuda_engine():
         raise ExportError(f"{base_engine}: the refit failed (weights still missing: {missing})")
