@@ -172,6 +172,51 @@ def test_timesteps_stay_below_the_fraction_and_the_loss_is_built_from_them(setup
     torch.testing.assert_close(got, expected)
 
 
+def test_reference_start_is_the_path_ddim_takes_from_the_reference():
+    """The family reference_start_noise trains on, against the repository's DDIM sampler: start at
+    the reference noised to s (as serving does at strength < 1), let an ideal UNet predict the
+    target at every step, and each x_t the sampler reaches is sqrt(a_t) x0 + sqrt(1 - a_t) (eps +
+    sqrt(SNR_s) (ref - x0)); reference_start_noise builds exactly those noisy latents."""
+    from pigeon.config import SchedulerConfig
+    from pigeon.diffusion.scheduler import add_noise, make_sampler, start_index
+
+    config = SchedulerConfig()
+    sampler = make_sampler(config, 25, "ddim")
+    rng = np.random.default_rng(0)
+    x0, ref, eps = (rng.standard_normal((1, 4, 8, 8)) for _ in range(3))
+    start = start_index(25, 0.6)
+    s = int(sampler.timesteps[start])
+    snr_s = sampler.a(s) / (1 - sampler.a(s))
+    sample = add_noise(ref, eps, np.float32(sampler.a(s)))
+    for i in range(start, len(sampler.timesteps) - 1):
+        t = int(sampler.timesteps[i])
+        family = add_noise(x0, eps + math.sqrt(snr_s) * (ref - x0), np.float32(sampler.a(t)))
+        np.testing.assert_allclose(sample, family, atol=1e-5)
+        ideal_eps = (sample - math.sqrt(sampler.a(t)) * x0) / math.sqrt(1 - sampler.a(t))
+        sample = sampler.step(ideal_eps, i, sample)
+    ac = torch.from_numpy(alphas_cumprod(config)).double()
+    b, top = 64, 600
+    latents, reference = torch.randn(b, 4, 8, 8).double(), torch.randn(b, 4, 8, 8).double()
+    noise = torch.randn_like(latents)
+    torch.manual_seed(3)
+    got_noise, got_t = O.reference_start_noise(
+        noise, torch.full((b,), 999), latents, reference, ac, 1.0, top
+    )
+    assert int(got_t.max()) < top
+    offset = (got_noise - noise) / (reference - latents)  # sqrt(SNR_s) of each sample's start
+    snr_s = offset.flatten(1).mean(1) ** 2
+    snr = ac / (1 - ac)
+    for i in range(b):  # each start is a timestep in [t, top): SNR_s between SNR_(top-1) and SNR_t
+        assert (
+            float(snr[top - 1]) * (1 - 1e-9) <= float(snr_s[i]) <= float(snr[got_t[i]]) * (1 + 1e-9)
+        )
+    torch.manual_seed(3)
+    kept, kept_t = O.reference_start_noise(
+        noise, torch.full((b,), 999), latents, reference, ac, 0.0, top
+    )
+    assert torch.equal(kept, noise) and bool((kept_t == 999).all())  # share 0: nothing moves
+
+
 @pytest.mark.parametrize("share", [0.0, 1.0])
 def test_decoder_tokens_come_from_the_history_for_their_share(setup, share):
     """decoder_objective against the same loss built by hand from the images whose tokens it

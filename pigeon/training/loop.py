@@ -108,6 +108,14 @@ class TrainConfig:
     # starts from the reference noised to strength x T (0.6 for `checkpoints/small`), so the UNet is
     # only ever asked about the timesteps below that; 1 = the whole schedule
     max_timestep_fraction: float = 1.0
+    # decoder stage: the share of each batch trained on serving's image-to-image path, the noisy
+    # latents started from the reference (another style) at a strength below
+    # `reference_start_strength` while the target stays the target
+    # (objectives.reference_start_noise). Otherwise the noisy latents always show the target's own
+    # style, so the UNet learns to trust them, and at serving the reference's noised latents decide
+    # the style; 0 = off
+    reference_start_share: float = 0.0
+    reference_start_strength: float = 0.8
     # vae stage: weight of the perceptual distance (pigeon.training.perceptual) beside L1
     perceptual_weight: float = 0.0
     # vae stage: train the decoder alone on the frozen encoder's latents. The latent space, and so
@@ -142,6 +150,14 @@ class TrainConfig:
         if not 0.0 < self.max_timestep_fraction <= 1.0:
             raise ConfigError(
                 f"train.max_timestep_fraction={self.max_timestep_fraction} is outside (0, 1]"
+            )
+        if not 0.0 <= self.reference_start_share <= 1.0:
+            raise ConfigError(
+                f"train.reference_start_share={self.reference_start_share} is outside [0, 1]"
+            )
+        if not 0.0 < self.reference_start_strength <= 1.0:
+            raise ConfigError(
+                f"train.reference_start_strength={self.reference_start_strength} is outside (0, 1]"
             )
         if self.snr_gamma < 0:
             raise ConfigError(f"train.snr_gamma={self.snr_gamma} is negative (0 turns it off)")
@@ -561,6 +577,11 @@ def train_stage(
             f"{source}: this model's UNet takes the reference's latents (unet.reference_input), "
             f"but --data {data_source} pairs no reference apart from the target, and the decoder "
             "stage would teach it to copy its input; start from a checkpoint without it"
+        )
+    if stage == "decoder" and config.reference_start_share > 0 and not data.paired_reference:
+        raise ConfigError(
+            f"train.reference_start_share={config.reference_start_share} starts from the "
+            f"reference, but --data {data_source} pairs no reference apart from the target"
         )
     if stage == "image" and model.config.unet.reference_input:
         raise ConfigError(

@@ -196,11 +196,17 @@ def sampled_denoising_loss(
     reference_latents: torch.Tensor | None = None,
     snr_gamma: float = 0.0,
     max_timestep_fraction: float = 1.0,
+    reference_start_share: float = 0.0,
+    reference_start_strength: float = 0.8,
 ) -> torch.Tensor:
     """`denoising_loss` at random noise and timesteps, the condition zeroed for a share uncond_prob
     of the batch (CFG's negatives; a reference input stays). Timesteps are drawn from the first
     `max_timestep_fraction` of the schedule (an image-to-image start at strength s only ever asks
-    the UNet about timesteps below s T)."""
+    the UNet about timesteps below s T).
+
+    For a share `reference_start_share` of the batch the noisy latents lie on serving's
+    image-to-image path instead (`reference_start_noise`), started from the reference at a strength
+    below `reference_start_strength`."""
     b = latents.shape[0]
     drop = (torch.rand(b, device=latents.device) < uncond_prob).to(prompt_embeds.dtype)
     prompt_embeds = prompt_embeds * (1 - drop)[:, None, None]  # CFG: zero negatives
@@ -208,6 +214,18 @@ def sampled_denoising_loss(
     noise = torch.randn_like(latents)
     top = max(1, math.ceil(max_timestep_fraction * len(alphas_cumprod)))
     t = torch.randint(0, top, (b,), device=latents.device)
+    if reference_start_share > 0:
+        if reference_latents is None:
+            raise ValueError("train.reference_start_share needs data with a paired reference")
+        noise, t = reference_start_noise(
+            noise,
+            t,
+            latents,
+            reference_latents,
+            alphas_cumprod,
+            reference_start_share,
+            min(top, math.ceil(reference_start_strength * len(alphas_cumprod))),
+        )
     return denoising_loss(
         model,
         latents,
@@ -219,6 +237,35 @@ def sampled_denoising_loss(
         reference_latents,
         snr_gamma,
     )
+
+
+def reference_start_noise(
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    latents: torch.Tensor,
+    reference_latents: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    share: float,
+    start_top: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise and timesteps that put a share of the batch on serving's image-to-image path.
+
+    Serving starts at x_s = sqrt(a_s) ref + sqrt(1 - a_s) eps, the reference noised to its start
+    s = strength T, and the UNet is trained to denoise toward the target, not the reference. If it
+    predicts the target x0 at every step, DDIM stays on the family
+        x_t = sqrt(a_t) x0 + sqrt(1 - a_t) (eps + sqrt(SNR_s) (ref - x0)),   t <= s,
+    (the reference's offset shrinks with the noise). So for those samples the noise is
+    eps + sqrt(SNR_s) (ref - x0), with t < start_top and s uniform in [t, start_top): the epsilon
+    (or v) target built from it has the UNet take the style from its condition rather than from the
+    reference's noised latents, which at training time otherwise always show the target's own
+    style. -> (noise, t) for `denoising_loss`."""
+    b = latents.shape[0]
+    chosen = torch.rand(b, device=latents.device) < share
+    t = torch.where(chosen, torch.randint(0, start_top, (b,), device=latents.device), t)
+    s = t + (torch.rand(b, device=latents.device) * (start_top - t)).long()  # in [t, start_top)
+    a_s = alphas_cumprod.to(latents)[s]
+    offset = (a_s / (1 - a_s)).sqrt() * chosen.to(latents.dtype)  # sqrt(SNR_s), 0 elsewhere
+    return noise + offset.view(b, 1, 1, 1) * (reference_latents - latents), t
 
 
 def keep_budget(keep_prob: torch.Tensor, target: float) -> torch.Tensor:
@@ -263,6 +310,8 @@ def decoder_objective(
     history_styles: torch.Tensor | None = None,
     snr_gamma: float = 0.0,
     max_timestep_fraction: float = 1.0,
+    reference_start_share: float = 0.0,
+    reference_start_strength: float = 0.8,
 ) -> torch.Tensor:
     """LaVIT's detokenizer on a frozen tokenizer, with the reference as a spatial input: denoise the
     target's latents given tokens (cross-attention) and the reference's latents (input channels,
@@ -306,6 +355,8 @@ def decoder_objective(
         reference_latents,
         snr_gamma,
         max_timestep_fraction,
+        reference_start_share,
+        reference_start_strength,
     )
     if style_weight > 0:
         loss = loss + style_weight * style_loss(style_head, pooled, token_styles)

@@ -81,6 +81,8 @@ def _decoder(module, batch: dict) -> torch.Tensor:
         history_styles=batch.get("history_styles"),
         snr_gamma=module.options.snr_gamma,
         max_timestep_fraction=module.options.max_timestep_fraction,
+        reference_start_share=module.options.reference_start_share,
+        reference_start_strength=module.options.reference_start_strength,
     )
 
 
