@@ -1,20 +1,24 @@
-"""The size / latency / quality trade-off of the precision variants, all measured in one run.
+"""The size / latency / quality trade-off of the export variants, all measured in one run.
 
     python -m benchmarks.variants --preset small --checkpoint CKPT [--data demo/data/emojiprefs]
-        [--users 100] [--runs 10] [--workdir runs/bench-variants] [--table benchmarks/results/variants.md]
+        [--users 100] [--split test] [--runs 10] [--variants fp32 int8 fast] [--eager]
+        [--workdir runs/bench-variants] [--table benchmarks/results/variants.md]
 
 Variants: fp32, fp16, int8 and mixed artifact folders of the same checkpoint (`pigeon export onnx
 --precision ...`; int8/mixed calibrated on `--data`, validated like every export; folders are reused when
-their manifest names the same checkpoint). For each variant, in this one run on this machine:
+their manifest names the same checkpoint), and `fast` (`pigeon export onnx --variant fast`: int8
+files served with their manifest's sampling defaults; `--steps` does not apply to it). `--eager`
+adds PyTorch eager fp32 at the checkpoint's own settings (the recipe defaults), the baseline the
+speed-up column divides by. For each variant, in this one run on this machine:
 
     size         bytes of its ONNX files (all components, and per component) and the precision kept
     peak memory  peak RSS (VmHWM) of a fresh process that loads the variant and generates one image
                  (ONNX Runtime only, no torch), and its RSS after imports, before loading
     latency      per component at the declared opt shape and end to end (the same request), p50/p95;
                  the variants run round robin, so the machine's load is shared by all of them
-    quality      on the fixed test users of EmojiPrefs (`test.jsonl`, the first --users), scored by
+    quality      on the fixed users of EmojiPrefs (`--split`, the first --users), scored by
                  `pigeon evaluate`'s frozen metric nets: StyleAcc, ConceptR@5, SSIM to the ground
-                 truth (means over the users)
+                 truth (means over the users, with 95% bootstrap intervals)
 
 One JSON line per run goes to --out; the markdown table to stdout and --table.
 """
@@ -33,32 +37,45 @@ import numpy as np
 
 from benchmarks.common import append_jsonl, environment, percentiles, timestamp
 
-VARIANTS = ("fp32", "fp16", "int8", "mixed")
+VARIANTS = ("fp32", "fp16", "int8", "mixed", "fast")
+EAGER = "eager"  # PyTorch eager fp32, the checkpoint's own settings: not an export
 
 
-def export_variants(checkpoint: Path, workdir: Path, data: str, users: int) -> dict[str, Path]:
+def export_variants(
+    checkpoint: Path, workdir: Path, data: str, users: int, variants=VARIANTS
+) -> dict[str, Path]:
     """One validated artifact folder per variant, reused when it matches the checkpoint."""
     from pigeon.checkpoint import load_checkpoint
     from pigeon.export.artifacts import export_onnx
-    from pigeon.export.manifest import read_manifest
+    from pigeon.export.manifest import QUANTIZED_PRECISIONS, read_manifest
     from pigeon.export.quantize import Calibration
+    from pigeon.export.variants import VARIANTS as NAMED
+    from pigeon.export.variants import resolve
 
     ckpt = load_checkpoint(checkpoint)
     folders = {}
-    for variant in VARIANTS:
+    for variant in variants:
+        named = variant if variant in NAMED else "default"
+        precision, _ = resolve(named, None if variant in NAMED else variant)
         out = workdir / variant
         if (out / "manifest.json").exists():
             manifest = read_manifest(out)
-            if manifest["checkpoint_sha256"] == ckpt.digest and manifest["precision"] == variant:
+            if (
+                manifest["checkpoint_sha256"] == ckpt.digest
+                and manifest["precision"] == precision
+                and manifest.get("variant", "default") == named
+            ):
                 folders[variant] = out
                 continue
         print(f"exporting {variant} ...", file=sys.stderr, flush=True)
+        quantized = precision in QUANTIZED_PRECISIONS
         export_onnx(
             ckpt,
             out,
-            precision=variant,
+            precision=precision,
+            variant=named,
             overwrite=True,
-            calibration=Calibration(data=data, users=users),
+            calibration=Calibration(data=data, users=users) if quantized else None,
         )
         folders[variant] = out
     return folders
@@ -78,14 +95,14 @@ def sizes(folder: Path) -> dict:
     return {"total_bytes": sum(c["bytes"] for c in per.values()), "components": per}
 
 
-def benchmark_request(config, data_root: str | None, steps: int | None):
-    """The end-to-end request: the first fixed test user of EmojiPrefs, else a procedural user."""
+def benchmark_request(config, data_root: str | None, steps: int | None, split: str = "test"):
+    """The end-to-end request: the first fixed user of EmojiPrefs' split, else a procedural user."""
     from benchmarks.common import procedural_request
 
     if data_root:
         from pigeon.evaluation.data import load_eval_data
 
-        data = load_eval_data(data_root, "test", limit=1)
+        data = load_eval_data(data_root, split, limit=1)
         return quality_requests(data, data.cases, config, steps)[0]
     return procedural_request(config.image_size, steps)
 
@@ -97,29 +114,31 @@ def quality_requests(data, cases, config, steps: int | None) -> list:
     return evaluation_requests(data, cases, config, steps=steps)
 
 
-def quality_scorer(data_root: str, users: int):
-    """The frozen metric nets of `pigeon evaluate` on the first `users` fixed test users."""
+def quality_scorer(data_root: str, users: int, split: str = "test"):
+    """The frozen metric nets of `pigeon evaluate` on the first `users` fixed users of `split`."""
     from pigeon.evaluation.data import load_eval_data
     from pigeon.evaluation.evaluate import Scorer
     from pigeon.evaluation.external import External
     from pigeon.evaluation.metric_nets import MetricNets
 
-    data = load_eval_data(data_root, "test", limit=users)
+    data = load_eval_data(data_root, split, limit=users)
     scorer = Scorer(data, MetricNets.load(), enl0=None, external=External())
     return data, scorer, scorer.case_set(data.cases)
 
 
 def quality_scores(images: np.ndarray, data, scorer, case_set) -> dict[str, float]:
-    """StyleAcc, ConceptR@5 and SSIM to the ground truth (means over the users), as `pigeon
-    evaluate` computes them (images resized to the data's size first)."""
-    from pigeon.evaluation.metrics import resize_images
+    """StyleAcc, ConceptR@5 and SSIM to the ground truth (means over the users, with 95%
+    bootstrap intervals of the same resamples for every variant), as `pigeon evaluate` computes
+    them (images resized to the data's size first)."""
+    from pigeon.evaluation.metrics import bootstrap_indices, bootstrap_mean_ci, resize_images
 
     per, _, _ = scorer.score(resize_images(images, data.size), case_set)
-    return {
-        "StyleAcc": float(per["style_acc"].mean()),
-        "ConceptR@5": float(per["concept_r5"].mean()),
-        "SSIM": float(per["ssim"].mean()),
-    }
+    indices = bootstrap_indices(len(images), 1000, seed=0)
+    scores: dict = {}
+    for name, key in (("StyleAcc", "style_acc"), ("ConceptR@5", "concept_r5"), ("SSIM", "ssim")):
+        mean, low, high = bootstrap_mean_ci(per[key], indices)
+        scores[name], scores[f"{name} interval"] = mean, [round(low, 4), round(high, 4)]
+    return scores
 
 
 def probe_memory(args: argparse.Namespace) -> None:
@@ -136,7 +155,7 @@ def probe_memory(args: argparse.Namespace) -> None:
                 return int(line.split()[1]) / 1024
         return float("nan")
 
-    config = load_config(args.checkpoint)
+    config = variant_config(load_config(args.checkpoint), Path(args.probe))
     tokenizer = TextTokenizer.load(
         Path(args.checkpoint) / "tokenizer" / "tokenizer.json", config.personalizer.text_vocab_size
     )
@@ -149,6 +168,27 @@ def probe_memory(args: argparse.Namespace) -> None:
     # VmHWM: this process's peak RSS (ru_maxrss would include the parent's at fork, kept over exec)
     peak = status_mib("VmHWM")
     print(json.dumps({"imports_mib": before, "loaded_mib": loaded, "peak_mib": peak}))
+
+
+def sampling_defaults(folder: Path) -> dict:
+    """The sampling defaults a variant's manifest carries (the `fast` variant's; else none)."""
+    from pigeon.export.manifest import read_manifest
+
+    return read_manifest(folder, verify=False).get("sampling_defaults") or {}
+
+
+def variant_config(config, folder: Path):
+    """The config a variant's folder is served with: its manifest's sampling defaults applied."""
+    from pigeon.export.variants import with_sampling_defaults
+
+    return with_sampling_defaults(config, {"sampling_defaults": sampling_defaults(folder)})
+
+
+def variant_request(request, folder: Path):
+    """`--steps` applies to the variants without sampling defaults; the others use their own."""
+    import dataclasses
+
+    return dataclasses.replace(request, steps=None) if sampling_defaults(folder) else request
 
 
 def save_request(request, path: Path) -> Path:
@@ -180,7 +220,7 @@ def load_request(path: Path, steps: int | None):
 def measure_memory(folder: Path, request_file: Path, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.variants", "--probe", str(folder)]
     cmd += ["--checkpoint", str(args.checkpoint), "--probe-request", str(request_file)]
-    if args.steps:
+    if args.steps and not sampling_defaults(folder):
         cmd += ["--steps", str(args.steps)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if res.returncode != 0:
@@ -203,39 +243,53 @@ def round_robin(
 
 
 def table(record: dict) -> str:
-    """The markdown trade-off table of one run."""
+    """The markdown trade-off table of one run (the eager row has no files, memory probe or
+    component timings; the speed-up divides its end-to-end p50 by each row's)."""
     rows = record["variants"]
-    fp32 = rows["fp32"]
-    comps = list(fp32["size"]["components"])
+    exported = {k: r for k, r in rows.items() if "size" in r}
+    fp32_bytes = exported["fp32"]["size"]["total_bytes"] if "fp32" in exported else None
+    comps = list(next(iter(exported.values()))["size"]["components"])
+    eager_p50 = rows[EAGER]["end_to_end_s"]["p50"] if EAGER in rows else None
     head = ["variant", "files MB", "of fp32", "peak RSS MiB", "e2e p50 ms", "e2e p95 ms"]
+    head += ["speed-up vs eager", "sampling"]
     head += [f"{c} p50/p95 ms" for c in comps]
     head += ["SSIM", "StyleAcc", "ConceptR@5", "precision kept per component"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def quality(q: dict, name: str) -> str:
+        if isinstance(q[name], str):
+            return q[name]
+        interval = q.get(f"{name} interval")
+        return f"{q[name]:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+
     for name, r in rows.items():
-        size = r["size"]
+        size = r.get("size")
         e2e = r["end_to_end_s"]
+        defaults = record.get("sampling_defaults", {}).get(name) or {}
         cells = [
             name,
-            f"{size['total_bytes'] / 1e6:.1f}",
-            f"{size['total_bytes'] / fp32['size']['total_bytes']:.0%}",
-            f"{r['memory']['peak_mib']:.0f}",
+            f"{size['total_bytes'] / 1e6:.1f}" if size else "-",
+            f"{size['total_bytes'] / fp32_bytes:.0%}" if size and fp32_bytes else "-",
+            f"{r['memory']['peak_mib']:.0f}" if "memory" in r else "-",
             f"{e2e['p50'] * 1e3:.0f}",
             f"{e2e['p95'] * 1e3:.0f}",
+            f"{eager_p50 / e2e['p50']:.2f}x" if eager_p50 else "-",
+            " ".join(f"{k}={v}" for k, v in defaults.items()) or f"{record['steps']} steps",
         ]
         for c in comps:
-            s = r["components_s"][c]
-            cells.append(f"{s['p50'] * 1e3:.1f} / {s['p95'] * 1e3:.1f}")
+            t = r.get("components_s", {}).get(c)
+            cells.append(f"{t['p50'] * 1e3:.1f} / {t['p95'] * 1e3:.1f}" if t else "-")
         q = r["quality"]
-        cells += [
-            q["SSIM"] if isinstance(q["SSIM"], str) else f"{q['SSIM']:.3f}",
-            q["StyleAcc"] if isinstance(q["StyleAcc"], str) else f"{q['StyleAcc']:.3f}",
-            q["ConceptR@5"] if isinstance(q["ConceptR@5"], str) else f"{q['ConceptR@5']:.3f}",
+        cells += [quality(q, "SSIM"), quality(q, "StyleAcc"), quality(q, "ConceptR@5")]
+        cells.append(
             ", ".join(
                 f"{c}: {v['precision']}"
                 + (f" ({'/'.join(v['rejected'])} rejected)" if v["rejected"] else "")
                 for c, v in size["components"].items()
-            ),
-        ]
+            )
+            if size
+            else "PyTorch fp32"
+        )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -275,7 +329,14 @@ def main() -> None:
     parser.add_argument("--preset", default="small", help="recorded; the checkpoint sets the sizes")
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--data", default=None, help="EmojiPrefs folder (quality, calibration)")
-    parser.add_argument("--users", type=int, default=100, help="test users for the quality columns")
+    parser.add_argument("--users", type=int, default=100, help="users for the quality columns")
+    parser.add_argument("--split", default="test", choices=["val", "test"], help="their split")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument(
+        "--eager",
+        action="store_true",
+        help="also PyTorch eager fp32 at the checkpoint's settings (the speed-up's baseline)",
+    )
     parser.add_argument("--calibration-users", type=int, default=16)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--component-runs", type=int, default=30)
@@ -287,7 +348,7 @@ def main() -> None:
     parser.add_argument(
         "--tuning",
         default=None,
-        choices=VARIANTS,
+        choices=VARIANTS[:4],
         help="also compare session settings (TUNINGS) end to end on this variant",
     )
     parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # memory child process
@@ -300,7 +361,7 @@ def main() -> None:
     from pigeon.checkpoint import load_checkpoint
     from pigeon.config import ServingConfig
     from pigeon.inference.pipeline import PigeonPipeline
-    from pigeon.inference.runners import OrtOptions, OrtRunner
+    from pigeon.inference.runners import OrtOptions, OrtRunner, TorchRunner
     from pigeon.specs import component_specs, sample_inputs
 
     checkpoint = Path(args.checkpoint)
@@ -308,12 +369,17 @@ def main() -> None:
     ckpt = load_checkpoint(checkpoint)
     config = ckpt.config
     folders = export_variants(
-        checkpoint, workdir, args.data or "procedural", args.calibration_users
+        checkpoint, workdir, args.data or "procedural", args.calibration_users, args.variants
     )
     serving = ServingConfig()
     options = OrtOptions.from_serving(serving)
     runners = {v: OrtRunner.from_artifacts(f, config, options) for v, f in folders.items()}
-    pipes = {v: PigeonPipeline(config, ckpt.tokenizer, r) for v, r in runners.items()}
+    pipes = {
+        v: PigeonPipeline(variant_config(config, folders[v]), ckpt.tokenizer, r)
+        for v, r in runners.items()
+    }
+    if args.eager:
+        pipes[EAGER] = PigeonPipeline(config, ckpt.tokenizer, TorchRunner(ckpt.model))
     env = environment()
     record: dict = {
         "benchmark": "variants",
@@ -325,11 +391,16 @@ def main() -> None:
         "serving": {k: v for k, v in vars(serving).items() if k.startswith("ort_")},
         "steps": args.steps or config.scheduler.num_inference_steps,
         "variants": {v: {"size": sizes(f)} for v, f in folders.items()},
+        "sampling_defaults": {v: sampling_defaults(f) for v, f in folders.items()},
     }
+    if args.eager:
+        record["variants"][EAGER] = {}
     print(f"variants {list(folders)}, preset {args.preset}, {env['cores']} cores", file=sys.stderr)
 
     # memory: a fresh process per variant
-    request = benchmark_request(config, args.data, args.steps)
+    request = benchmark_request(config, args.data, args.steps, args.split)
+    requests = {v: variant_request(request, f) for v, f in folders.items()}
+    requests[EAGER] = request
     request_file = save_request(request, workdir / "request.npz")
     for v, f in folders.items():
         record["variants"][v]["memory"] = measure_memory(f, request_file, args)
@@ -351,7 +422,7 @@ def main() -> None:
     stages: dict[str, dict[str, list[float]]] = {v: {} for v in pipes}
 
     def generate(v: str) -> None:
-        for stage, seconds in pipes[v](request)[0].timings.items():
+        for stage, seconds in pipes[v](requests[v])[0].timings.items():
             stages[v].setdefault(stage, []).append(seconds)
 
     round_robin({v: (lambda v=v: generate(v)) for v in pipes}, args.warmup, args.runs)
@@ -360,14 +431,15 @@ def main() -> None:
         record["variants"][v]["end_to_end_s"] = per_stage.pop("total")
         record["variants"][v]["stages_s"] = per_stage
 
-    # quality on the fixed test users, scored like `pigeon evaluate`
+    # quality on the fixed users of the split, scored like `pigeon evaluate`
     if args.data:
-        data, scorer, case_set = quality_scorer(args.data, args.users)
-        requests = quality_requests(data, data.cases, config, args.steps)
-        record["quality_users"] = len(requests)
+        data, scorer, case_set = quality_scorer(args.data, args.users, args.split)
+        cases = quality_requests(data, data.cases, config, args.steps)
+        record["quality_users"], record["quality_split"] = len(cases), args.split
         for v, pipe in pipes.items():
             start = time.perf_counter()
-            images = np.stack([pipe(r)[0].image for r in requests])
+            own = cases if v == EAGER else [variant_request(r, folders[v]) for r in cases]
+            images = np.stack([pipe(r)[0].image for r in own])
             quality = quality_scores(images, data, scorer, case_set)
             quality["seconds"] = round(time.perf_counter() - start, 1)
             record["variants"][v]["quality"] = quality

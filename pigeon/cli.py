@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from pigeon.export.manifest import PRECISIONS
+from pigeon.export.variants import VARIANTS
 from pigeon.interface import add_parameter_flags, parameter_values
 
 log = logging.getLogger("pigeon")
@@ -90,6 +91,7 @@ def make_pipeline(
         )
     from pigeon.checkpoint import CheckpointError, load_checkpoint, load_config
     from pigeon.export.manifest import read_manifest
+    from pigeon.export.variants import with_sampling_defaults
     from pigeon.inference.runners import OrtOptions, OrtRunner
     from pigeon.vocab import TextTokenizer
 
@@ -107,6 +109,7 @@ def make_pipeline(
         Path(checkpoint) / "tokenizer" / "tokenizer.json", config.personalizer.text_vocab_size
     )
     options = OrtOptions.from_serving(serving) if serving is not None else OrtOptions()
+    config = with_sampling_defaults(config, manifest)  # the variant's (pigeon.export.variants)
     return PigeonPipeline(config, tokenizer, OrtRunner.from_artifacts(artifacts, config, options))
 
 
@@ -257,6 +260,7 @@ def run_export_onnx(args: argparse.Namespace) -> dict:
         args.checkpoint,
         args.out,
         precision=args.precision,
+        variant=args.variant,
         fused_attention=args.fused_attention,
         components=args.components,
         overwrite=args.overwrite,
@@ -266,6 +270,8 @@ def run_export_onnx(args: argparse.Namespace) -> dict:
     return {
         "artifacts": args.out,
         "precision": manifest["precision"],
+        "variant": manifest["variant"],
+        "sampling_defaults": manifest["sampling_defaults"],
         "components": {
             n: {
                 "file": e["file"],
@@ -313,6 +319,7 @@ def run_export_all(args: argparse.Namespace) -> dict:
         target=args.target,
         serving=load_serving(args.serving),
         precision=args.precision,
+        variant=args.variant,
         fused_attention=args.fused_attention,
         calibration=calibration_of(args),
         strict=args.strict,
@@ -588,8 +595,13 @@ def _header(text: str) -> tuple[str, str]:
 
 
 PRECISION_HELP = (
-    "int8: ONNX Runtime quantization per component, a component that fails validation kept in "
-    "fp16/fp32; mixed: per component the fastest valid of fp32/fp16/int8 on this CPU"
+    "default fp32 (or the variant's); int8: ONNX Runtime quantization per component, a component "
+    "that fails validation kept in fp16/fp32; mixed: per component the fastest valid of "
+    "fp32/fp16/int8 on this CPU"
+)
+VARIANT_HELP = (
+    "fast: int8 files served with DPM-Solver++(2M) at 10 steps by default (pigeon.export.variants; "
+    "measured in benchmarks/README.md)"
 )
 
 
@@ -653,7 +665,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = esub.add_parser("onnx", help="validated ONNX per component", formatter_class=fmt)
     q.add_argument("--checkpoint", required=True)
     q.add_argument("--out", required=True)
-    q.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
+    q.add_argument("--precision", choices=PRECISIONS, default=None, help=PRECISION_HELP)
+    q.add_argument("--variant", choices=list(VARIANTS), default="default", help=VARIANT_HELP)
     q.add_argument("--fused-attention", action="store_true", help="opset 23 ONNX Attention")
     q.add_argument("--components", nargs="+", default=None, help="default: all")
     q.add_argument("--overwrite", action="store_true")
@@ -672,7 +685,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--checkpoint", required=True)
     q.add_argument("--repository", required=True)
     q.add_argument("--version", type=int, required=True)
-    q.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
+    q.add_argument("--precision", choices=PRECISIONS, default=None, help=PRECISION_HELP)
+    q.add_argument("--variant", choices=list(VARIANTS), default="default", help=VARIANT_HELP)
     q.add_argument("--fused-attention", action="store_true")
     q.add_argument("--target", choices=["cpu", "gpu"], default="cpu")
     add_quantization_args(q)

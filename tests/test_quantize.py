@@ -3,6 +3,7 @@ on the tiny preset: every variant validates against PyTorch, a wrongly calibrate
 rejected by validation, an int8 version serves in the cpu Triton target, and the session settings come
 from the one ServingConfig in process and in the generated Triton configs."""
 
+import dataclasses
 import io
 import json
 
@@ -213,22 +214,32 @@ def png(image: np.ndarray) -> bytes:
 
 
 @pytest.mark.triton
-def test_an_int8_version_loads_and_serves_in_the_cpu_triton_target(checkpoint_dir, tmp_path):
+def test_the_fast_variant_serves_int8_files_with_its_sampling_defaults(checkpoint_dir, tmp_path):
+    """`--variant fast` publishes int8 files whose manifest carries DPM-Solver++(2M) at 10 steps;
+    a served request that names no sampler or steps matches the same files in process with those
+    settings given explicitly, and not the checkpoint's own defaults (DDIM at its steps)."""
     from pigeon.core.images import load_image
+    from pigeon.export.variants import VARIANTS, with_sampling_defaults
     from pigeon.serving.client import PigeonClient, deploy
     from pigeon.serving.server import TritonServer
 
     repo = tmp_path / "repo"
-    manifest = export_all(checkpoint_dir, repo, 1, precision="int8", calibration=CAL)
+    manifest = export_all(checkpoint_dir, repo, 1, variant="fast", calibration=CAL)
     root = repo / "cpu"
-    assert json.loads((root / "unet" / "1" / "manifest.json").read_text())["precision"] == "int8"
+    published = json.loads((root / "unet" / "1" / "manifest.json").read_text())
+    fast = VARIANTS["fast"].sampling_defaults
+    assert (published["precision"], published["variant"]) == ("int8", "fast")
+    assert (
+        published["sampling_defaults"] == fast == {"sampler": "dpmpp_2m", "num_inference_steps": 10}
+    )
     history, reference = [png(emoji_like(i)) for i in range(3)], png(emoji_like(9))
     with TritonServer(root) as server:
         deploy(server.http_url, root, 1)
         with PigeonClient(server.grpc_url, "grpc", timeout_s=120) as client:
-            result = client.generate(history, reference, "a red circle", seed=4, steps=3)
+            result = client.generate(history, reference, "a red circle", seed=4)
     served = np.asarray(Image.open(io.BytesIO(result.image_png)).convert("RGB"))
     ckpt = load_checkpoint(checkpoint_dir)
+    assert ckpt.config.scheduler.sampler == "ddim"  # so the variant's defaults are what differ
     runner = OrtRunner.from_files(
         {n: root / n / "1" / "model.onnx" for n in manifest["components"]}, ckpt.config
     )
@@ -237,10 +248,29 @@ def test_an_int8_version_loads_and_serves_in_the_cpu_triton_target(checkpoint_di
         reference=load_image(reference),
         text="a red circle",
         seed=4,
-        steps=3,
     )
-    expected = PigeonPipeline(ckpt.config, ckpt.tokenizer, runner)(request)[0].image
+    explicit = dataclasses.replace(request, sampler="dpmpp_2m", steps=10)
+    expected = PigeonPipeline(ckpt.config, ckpt.tokenizer, runner)(explicit)[0].image
     assert np.abs(served.astype(int) - expected.astype(int)).max() <= 2
+    config = with_sampling_defaults(ckpt.config, published)  # in process, from the manifest alone
+    in_process = PigeonPipeline(config, ckpt.tokenizer, runner)(request)[0].image
+    assert np.abs(in_process.astype(int) - expected.astype(int)).max() <= 2
+    own_defaults = PigeonPipeline(ckpt.config, ckpt.tokenizer, runner)(request)[0].image
+    assert np.abs(own_defaults.astype(int) - expected.astype(int)).max() > 2
+
+
+def test_a_variant_refuses_a_precision_it_contradicts_and_an_unknown_name(tmp_path):
+    from pigeon.export.variants import resolve, with_sampling_defaults
+
+    assert resolve("default", None) == ("fp32", {})
+    assert resolve("default", "fp16") == ("fp16", {})
+    assert resolve("fast", "int8")[0] == "int8"
+    with pytest.raises(ExportError, match=r"variant='fast' exports int8 files; precision='fp16'"):
+        resolve("fast", "fp16")
+    with pytest.raises(ExportError, match=r"variant='fastest' is not one of \['default', 'fast'\]"):
+        export_onnx("no-such-checkpoint", tmp_path / "x", variant="fastest")
+    with pytest.raises(ExportError, match=r"\['steps'\] are not scheduler fields"):
+        with_sampling_defaults(preset("tiny"), {"sampling_defaults": {"steps": 10}})
 
 
 # --- ONNX Runtime settings from the serving config ---------------------------------------------
@@ -316,12 +346,20 @@ def test_variants_benchmark_writes_the_trade_off_record(checkpoint_dir, tmp_path
     args += ["--checkpoint", str(checkpoint_dir), "--workdir", str(tmp_path / "w")]
     args += ["--runs", "1", "--component-runs", "2", "--warmup", "1", "--calibration-users", "4"]
     args += ["--out", str(tmp_path / "v.jsonl"), "--users", "2"]
+    args += ["--variants", "fp32", "int8", "fast", "--eager"]
     if data.is_dir():
-        args += ["--data", str(data)]
+        args += ["--data", str(data), "--split", "val"]
     res = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=1800)
     assert res.returncode == 0, res.stderr[-3000:]
     record = json.loads((tmp_path / "v.jsonl").read_text().splitlines()[-1])
-    assert list(record["variants"]) == ["fp32", "fp16", "int8", "mixed"]
+    assert list(record["variants"]) == ["fp32", "int8", "fast", "eager"]
+    assert record["sampling_defaults"] == {
+        "fp32": {},
+        "int8": {},
+        "fast": {"sampler": "dpmpp_2m", "num_inference_steps": 10},
+    }
+    eager = record["variants"].pop("eager")  # PyTorch: no files, memory probe or components
+    assert eager["end_to_end_s"]["n"] == 1 and set(eager) == {"end_to_end_s", "stages_s", "quality"}
     specs = component_specs(preset("tiny"))
     for name, row in record["variants"].items():
         assert set(row["components_s"]) == set(specs), name
@@ -331,7 +369,9 @@ def test_variants_benchmark_writes_the_trade_off_record(checkpoint_dir, tmp_path
         )
         if data.is_dir():
             assert 0 <= row["quality"]["StyleAcc"] <= 1 and 0 <= row["quality"]["ConceptR@5"] <= 1
-    assert "| int8 |" in res.stdout
+    assert "| int8 |" in res.stdout and "| eager |" in res.stdout
+    fast_row = next(line for line in res.stdout.splitlines() if line.startswith("| fast |"))
+    assert "sampler=dpmpp_2m num_inference_steps=10" in fast_row
 
 
 def test_fp16_keeps_a_component_whose_argmax_flips_in_fp32_and_says_why(checkpoint_dir, tmp_path):

@@ -223,9 +223,11 @@ def export_float(
     overwrite: bool = False,
     model_hook=None,
     strict: bool = False,
+    manifest_extra: dict | None = None,
 ) -> dict:
     """Export fp32 or fp16 files, validate them and write the artifact folder atomically; returns
     the manifest (`pigeon.export.artifacts.export_onnx` is the entry point for every precision).
+    `manifest_extra`: more manifest fields (the variant and its sampling defaults).
 
     model_hook(model) runs after tracing and before validation (tests use it to break an export on
     purpose: validation must then reject it and nothing is written). fp16: a component with integer
@@ -320,6 +322,7 @@ def export_float(
             "checkpoint_sha256": ckpt.digest,
             "preset": ckpt.config.preset,
             "tools": tool_versions(),
+            **(manifest_extra or {}),
             "components": entries,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -26,7 +26,8 @@ def export_all(
     *,
     target: str = "cpu",
     serving: ServingConfig | None = None,
-    precision: str = "fp32",
+    precision: str | None = None,
+    variant: str = "default",
     fused_attention: bool = False,
     components: list[str] | None = None,
     model_hook=None,
@@ -36,11 +37,15 @@ def export_all(
     """Export + validate + publish into `repository/target`; returns the manifest.
 
     int8 and mixed (pigeon.export.quantize) are CPU variants: ONNX Runtime runs them on the `cpu`
-    target; the `gpu` target builds TensorRT engines from fp32/fp16 files."""
+    target; the `gpu` target builds TensorRT engines from fp32/fp16 files. `variant`
+    (pigeon.export.variants): a named precision with the sampling defaults that every Python model
+    of the version serves."""
     from pigeon.checkpoint import load_checkpoint
     from pigeon.export.artifacts import export_onnx
+    from pigeon.export.variants import resolve
     from pigeon.serving.repository import publish_version, write_configs
 
+    precision, _ = resolve(variant, precision)
     if version < 1:
         raise ExportError(f"version={version} must be >= 1 (Triton version folders are positive)")
     if target == "gpu" and precision in ("int8", "mixed"):
@@ -57,6 +62,7 @@ def export_all(
             ckpt,
             artifacts,
             precision=precision,
+            variant=variant,
             fused_attention=fused_attention,
             components=components,
             model_hook=model_hook,

@@ -410,9 +410,10 @@ def export_quantized(
     overwrite: bool = False,
     model_hook=None,
     calibration_hook: Callable[[str, list[dict[str, np.ndarray]]], list] | None = None,
+    manifest_extra: dict | None = None,
 ) -> dict:
     """Export fp32, derive the `precision` ('int8' or 'mixed') artifact folder, validate, write it
-    atomically; returns the manifest.
+    atomically; returns the manifest (with `manifest_extra`'s fields).
 
     calibration_hook(component, calls) -> calls runs on the recorded calibration inputs before static
     quantization (tests use it to calibrate a component wrongly on purpose: validation must then
@@ -555,6 +556,7 @@ def export_quantized(
                 "calibration": data_info,
                 "pipeline_check": check,
             },
+            **(manifest_extra or {}),
             "components": entries,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -31,6 +31,7 @@ import numpy as np
 from pigeon.checkpoint import load_config, verify_pipeline_files
 from pigeon.core.deadline import Deadline, DeadlineExceeded
 from pigeon.core.images import ImageError, encode_png, load_image, to_model_input, to_uint8
+from pigeon.export.variants import with_sampling_defaults
 from pigeon.inference.pipeline import (
     GenerationRequest,
     PersonalizeInput,
@@ -150,8 +151,10 @@ class _Model:
     def pipeline_files(self) -> tuple[Any, TextTokenizer]:
         folder = self.version_dir / PIPELINE_DIR
         # the configs and tokenizer, checked against the version's manifest before use
-        verify_pipeline_files(folder, version_manifest(self.version_dir)["checkpoint_sha256"])
-        config = load_config(folder)
+        manifest = version_manifest(self.version_dir)
+        verify_pipeline_files(folder, manifest["checkpoint_sha256"])
+        # the export variant's sampling defaults (pigeon.export.variants) over the checkpoint's
+        config = with_sampling_defaults(load_config(folder), manifest)
         tokenizer = TextTokenizer.load(
             folder / "tokenizer" / "tokenizer.json", config.personalizer.text_vocab_size
         )

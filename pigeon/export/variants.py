@@ -1,0 +1,69 @@
+"""Named export variants: a precision and the sampling defaults the files are served with.
+
+    pigeon export onnx --checkpoint CKPT --out DIR --variant fast
+    pigeon export all --checkpoint CKPT --repository triton_models --version N --variant fast
+
+    variant   ONNX files                               served sampling defaults
+    default   --precision (fp32 unless given)          the checkpoint's scheduler
+    fast      int8 (a component that fails int8        DPM-Solver++(2M), 10 steps
+              validation stays fp32, as its manifest
+              says)
+
+The sampling defaults travel in the artifact manifest (`sampling_defaults`), so every reader of the
+folder applies the same ones: `pigeon generate --backend onnxruntime --artifacts DIR` and each
+Python model of a published version. A request's own `steps` or `sampler` still wins. The `fast`
+settings are the ones benchmarks/README.md ("The fast variant") measured against PyTorch eager at
+equal quality. Torch-free: the CLI and the Triton Python backend import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from pigeon.export.errors import ExportError
+
+
+@dataclass(frozen=True)
+class Variant:
+    precision: str | None  # None: the caller's --precision
+    sampling_defaults: dict[str, Any]  # SchedulerConfig fields served as the request defaults
+
+
+VARIANTS = {
+    "default": Variant(precision=None, sampling_defaults={}),
+    "fast": Variant(
+        precision="int8", sampling_defaults={"sampler": "dpmpp_2m", "num_inference_steps": 10}
+    ),
+}
+
+
+def resolve(variant: str, precision: str | None) -> tuple[str, dict[str, Any]]:
+    """(precision, sampling defaults) of `variant`; `precision` is the one asked for explicitly
+    (None: not given), refused where the variant fixes another."""
+    if variant not in VARIANTS:
+        raise ExportError(f"variant={variant!r} is not one of {list(VARIANTS)}")
+    chosen = VARIANTS[variant]
+    if chosen.precision is None:
+        return precision or "fp32", dict(chosen.sampling_defaults)
+    if precision not in (None, chosen.precision):
+        raise ExportError(
+            f"variant={variant!r} exports {chosen.precision} files; precision={precision!r} "
+            "contradicts it (leave --precision out, or use --variant default)"
+        )
+    return chosen.precision, dict(chosen.sampling_defaults)
+
+
+def with_sampling_defaults(config, manifest: dict):
+    """`config` (a PipelineConfig) with the scheduler defaults an artifact manifest carries."""
+    defaults = manifest.get("sampling_defaults") or {}
+    if not defaults:
+        return config
+    fields = {f.name for f in dataclasses.fields(config.scheduler)}
+    unknown = sorted(set(defaults) - fields)
+    if unknown:
+        raise ExportError(
+            f"manifest sampling_defaults {unknown} are not scheduler fields ({sorted(fields)})"
+        )
+    return dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler, **defaults))
