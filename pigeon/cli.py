@@ -247,9 +247,14 @@ def run_data_procedural(args: argparse.Namespace) -> dict:
 
 
 def calibration_of(args: argparse.Namespace):
-    """int8/mixed: where static quantization's ranges come from (`--calibration`, `--calibration-users`)."""
+    """int8/mixed: where static quantization's ranges come from (`--calibration`,
+    `--calibration-users`); None for the float precisions, which calibrate nothing."""
+    from pigeon.export.manifest import QUANTIZED_PRECISIONS
     from pigeon.export.quantize import Calibration
+    from pigeon.export.variants import resolve
 
+    if resolve(args.variant, args.precision)[0] not in QUANTIZED_PRECISIONS:
+        return None
     return Calibration(data=args.calibration, users=args.calibration_users)
 
 

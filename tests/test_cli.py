@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -69,6 +70,34 @@ def test_init_generate_inspect(tmp_path, pngs):
         sum(c["parameters"] for c in info["components"].values())
         == json.loads(pigeon("init", "--out", str(tmp_path / "c2")).stdout)["parameters"]
     )
+
+
+@pytest.mark.integration
+def test_export_onnx_then_generate_on_its_files_as_the_readme_runs_them(tmp_path, pngs):
+    """`pigeon export onnx` at its default (fp32, no calibration) and `pigeon generate --backend
+    onnxruntime` on the result: the image matches the PyTorch backend's within 2/255."""
+    ckpt, artifacts = tmp_path / "ckpt", tmp_path / "art"
+    assert pigeon("init", "--preset", "tiny", "--out", str(ckpt)).returncode == 0
+    res = pigeon("export", "onnx", "--checkpoint", str(ckpt), "--out", str(artifacts))
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert (summary["precision"], summary["variant"], summary["sampling_defaults"]) == (
+        "fp32",
+        "default",
+        {},
+    )
+    images = []
+    for backend in ("pytorch", "onnxruntime"):
+        out = tmp_path / f"{backend}.png"
+        extra = ["--artifacts", str(artifacts)] if backend == "onnxruntime" else []
+        res = pigeon(
+            "generate", "--checkpoint", str(ckpt), "--history", *pngs[:3], "--reference", pngs[3],
+            "--text", "a smiling cat", "--out", str(out), "--steps", "3", "--seed", "1",
+            "--backend", backend, *extra,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        images.append(np.asarray(Image.open(out).convert("RGB"), dtype=int))
+    assert np.abs(images[0] - images[1]).max() <= 2
 
 
 @pytest.mark.parametrize(
