@@ -605,7 +605,7 @@ PRECISION_HELP = (
     "fp32/fp16/int8 on this CPU"
 )
 VARIANT_HELP = (
-    "fast: int8 files served with DPM-Solver++(2M) at 10 steps by default (pigeon.export.variants; "
+    "fast: int8 files served with DDIM at 10 steps by default (pigeon.export.variants; "
     "measured in benchmarks/README.md)"
 )
 
