@@ -56,7 +56,7 @@ def export_variants(
     folders = {}
     for variant in variants:
         named = variant if variant in NAMED else "default"
-        precision, _ = resolve(named, None if variant in NAMED else variant)
+        precision, defaults = resolve(named, None if variant in NAMED else variant)
         out = workdir / variant
         if (out / "manifest.json").exists():
             manifest = read_manifest(out)
@@ -64,6 +64,7 @@ def export_variants(
                 manifest["checkpoint_sha256"] == ckpt.digest
                 and manifest["precision"] == precision
                 and manifest.get("variant", "default") == named
+                and manifest.get("sampling_defaults", {}) == defaults
             ):
                 folders[variant] = out
                 continue
