@@ -355,6 +355,8 @@ def main() -> None:
     parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # memory child process
     parser.add_argument("--probe-request", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.tuning and args.tuning not in args.variants:
+        parser.error(f"--tuning {args.tuning} is not among --variants {args.variants}")
     if args.probe:
         probe_memory(args)
         return
