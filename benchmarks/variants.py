@@ -156,7 +156,7 @@ def probe_memory(args: argparse.Namespace) -> None:
                 return int(line.split()[1]) / 1024
         return float("nan")
 
-    config = variant_config(load_config(args.checkpoint), Path(args.probe))
+    config = variant_config(load_config(args.checkpoint), sampling_defaults(Path(args.probe)))
     tokenizer = TextTokenizer.load(
         Path(args.checkpoint) / "tokenizer" / "tokenizer.json", config.personalizer.text_vocab_size
     )
@@ -178,18 +178,18 @@ def sampling_defaults(folder: Path) -> dict:
     return read_manifest(folder, verify=False).get("sampling_defaults") or {}
 
 
-def variant_config(config, folder: Path):
+def variant_config(config, defaults: dict):
     """The config a variant's folder is served with: its manifest's sampling defaults applied."""
     from pigeon.export.variants import with_sampling_defaults
 
-    return with_sampling_defaults(config, {"sampling_defaults": sampling_defaults(folder)})
+    return with_sampling_defaults(config, {"sampling_defaults": defaults})
 
 
-def variant_request(request, folder: Path):
+def variant_request(request, defaults: dict):
     """`--steps` applies to the variants without sampling defaults; the others use their own."""
     import dataclasses
 
-    return dataclasses.replace(request, steps=None) if sampling_defaults(folder) else request
+    return dataclasses.replace(request, steps=None) if defaults else request
 
 
 def save_request(request, path: Path) -> Path:
@@ -377,8 +377,9 @@ def main() -> None:
     serving = ServingConfig()
     options = OrtOptions.from_serving(serving)
     runners = {v: OrtRunner.from_artifacts(f, config, options) for v, f in folders.items()}
+    defaults = {v: sampling_defaults(f) for v, f in folders.items()}  # read once per folder
     pipes = {
-        v: PigeonPipeline(variant_config(config, folders[v]), ckpt.tokenizer, r)
+        v: PigeonPipeline(variant_config(config, defaults[v]), ckpt.tokenizer, r)
         for v, r in runners.items()
     }
     if args.eager:
@@ -394,7 +395,7 @@ def main() -> None:
         "serving": {k: v for k, v in vars(serving).items() if k.startswith("ort_")},
         "steps": args.steps or config.scheduler.num_inference_steps,
         "variants": {v: {"size": sizes(f)} for v, f in folders.items()},
-        "sampling_defaults": {v: sampling_defaults(f) for v, f in folders.items()},
+        "sampling_defaults": defaults,
     }
     if args.eager:
         record["variants"][EAGER] = {}
@@ -402,7 +403,7 @@ def main() -> None:
 
     # memory: a fresh process per variant
     request = benchmark_request(config, args.data, args.steps, args.split)
-    requests = {v: variant_request(request, f) for v, f in folders.items()}
+    requests = {v: variant_request(request, defaults[v]) for v in folders}
     requests[EAGER] = request
     request_file = save_request(request, workdir / "request.npz")
     for v, f in folders.items():
@@ -441,7 +442,7 @@ def main() -> None:
         record["quality_users"], record["quality_split"] = len(cases), args.split
         for v, pipe in pipes.items():
             start = time.perf_counter()
-            own = cases if v == EAGER else [variant_request(r, folders[v]) for r in cases]
+            own = cases if v == EAGER else [variant_request(r, defaults[v]) for r in cases]
             images = np.stack([pipe(r)[0].image for r in own])
             quality = quality_scores(images, data, scorer, case_set)
             quality["seconds"] = round(time.perf_counter() - start, 1)

@@ -262,7 +262,8 @@ def reference_start_noise(
     b = latents.shape[0]
     chosen = torch.rand(b, device=latents.device) < share
     t = torch.where(chosen, torch.randint(0, start_top, (b,), device=latents.device), t)
-    s = t + (torch.rand(b, device=latents.device) * (start_top - t)).long()  # in [t, start_top)
+    # the start: in [t, start_top) for the chosen samples (elsewhere unused: their offset is 0)
+    s = t + (torch.rand(b, device=latents.device) * (start_top - t)).long()
     a_s = alphas_cumprod.to(latents)[s]
     offset = (a_s / (1 - a_s)).sqrt() * chosen.to(latents.dtype)  # sqrt(SNR_s), 0 elsewhere
     return noise + offset.view(b, 1, 1, 1) * (reference_latents - latents), t
