@@ -236,6 +236,12 @@ class SchedulerConfig:
     # latents noised to timestep ~strength*T (SDEdit / diffusers' img2img `strength`): the reference's
     # layout and colours survive, and the steps left change the style.
     strength: float = field(default=1.0, metadata={"added_after_format": 1})
+    # Below strength 1: recolour the reference's foreground from the user's history before it is
+    # noised (`pigeon.core.style_start`: "moments" or "histogram"), so the start carries the
+    # history's palette; "none" starts from the reference as it is.
+    style_start: Literal["none", "moments", "histogram"] = field(
+        default="none", metadata={"added_after_format": 1}
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 < self.strength <= 1.0:

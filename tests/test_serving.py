@@ -5,6 +5,7 @@ import io
 import json
 import threading
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +48,12 @@ BLS_UNET = ServingConfig(unet_in_process=False)
 def served(tmp_path_factory, checkpoint_dir, tokenizer):
     repo = tmp_path_factory.mktemp("repo")
     export_all(checkpoint_dir, repo, 1, serving=BLS_UNET)
+    # version 2 also recolours the reference from the history (scheduler.style_start), so the
+    # Triton preprocess model's copy of that step is compared with the in-process one
+    tiny = preset("tiny")
+    recolouring = replace(tiny, scheduler=replace(tiny.scheduler, style_start="histogram"))
     other = save_checkpoint(
-        make_model(preset("tiny"), seed=3), tokenizer, tmp_path_factory.mktemp("ck2") / "v2"
+        make_model(recolouring, seed=3), tokenizer, tmp_path_factory.mktemp("ck2") / "v2"
     )
     export_all(other, repo, 2, serving=BLS_UNET)
     with TritonServer(repo / "cpu") as server:
@@ -56,10 +61,13 @@ def served(tmp_path_factory, checkpoint_dir, tokenizer):
         yield server, repo, other
 
 
-def in_process(checkpoint, repo, version, seed=4, steps=6, **params):
+def in_process(checkpoint, repo, version, seed=4, steps=6, style_start=None, **params):
     """The image the in-process pipeline draws on version `version`'s ONNX files; `params`: any
-    other request parameter (pigeon.interface.PARAMETERS)."""
+    other request parameter (pigeon.interface.PARAMETERS); `style_start` replaces the checkpoint's."""
     ckpt = load_checkpoint(checkpoint)
+    config = ckpt.config
+    if style_start is not None:
+        config = replace(config, scheduler=replace(config.scheduler, style_start=style_start))
     artifacts = repo / "cpu"
     runner = OrtRunner.from_files(
         {
@@ -74,9 +82,9 @@ def in_process(checkpoint, repo, version, seed=4, steps=6, **params):
                 "vae_decoder",
             )
         },
-        ckpt.config,
+        config,
     )
-    pipe = PigeonPipeline(ckpt.config, ckpt.tokenizer, runner)
+    pipe = PigeonPipeline(config, ckpt.tokenizer, runner)
     request = GenerationRequest(
         history=[load_image(h) for h in HISTORY],
         reference=load_image(REFERENCE),
@@ -296,6 +304,12 @@ def test_version_switch_under_load_loses_no_request_and_rolls_back(served, check
     image, _ = served_image(server)
     expected_v2 = in_process(other, repo, 2)
     assert np.abs(image.astype(int) - expected_v2.astype(int)).max() <= 2
+    # version 2's reference is recoloured from the history before the image-to-image start
+    image, _ = served_image(server, strength=0.5)
+    recoloured = in_process(other, repo, 2, strength=0.5)
+    assert np.abs(image.astype(int) - recoloured.astype(int)).max() <= 2
+    as_is = in_process(other, repo, 2, strength=0.5, style_start="none")
+    assert np.abs(recoloured.astype(int) - as_is.astype(int)).mean() > 1
     assert rollback(server.http_url, repo / "cpu") == 1
     image, _ = served_image(server)
     assert np.abs(image.astype(int) - in_process(checkpoint_dir, repo, 1).astype(int)).max() <= 2

@@ -467,3 +467,25 @@ def test_vae_stage_sets_the_latent_scale_to_one_over_the_latents_std(tmp_path):
     with torch.no_grad():
         latents = O.image_latents(ckpt.model, to_tensor(np.concatenate(draws)))
     assert float(latents.std()) == pytest.approx(1.0, rel=1e-3)
+
+
+def test_decoder_batch_recolours_each_reference_from_its_users_history():
+    """train.style_start: the decoder stage's references are its users' references recoloured
+    from their histories (`recolour_image`, serving's step), drawn from the step's own generator."""
+    from pigeon.core.style_start import recolour_image
+    from pigeon.models.pigeon import to_tensor
+    from pigeon.training.data import ProceduralData
+    from pigeon.training.loop import Dist, TrainConfig, make_batch, step_rng
+
+    data = ProceduralData(32)
+    config = TrainConfig(stage="decoder", steps=1, batch_size=4, lr=1e-4, style_start="histogram")
+    batch = make_batch(data, config, 7, Dist(), "cpu")
+    users = data.users(step_rng(config.seed, 7), 4, config.history_length, config.noise_ratio)
+    expected = to_tensor([recolour_image(u.reference, u.history, "histogram") for u in users])
+    torch.testing.assert_close(batch["references"], expected)
+    as_is = to_tensor([u.reference for u in users])
+    assert (batch["references"] - as_is).abs().mean() > 0.01  # the recolouring changed them
+    plain = make_batch(
+        data, TrainConfig(stage="decoder", steps=1, batch_size=4, lr=1e-4), 7, Dist(), "cpu"
+    )
+    assert plain["references"].shape == batch["references"].shape

@@ -6,6 +6,8 @@ Baselines (docs/RESULTS.md §2):
     style_vote_lookup   StyleNet votes on the history styles, majority -> x(c*, s_hat) (bounds
                         preference inference; isolates "inferred the style" from "can draw it")
     reference_copy      the reference image (right concept, wrong style)
+    reference_recolour  the reference recoloured from the history, no model (the histogram
+                        `scheduler.style_start`: what the image-to-image start already carries)
     history_copy        a random history image (right style, wrong concept)
     fixed_style         x(c*, first style of the dataset) (no personalization)
     mean_history        the pixel mean of the history (degenerate lower bound)
@@ -32,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pigeon.core.images import to_model_input, to_uint8
+from pigeon.core.style_start import recolour
 from pigeon.evaluation.data import EvalCase, EvalData
 from pigeon.evaluation.errors import EvaluationError
 from pigeon.evaluation.metrics import resize_images
@@ -41,6 +45,7 @@ DESCRIPTIONS = {
     "oracle": "ground truth (upper bound)",
     "style_vote_lookup": "StyleNet majority vote on history + dataset lookup",
     "reference_copy": "the reference image (right concept, wrong style)",
+    "reference_recolour": "the reference recoloured from the history (no model)",
     "history_copy": "a random history image (right style, wrong concept)",
     "fixed_style": "the target concept in the first style (no personalization)",
     "mean_history": "pixel mean of the history",
@@ -86,6 +91,19 @@ def run_baseline(name: str, data: EvalData, cases: list[EvalCase], ctx: Context)
         return data.truth(cases)
     if name == "reference_copy":
         return data.images([c.reference for c in cases])
+    if name == "reference_recolour":
+        return to_uint8(
+            np.stack(
+                [
+                    recolour(
+                        to_model_input(data.image(c.reference), data.size),
+                        np.stack([to_model_input(h, data.size) for h in data.history(c)]),
+                        "histogram",
+                    )
+                    for c in cases
+                ]
+            )
+        )
     if name == "fixed_style":
         return data.images([(c.target[0], 0) for c in cases])
     if name == "history_copy":
@@ -334,8 +352,8 @@ def best_of_k(pipe, model, request, ratios: Sequence[float]) -> np.ndarray:
 def text_only_generate(pipe, requests) -> np.ndarray:
     """The stage-0 base LMM as a text-to-image model: the prompt of its training objective
     ("Instruction: " text "\\nResponse: " <img>) with a zero reference embedding, then the same
-    condition / denoise / decode stages as the pipeline. uint8 (N, S, S, 3)."""
-    from pigeon.core.images import to_uint8
+    condition / denoise / decode stages as the pipeline, the reference not recoloured (it sees no
+    history). uint8 (N, S, S, 3)."""
     from pigeon.core.prompt import Prompt, left_pad
     from pigeon.inference.pipeline import request_streams
 
@@ -368,7 +386,7 @@ def text_only_generate(pipe, requests) -> np.ndarray:
         first.guidance,
         first.sampler,
         latent_rngs,
-        pipe.reference_pixels(requests, first.strength),
+        pipe.reference_pixels(requests, first.strength, from_history=False),
         first.strength,
     )
     return to_uint8(pipe.runner.run("vae_decoder", {"latents": latents})["images"])

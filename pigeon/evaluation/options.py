@@ -10,6 +10,7 @@ BASELINES = (
     "oracle",
     "style_vote_lookup",
     "reference_copy",
+    "reference_recolour",
     "history_copy",
     "fixed_style",
     "mean_history",

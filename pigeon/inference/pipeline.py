@@ -7,7 +7,8 @@ Stages (docs/DESIGN.md, "Inference, step by step"), each timed:
                       condition adapter -> <emb>; prompt assembly; personalizer generation (KV cache)
     condition         generated tokens -> prompt_embeds, pooled_embeds (condition adapter)
     denoise           sampler loop over the UNet with classifier-free guidance (zero negatives);
-                      with strength < 1 it starts from the reference's latents (vae_encoder), noised;
+                      with strength < 1 it starts from the reference's latents (vae_encoder), noised,
+                      the reference first recoloured from the history by scheduler.style_start;
                       with unet.reference_input every UNet call also sees those latents as channels
     vae_decoder       latents -> pixels
 
@@ -35,6 +36,7 @@ from pigeon.core.decoding import Decoder
 from pigeon.core.images import check_array, to_model_input, to_uint8
 from pigeon.core.masking import gumbel_noise, mask_sequence, pad_right, select_keep
 from pigeon.core.prompt import PromptBuilder, left_pad
+from pigeon.core.style_start import recolour
 from pigeon.diffusion.guidance import cfg_batch, split_guidance
 from pigeon.diffusion.scheduler import SAMPLERS, add_noise, make_sampler, start_index
 from pigeon.inference.runners import Runner
@@ -346,14 +348,21 @@ class PigeonPipeline:
         return self.runner.run("condition_adapter", {"token_ids": ids, "token_keep": keep})
 
     def reference_pixels(
-        self, requests: list[GenerationRequest], strength: float
+        self, requests: list[GenerationRequest], strength: float, from_history: bool = True
     ) -> np.ndarray | None:
         """The requests' references as `denoise` takes them (batch, 3, S, S) in [0, 1], or None when
-        neither the image-to-image start nor the UNet's reference input needs them."""
+        neither the image-to-image start nor the UNet's reference input needs them.
+        from_history=False: not recoloured by `scheduler.style_start` (a method that sees no history)."""
         if strength >= 1.0 and not self.config.unet.reference_input:
             return None
-        size = self.config.image_size
-        return np.stack([to_model_input(r.reference, size) for r in requests])
+        return np.stack(
+            [
+                reference_start(
+                    self.config, r.reference, r.history if from_history else None, strength
+                )
+                for r in requests
+            ]
+        )
 
     def denoise(
         self,
@@ -415,6 +424,23 @@ class PigeonPipeline:
             )["noise_pred"]
             latents = sampler.step(split_guidance(noise_pred, guidance), i, latents)
         return latents
+
+
+def reference_start(
+    config: PipelineConfig,
+    reference: np.ndarray,
+    history: list[np.ndarray] | None,
+    strength: float,
+) -> np.ndarray:
+    """One request's reference as `denoise` takes it, (3, S, S) in [0, 1]: below strength 1,
+    recoloured from its history by `scheduler.style_start` (`pigeon.core.style_start`); a history
+    of None leaves it as it is."""
+    size = config.image_size
+    pixels = to_model_input(reference, size)
+    method = config.scheduler.style_start
+    if strength >= 1.0 or method == "none" or history is None:
+        return pixels
+    return recolour(pixels, np.stack([to_model_input(h, size) for h in history]), method)
 
 
 def codes_to_tokens(codes: list[np.ndarray], p: int) -> tuple[np.ndarray, np.ndarray]:

@@ -39,6 +39,7 @@ from pigeon.inference.pipeline import (
     RequestError,
     check_request,
     codes_to_tokens,
+    reference_start,
     request_streams,
 )
 from pigeon.inference.runners import OrtOptions, OrtRunner
@@ -312,9 +313,9 @@ class PreprocessModel(_Model):
             # (1, N, 3, S, S): one user, the leading 1 is personalize's batch dimension
             "history_pixels": np.stack([to_model_input(h, size) for h in checked.history])[None],
             "reference_pixels": to_model_input(checked.reference, size)[None],
-            "reference_image_pixels": to_model_input(checked.reference, self.config.image_size)[
-                None
-            ],
+            "reference_image_pixels": reference_start(
+                self.config, checked.reference, checked.history, checked.strength
+            )[None],
             "text_out": np.array([checked.text.encode("utf-8")], dtype=np.object_),
             **{f"{p.name}_out": p.to_array(getattr(checked, p.name)) for p in PARAMETERS},
             "preprocess_s": np.array([time.perf_counter() - start]),

@@ -39,6 +39,7 @@ from tqdm import tqdm
 from pigeon.checkpoint import load_checkpoint, save_checkpoint
 from pigeon.config import ConfigError, PipelineConfig, apply_overrides, preset, save_json, to_dict
 from pigeon.core.prompt import PromptBuilder
+from pigeon.core.style_start import recolour_image
 from pigeon.diffusion.scheduler import alphas_cumprod
 from pigeon.models.pigeon import to_tensor
 from pigeon.models.unet import ConditionSketch
@@ -116,6 +117,10 @@ class TrainConfig:
     # the style; 0 = off
     reference_start_share: float = 0.0
     reference_start_strength: float = 0.8
+    # decoder stage: each reference recoloured from its user's history (`history_length` images,
+    # `noise_ratio` of them in another style) as serving does with `scheduler.style_start`, so the
+    # UNet's reference input is trained on what it is fed at serving; "none" = the reference as is
+    style_start: Literal["none", "moments", "histogram"] = "none"
     # vae stage: weight of the perceptual distance (pigeon.training.perceptual) beside L1
     perceptual_weight: float = 0.0
     # vae stage: train the decoder alone on the frozen encoder's latents. The latent space, and so
@@ -427,7 +432,16 @@ def make_batch(
             "styles": None if styles is None else torch.from_numpy(styles[share]).to(device),
         }
     if reads == "targets":  # a target, its concept in another style, one history image
-        users = data.users(rng, config.batch_size, 1, 0.0)[share]
+        if config.style_start == "none":
+            users = data.users(rng, config.batch_size, 1, 0.0)[share]
+        else:  # a history to recolour the reference from, as serving's
+            users = data.users(rng, config.batch_size, config.history_length, config.noise_ratio)
+            users = [
+                dataclasses.replace(
+                    u, reference=recolour_image(u.reference, u.history, config.style_start)
+                )
+                for u in users[share]
+            ]
         return decoder_batch(users, device, data.paired_reference, config.history_token_share > 0)
     if reads == "users":
         users = data.users(rng, config.batch_size, config.history_length, config.noise_ratio)
