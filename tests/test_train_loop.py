@@ -489,3 +489,28 @@ def test_decoder_batch_recolours_each_reference_from_its_users_history():
         data, TrainConfig(stage="decoder", steps=1, batch_size=4, lr=1e-4), 7, Dist(), "cpu"
     )
     assert plain["references"].shape == batch["references"].shape
+
+
+def test_precision_auto_takes_bf16_only_where_the_device_computes_it_natively(tmp_path, caplog):
+    """The `small` recipe asks for "auto"; a stage records what it resolved to. On a CPU without
+    native bf16 (oneDNN's own report), bf16 convolutions take PyTorch's slow path, so auto is fp32."""
+    from pigeon.training.loop import recipe, resolve_precision
+
+    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert recipe("small")["decoder"].precision == "auto"
+    assert recipe("tiny")["decoder"].precision == "fp32"
+    assert resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
+    assert resolve_precision("fp32", "cpu") == "fp32"
+    with caplog.at_level("WARNING", logger="pigeon.training.loop"):
+        assert resolve_precision("bf16", "cpu") == "bf16"  # an explicit choice is kept
+    assert ("without native bf16" in caplog.text) == (not native)
+    train_stage(
+        "vae",
+        tmp_path / "run",
+        preset_name="tiny",
+        data_source="procedural",
+        overrides=["train.precision=auto", "train.steps=2"],
+        progress=False,
+    )
+    saved = json.loads((tmp_path / "run" / "vae" / "train_config.json").read_text())
+    assert saved["precision"] == ("bf16" if native else "fp32")

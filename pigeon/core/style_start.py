@@ -59,7 +59,7 @@ def recolour(reference: np.ndarray, history: np.ndarray, method: str) -> np.ndar
 
 
 def recolour_image(reference: np.ndarray, history: list[np.ndarray], method: str) -> np.ndarray:
-    """`recolour` on uint8 (H, W, 3) images of one size, as training data holds them -> uint8."""
+    """`recolour` on uint8 (H, W, 3) images, as training data holds them -> uint8 (H, W, 3)."""
 
     def chw(image: np.ndarray) -> np.ndarray:  # uint8 (H, W, 3) -> float (3, H, W) in [0, 1]
         return image.transpose(2, 0, 1).astype(np.float32) / 255.0
