@@ -485,10 +485,12 @@ def test_decoder_batch_recolours_each_reference_from_its_users_history():
     torch.testing.assert_close(batch["references"], expected)
     as_is = to_tensor([u.reference for u in users])
     assert (batch["references"] - as_is).abs().mean() > 0.01  # the recolouring changed them
+    # style_start none draws as before: one history image, no noise, the reference as it is
     plain = make_batch(
         data, TrainConfig(stage="decoder", steps=1, batch_size=4, lr=1e-4), 7, Dist(), "cpu"
     )
-    assert plain["references"].shape == batch["references"].shape
+    before = data.users(step_rng(config.seed, 7), 4, 1, 0.0)
+    torch.testing.assert_close(plain["references"], to_tensor([u.reference for u in before]))
 
 
 def test_precision_auto_takes_bf16_only_where_the_device_computes_it_natively(tmp_path, caplog):

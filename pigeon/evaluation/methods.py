@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pigeon.core.images import to_model_input, to_uint8
-from pigeon.core.style_start import recolour
+from pigeon.core.images import to_uint8
+from pigeon.core.style_start import recolour_image
 from pigeon.evaluation.data import EvalCase, EvalData
 from pigeon.evaluation.errors import EvaluationError
 from pigeon.evaluation.metrics import resize_images
@@ -92,17 +92,8 @@ def run_baseline(name: str, data: EvalData, cases: list[EvalCase], ctx: Context)
     if name == "reference_copy":
         return data.images([c.reference for c in cases])
     if name == "reference_recolour":
-        return to_uint8(
-            np.stack(
-                [
-                    recolour(
-                        to_model_input(data.image(c.reference), data.size),
-                        np.stack([to_model_input(h, data.size) for h in data.history(c)]),
-                        "histogram",
-                    )
-                    for c in cases
-                ]
-            )
+        return np.stack(
+            [recolour_image(data.image(c.reference), data.history(c), "histogram") for c in cases]
         )
     if name == "fixed_style":
         return data.images([(c.target[0], 0) for c in cases])
