@@ -4,8 +4,9 @@ A request is its payload (history images, reference image, text) and the optiona
 Everything that carries a parameter derives from `PARAMETERS`:
 
     GenerationRequest          one field per parameter (a test fails on a field declared nowhere)
-    serving.triton_config      the ensemble's optional inputs, preprocess's `<name>_out` outputs, the
-                               inputs of the Python models named in `readers`, the ensemble's wiring
+    serving.triton_config      the ensemble's optional inputs, preprocess's `<name>_out` outputs (the
+                               parameters with readers), the inputs of the Python models named in
+                               `readers`, the ensemble's wiring
     serving.triton_backend     preprocess reads, checks and forwards each one; personalize and denoise
                                read theirs by name
     serving.client             `PigeonClient.generate(..., name=value)` packs them
@@ -15,7 +16,7 @@ Checking (types, ranges, the checkpoint's defaults) is `inference.pipeline.check
 check that in-process and served requests both pass through.
 
     >>> [p.name for p in PARAMETERS]
-    ['seed', 'steps', 'guidance', 'reference_mask_ratio', 'sampler', 'strength', 'timeout_ms']
+    ['seed', 'steps', 'guidance', 'reference_mask_ratio', 'sampler', 'strength', 'timeout_ms', 'style_start']
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Literal
 
 import numpy as np
 
+from pigeon.core.style_start import STYLE_STARTS
 from pigeon.diffusion.scheduler import SAMPLERS
 
 ParameterDType = Literal["int64", "float32", "bytes"]
@@ -43,7 +45,9 @@ STRENGTH_HELP = (
 class RequestParameter:
     name: str  # GenerationRequest's field, the served input's name, the CLI flag's stem
     dtype: ParameterDType  # as served (bytes: a UTF-8 string)
-    readers: tuple[Reader, ...]  # the Python models of the ensemble that take the checked value
+    # the Python models after preprocess that take the checked value; () for one that preprocess
+    # alone uses (it reads every parameter)
+    readers: tuple[Reader, ...]
     help: str
     choices: tuple[str, ...] = ()
 
@@ -99,7 +103,20 @@ PARAMETERS = (
         "the request's time budget in ms from its arrival: past it the work stops between two "
         "steps and the request ends UNAVAILABLE (default 0: none; PigeonClient sends its own timeout)",
     ),
+    RequestParameter(
+        "style_start",
+        "bytes",
+        (),
+        "below strength 1, recolour the reference from the history before it is noised "
+        "(histogram, moments) or keep it as it is (none); default: the checkpoint's "
+        "scheduler.style_start",
+        choices=STYLE_STARTS,
+    ),
 )
+
+
+# the parameters that travel past preprocess (its `<name>_out` outputs)
+FORWARDED = tuple(p for p in PARAMETERS if p.readers)
 
 
 def parameters_read_by(reader: Reader) -> tuple[RequestParameter, ...]:

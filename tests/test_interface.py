@@ -9,7 +9,7 @@ import pytest
 from pigeon.cli import build_parser
 from pigeon.config import preset
 from pigeon.inference.pipeline import GenerationRequest, check_request
-from pigeon.interface import PARAMETERS, PAYLOAD, parameter_values
+from pigeon.interface import FORWARDED, PARAMETERS, PAYLOAD, parameter_values
 from pigeon.serving.client import PigeonClient
 from pigeon.serving.triton_config import ENSEMBLE_STEPS, python_model_io, request_interface
 
@@ -35,8 +35,11 @@ def test_the_ensemble_serves_every_parameter_to_its_readers():
     assert optional == {p.name: p.dtype for p in PARAMETERS}
     io = python_model_io(config)
     steps = {model: ins for model, ins, _ in ENSEMBLE_STEPS}
+    forwarded = {o.name for o in io["preprocess"][1] if o.name.endswith("_out")}
+    # preprocess forwards exactly the parameters a later model reads (text_out is the payload's)
+    assert forwarded == {f"{p.name}_out" for p in FORWARDED} | {"text_out"}
+    assert {p.name for p in FORWARDED} == {p.name for p in PARAMETERS if p.readers}
     for p in PARAMETERS:
-        assert f"{p.name}_out" in {o.name for o in io["preprocess"][1]}
         for reader in p.readers:
             assert p.name in {i.name for i in io[reader][0]}, (p.name, reader)
             assert steps[reader][p.name] == p.checked
@@ -67,7 +70,9 @@ def test_parameters_round_trip_through_their_served_dtype():
     image = emoji_like(0)
     checked = check_request(
         config,
-        GenerationRequest([image], image, "a cat", seed=7, sampler="dpmpp_2m", strength=0.5),
+        GenerationRequest(
+            [image], image, "a cat", seed=7, sampler="dpmpp_2m", strength=0.5, style_start="moments"
+        ),
     )
     for p in PARAMETERS:
         array = p.to_array(getattr(checked, p.name))

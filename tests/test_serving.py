@@ -310,6 +310,9 @@ def test_version_switch_under_load_loses_no_request_and_rolls_back(served, check
     assert np.abs(image.astype(int) - recoloured.astype(int)).max() <= 2
     as_is = in_process(other, repo, 2, strength=0.5, style_start="none")
     assert np.abs(recoloured.astype(int) - as_is.astype(int)).mean() > 1
+    # a request's style_start overrides the version's: the reference as it is, over HTTP too
+    image, _ = served_image(server, "http", strength=0.5, style_start="none")
+    assert np.abs(image.astype(int) - as_is.astype(int)).max() <= 2
     assert rollback(server.http_url, repo / "cpu") == 1
     image, _ = served_image(server)
     assert np.abs(image.astype(int) - in_process(checkpoint_dir, repo, 1).astype(int)).max() <= 2

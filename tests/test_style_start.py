@@ -7,7 +7,12 @@ import pytest
 
 from pigeon.config import preset
 from pigeon.core.style_start import WHITE, foreground, recolour, recolour_image
-from pigeon.inference.pipeline import reference_start
+from pigeon.inference.pipeline import (
+    GenerationRequest,
+    RequestError,
+    check_request,
+    reference_start,
+)
 
 
 def _sticker(rng, colours, size=16, margin=3):
@@ -84,6 +89,24 @@ def test_the_pipeline_recolours_only_below_strength_one():
         config, scheduler=dataclasses.replace(config.scheduler, style_start="none")
     )
     np.testing.assert_allclose(reference_start(off, reference, history, 0.6), plain, atol=1e-6)
+    # a request's style_start overrides the checkpoint's, both ways
+    np.testing.assert_allclose(
+        reference_start(off, reference, history, 0.6, "moments"), moved, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        reference_start(config, reference, history, 0.6, "none"), plain, atol=1e-6
+    )
+
+
+def test_check_request_defaults_and_names_a_bad_style_start():
+    config = preset("tiny")
+    image = np.full((8, 8, 3), 200, np.uint8)
+    request = GenerationRequest([image], image, "a cat")
+    assert check_request(config, request).style_start == config.scheduler.style_start
+    chosen = dataclasses.replace(request, style_start="histogram")
+    assert check_request(config, chosen).style_start == "histogram"
+    with pytest.raises(RequestError, match="style_start='sepia' is not one of none, moments"):
+        check_request(config, dataclasses.replace(request, style_start="sepia"))
 
 
 def test_recolour_image_is_recolour_on_uint8_images():

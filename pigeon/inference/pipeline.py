@@ -36,7 +36,7 @@ from pigeon.core.decoding import Decoder
 from pigeon.core.images import check_array, to_model_input, to_uint8
 from pigeon.core.masking import gumbel_noise, mask_sequence, pad_right, select_keep
 from pigeon.core.prompt import PromptBuilder, left_pad
-from pigeon.core.style_start import recolour
+from pigeon.core.style_start import STYLE_STARTS, recolour
 from pigeon.diffusion.guidance import cfg_batch, split_guidance
 from pigeon.diffusion.scheduler import SAMPLERS, add_noise, make_sampler, start_index
 from pigeon.inference.runners import Runner
@@ -64,6 +64,7 @@ class GenerationRequest:
     strength: float | None = None
     # the time budget from the call (served: from the request's arrival); 0 or None: none
     timeout_ms: int | None = None
+    style_start: str | None = None  # None: the checkpoint's scheduler.style_start
 
 
 @dataclass
@@ -157,6 +158,11 @@ def check_request(
             f"{where}: timeout_ms={timeout_ms!r} must be an integer in [0, {MAX_TIMEOUT_MS}] "
             "(0: no deadline)"
         )
+    style_start = request.style_start or sched.style_start
+    if style_start not in STYLE_STARTS:
+        raise RequestError(
+            f"{where}: style_start={style_start!r} is not one of {', '.join(STYLE_STARTS)}"
+        )
     return GenerationRequest(
         history,
         reference,
@@ -168,6 +174,7 @@ def check_request(
         sampler,
         float(strength),
         timeout_ms,
+        style_start,
     )
 
 
@@ -358,7 +365,11 @@ class PigeonPipeline:
         return np.stack(
             [
                 reference_start(
-                    self.config, r.reference, r.history if from_history else None, strength
+                    self.config,
+                    r.reference,
+                    r.history if from_history else None,
+                    strength,
+                    r.style_start,
                 )
                 for r in requests
             ]
@@ -431,13 +442,14 @@ def reference_start(
     reference: np.ndarray,
     history: list[np.ndarray] | None,
     strength: float,
+    style_start: str | None = None,
 ) -> np.ndarray:
     """One request's reference as `denoise` takes it, (3, S, S) in [0, 1]: below strength 1,
-    recoloured from its history by `scheduler.style_start` (`pigeon.core.style_start`); a history
-    of None leaves it as it is."""
+    recoloured from its history by `style_start` (None: the checkpoint's `scheduler.style_start`;
+    `pigeon.core.style_start`); a history of None leaves it as it is."""
     size = config.image_size
     pixels = to_model_input(reference, size)
-    method = config.scheduler.style_start
+    method = style_start or config.scheduler.style_start
     if strength >= 1.0 or method == "none" or history is None:
         return pixels
     return recolour(pixels, np.stack([to_model_input(h, size) for h in history]), method)

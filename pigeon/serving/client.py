@@ -132,6 +132,7 @@ class PigeonClient:
         sampler: str | None = None,
         strength: float | None = None,
         timeout_ms: int | None = None,
+        style_start: str | None = None,
     ) -> ServedResult:
         """One request to the `pigeon` ensemble; the parameters are `pigeon.interface.PARAMETERS`
         (None: the server's default). `timeout_ms` None sends the client's own `timeout_s`, as

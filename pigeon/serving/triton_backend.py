@@ -43,7 +43,7 @@ from pigeon.inference.pipeline import (
     request_streams,
 )
 from pigeon.inference.runners import OrtOptions, OrtRunner
-from pigeon.interface import PARAMETERS, RequestParameter, parameters_read_by
+from pigeon.interface import FORWARDED, PARAMETERS, RequestParameter, parameters_read_by
 from pigeon.serving.triton_config import IN_PROCESS, in_process_key
 from pigeon.specs import component_specs
 from pigeon.vocab import TextTokenizer
@@ -314,10 +314,14 @@ class PreprocessModel(_Model):
             "history_pixels": np.stack([to_model_input(h, size) for h in checked.history])[None],
             "reference_pixels": to_model_input(checked.reference, size)[None],
             "reference_image_pixels": reference_start(
-                self.config, checked.reference, checked.history, checked.strength
+                self.config,
+                checked.reference,
+                checked.history,
+                checked.strength,
+                checked.style_start,
             )[None],
             "text_out": np.array([checked.text.encode("utf-8")], dtype=np.object_),
-            **{f"{p.name}_out": p.to_array(getattr(checked, p.name)) for p in PARAMETERS},
+            **{f"{p.name}_out": p.to_array(getattr(checked, p.name)) for p in FORWARDED},
             "preprocess_s": np.array([time.perf_counter() - start]),
             "received_s": np.array([received_s]),
         }

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from pigeon.config import PipelineConfig, ServingConfig
 from pigeon.inference.runners import OrtOptions
-from pigeon.interface import PARAMETERS, parameters_read_by
+from pigeon.interface import FORWARDED, PARAMETERS, parameters_read_by
 from pigeon.specs import ComponentSpec, component_specs
 
 HEADER = (
@@ -91,7 +91,7 @@ def python_model_io(config: PipelineConfig) -> dict[str, tuple[list[IO], list[IO
                 IO("reference_pixels", "float32", (1, 3, s, s)),
                 IO("reference_image_pixels", "float32", (1, 3, s_out, s_out)),
                 IO("text_out", "bytes", (1,)),
-                *[IO(f"{x.name}_out", x.dtype, (1,)) for x in PARAMETERS],
+                *[IO(f"{x.name}_out", x.dtype, (1,)) for x in FORWARDED],
                 IO("preprocess_s", "float64", (1,)),
                 IO(
                     "received_s", "float64", (1,)
@@ -151,7 +151,7 @@ ENSEMBLE_STEPS = (
             "history_pixels": "history_pixels",
             "reference_pixels": "reference_pixels",
             "text_out": "text_checked",
-            **{f"{p.name}_out": p.checked for p in PARAMETERS},
+            **{f"{p.name}_out": p.checked for p in FORWARDED},
             "reference_image_pixels": "reference_image_pixels",
             "preprocess_s": "preprocess_s",
             "received_s": "received_s",
