@@ -334,6 +334,11 @@ class ServingConfig:
     unet_batch_delay_us: int = 2000
     history_cache: bool = True  # Triton response cache on history_encoder: returning users
     ort_threads: int = 2  # ONNX Runtime intra-op threads per model instance (cpu target): cores
+    # the personalizer's own count: a decode step (one token through a small transformer) is too
+    # little work to split, and waking a second thread for each of its 64 steps costs more than it
+    # saves (benchmarks/README.md, "The fast variant"). 0: ort_threads, as a serving.json written
+    # before this field served
+    ort_personalizer_threads: int = field(default=1, metadata={**_ADDED, "when_omitted": 0})
     # cpu target: personalize runs the personalizer's ONNX file itself instead of one BLS call per
     # generated token (each call ships the whole KV cache between processes); the file is the same
     # version's, hash-checked. The gpu target always calls the TensorRT personalizer through BLS.
@@ -379,7 +384,7 @@ class ServingConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"serving.{name}={getattr(self, name)} must be >= 1")
-        for name in ("request_queue_size", "request_queue_timeout_ms"):
+        for name in ("request_queue_size", "request_queue_timeout_ms", "ort_personalizer_threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"serving.{name}={getattr(self, name)} must be >= 0")
 

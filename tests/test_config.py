@@ -64,6 +64,8 @@ def test_an_omitted_field_keeps_the_behaviour_its_file_was_written_with():
     del serving["unet_in_process"]
     assert cfg.from_dict(cfg.ServingConfig, serving).unet_in_process is False
     assert cfg.from_dict(cfg.ServingConfig, serving) == cfg.ServingConfig(unet_in_process=False)
+    del serving["ort_personalizer_threads"]  # before it: the personalizer took ort_threads (0)
+    assert cfg.from_dict(cfg.ServingConfig, serving).ort_personalizer_threads == 0
 
 
 def test_nested_errors_name_the_path():

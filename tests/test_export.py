@@ -192,6 +192,31 @@ def test_fused_attention_export_uses_the_onnx_attention_op(checkpoint_dir, tmp_p
         assert manifest["components"][name]["opset"] == 23
 
 
+def test_serving_thread_counts_reach_each_components_session(artifacts, tiny_config):
+    """ServingConfig.ort_personalizer_threads gives the personalizer's session its own intra-op
+    count, in process and through a Triton model's parameters; every other session keeps
+    ort_threads, and 0 (a serving.json from before the field) keeps ort_threads everywhere."""
+    from pigeon.config import ServingConfig
+    from pigeon.inference.runners import OrtOptions
+
+    def threads(serving: ServingConfig, via_parameters: bool = False) -> dict[str, int]:
+        options = OrtOptions.from_serving(serving)
+        if via_parameters:
+            options = OrtOptions.from_parameters(
+                {k: {"string_value": v} for k, v in options.to_parameters().items()}
+            )
+        runner = OrtRunner.from_artifacts(artifacts, tiny_config, options)
+        return {
+            name: session.get_session_options().intra_op_num_threads
+            for name, session in runner.sessions.items()
+        }
+
+    default = threads(ServingConfig(ort_threads=2))
+    assert default.pop("personalizer") == 1 and set(default.values()) == {2}
+    assert threads(ServingConfig(ort_threads=2), via_parameters=True)["personalizer"] == 1
+    assert set(threads(ServingConfig(ort_threads=2, ort_personalizer_threads=0)).values()) == {2}
+
+
 @pytest.mark.integration
 def test_fp16_export_keeps_fp32_io_and_validates(checkpoint_dir, tmp_path, tiny_config):
     export_onnx(

@@ -197,6 +197,26 @@ def test_fp16_personalizer_keeps_its_rotary_angles_in_fp32(checkpoint_dir, tmp_p
     assert worst < 0.01
 
 
+def test_a_candidate_onnx_runtime_cannot_load_is_rejected_by_name(checkpoint_dir, tmp_path):
+    """A fallback file that ONNX Runtime refuses to load (the fp16 personalizer of a fused-attention
+    export is one) is a rejected candidate, recorded with ONNX Runtime's reason, not a crash of
+    the export; with strict=True it is the typed error."""
+    from pigeon.export.quantize import _Attempts
+
+    ckpt = load_checkpoint(checkpoint_dir)
+    spec = component_specs(ckpt.config)["personalizer"]
+    broken = tmp_path / "model.onnx"
+    broken.write_bytes(b"not an onnx model")
+    tried = _Attempts(spec, ckpt, reference=None, inputs=None, strict=False)
+    assert tried.attempt("fp16", broken) is False
+    assert tried.valid == {}
+    assert tried.rejected[0]["precision"] == "fp16"
+    assert "ONNX Runtime cannot load the fp16 file" in tried.rejected[0]["error"]
+    strict = _Attempts(spec, ckpt, reference=None, inputs=None, strict=True)
+    with pytest.raises(ExportError, match="cannot load the fp16 file"):
+        strict.attempt("fp16", broken)
+
+
 def test_quantized_variants_are_refused_for_the_gpu_target(checkpoint_dir, tmp_path):
     with pytest.raises(ExportError, match="precision='int8' is a cpu-target variant"):
         export_all(checkpoint_dir, tmp_path / "repo", 1, target="gpu", precision="int8")

@@ -282,9 +282,14 @@ class _Attempts:
         spec = self.spec
         if precision not in spec.tolerance:
             raise ExportError(f"{spec.name}: no {precision} tolerance declared in pigeon.specs")
-        runner = OrtRunner.from_files({spec.name: path}, self.ckpt.config)
         relative: dict = {}
         try:
+            # a candidate ONNX Runtime cannot load (e.g. an fp16 conversion that leaves a contrib
+            # op's inputs in two types) is rejected like one that loads and misses its tolerance
+            try:
+                runner = OrtRunner.from_files({spec.name: path}, self.ckpt.config)
+            except Exception as exc:  # onnxruntime's load errors (Fail, InvalidGraph, ...)
+                raise ExportError(f"ONNX Runtime cannot load the {precision} file: {exc}") from exc
             errors = validate(
                 spec,
                 self.ckpt.config,

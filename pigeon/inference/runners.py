@@ -130,6 +130,8 @@ class OrtOptions:
     io_binding: tuple[str, ...] = ()
     # one InferenceSession per (file, settings) in a process, shared by every runner built from it
     session_reuse: bool = False
+    # (component, intra-op threads) where a component's own count differs from intra_op_threads
+    component_threads: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.graph_optimization not in GRAPH_OPTIMIZATIONS:
@@ -142,10 +144,20 @@ class OrtOptions:
                 f"execution_mode={self.execution_mode!r} is not one of {list(EXECUTION_MODES)}"
             )
 
+    def for_component(self, name: str) -> OrtOptions:
+        """These settings with `name`'s own intra-op thread count, where it has one."""
+        threads = dict(self.component_threads).get(name)
+        return self if threads is None else replace(self, intra_op_threads=threads)
+
     @classmethod
     def from_serving(cls, serving: Any) -> OrtOptions:
         """The settings a `ServingConfig` asks for (its `ort_*` fields)."""
         return cls(
+            component_threads=(
+                (("personalizer", serving.ort_personalizer_threads),)
+                if serving.ort_personalizer_threads
+                else ()
+            ),
             intra_op_threads=serving.ort_threads,
             inter_op_threads=serving.ort_inter_op_threads,
             graph_optimization=serving.ort_graph_optimization,
@@ -163,6 +175,7 @@ class OrtOptions:
             "ort_graph_optimization": self.graph_optimization,
             "ort_execution_mode": self.execution_mode,
             "ort_allow_spinning": "true" if self.allow_spinning else "false",
+            "ort_component_threads": ",".join(f"{n}={t}" for n, t in self.component_threads),
         }
 
     @classmethod
@@ -179,6 +192,12 @@ class OrtOptions:
             graph_optimization=get("ort_graph_optimization", "all"),
             execution_mode=get("ort_execution_mode", "sequential"),
             allow_spinning=get("ort_allow_spinning", "false") == "true",
+            component_threads=tuple(
+                (name, int(threads))
+                for name, threads in (
+                    item.split("=") for item in get("ort_component_threads", "").split(",") if item
+                )
+            ),
         )
 
     def session_options(self) -> Any:
@@ -257,7 +276,7 @@ class OrtRunner:
     def from_files(
         cls, files: dict[str, str | Path], config: Any, options: OrtOptions = OrtOptions()
     ) -> OrtRunner:
-        sessions = {name: options.session(path) for name, path in files.items()}
+        sessions = {name: options.for_component(name).session(path) for name, path in files.items()}
         return cls(sessions, component_specs(config), options)
 
     @classmethod

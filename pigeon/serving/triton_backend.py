@@ -229,7 +229,8 @@ class OnnxModel(_Model):
         verify_version_files(self.version_dir, self.model_config["name"])
         # the serving config's ONNX Runtime settings, as generated into config.pbtxt
         options = OrtOptions.from_parameters(self.model_config.get("parameters", {}))
-        self.session = options.session(self.version_dir / "model.onnx")
+        name = self.model_config["name"]
+        self.session = options.for_component(name).session(self.version_dir / "model.onnx")
         self.input_names = [i["name"] for i in self.model_config["input"]]
         # ONNX rank per input: a (batch,) tensor arrives as (batch, 1) and is flattened back
         self.input_ranks = {i.name: len(i.shape) for i in self.session.get_inputs()}

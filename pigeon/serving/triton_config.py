@@ -257,7 +257,9 @@ def component_config(spec: ComponentSpec, serving: ServingConfig, target: str) -
     if spec.name == "history_encoder" and serving.history_cache:
         text += "response_cache { enable: true }\n"
     if target == "cpu":
-        text += _parameters(OrtOptions.from_serving(serving).to_parameters())
+        text += _parameters(
+            OrtOptions.from_serving(serving).for_component(spec.name).to_parameters()
+        )
     return text
 
 
