@@ -17,7 +17,7 @@ speed-up column divides by. For each variant, in this one run on this machine:
     latency      per component at the declared opt shape and end to end (the same request), p50/p95;
                  the variants run round robin, so the machine's load is shared by all of them
     quality      on the fixed users of EmojiPrefs (`--split`, the first --users), scored by
-                 `pigeon evaluate`'s frozen metric nets: StyleAcc, ConceptR@5, SSIM to the ground
+                 `pigeon evaluate`'s frozen metric nets: StyleAcc, ConceptR@5, FD-ENL0, SSIM to the ground
                  truth (means over the users, with 95% bootstrap intervals)
 
 One JSON line per run goes to --out; the markdown table to stdout and --table.
@@ -65,6 +65,7 @@ def export_variants(
                 and manifest["precision"] == precision
                 and manifest.get("variant", "default") == named
                 and manifest.get("sampling_defaults", {}) == defaults
+                and manifest.get("fused_attention", False) == NAMED[named].fused_attention
             ):
                 folders[variant] = out
                 continue
@@ -116,29 +117,51 @@ def quality_requests(data, cases, config, steps: int | None) -> list:
 
 
 def quality_scorer(data_root: str, users: int, split: str = "test"):
-    """The frozen metric nets of `pigeon evaluate` on the first `users` fixed users of `split`."""
+    """The frozen metric nets of `pigeon evaluate` and its EfficientNet-Lite0 features (FD-ENL0,
+    at ENL0Config's size, `pigeon evaluate`'s default) on the first `users` fixed users of `split`."""
     from pigeon.evaluation.data import load_eval_data
     from pigeon.evaluation.evaluate import Scorer
     from pigeon.evaluation.external import External
+    from pigeon.evaluation.features import EfficientNetLite0, ENL0Config
     from pigeon.evaluation.metric_nets import MetricNets
 
     data = load_eval_data(data_root, split, limit=users)
-    scorer = Scorer(data, MetricNets.load(), enl0=None, external=External())
+    enl0 = EfficientNetLite0(ENL0Config())
+    scorer = Scorer(data, MetricNets.load(), enl0=enl0, external=External())
     return data, scorer, scorer.case_set(data.cases)
 
 
 def quality_scores(images: np.ndarray, data, scorer, case_set) -> dict[str, float]:
     """StyleAcc, ConceptR@5 and SSIM to the ground truth (means over the users, with 95%
-    bootstrap intervals of the same resamples for every variant), as `pigeon evaluate` computes
-    them (images resized to the data's size first)."""
-    from pigeon.evaluation.metrics import bootstrap_indices, bootstrap_mean_ci, resize_images
+    bootstrap intervals of the same resamples for every variant) and FD-ENL0 to the ground-truth
+    set (bias-corrected interval over the first resamples), as `pigeon evaluate` computes them
+    (images resized to the data's size first)."""
+    from pigeon.evaluation.evaluate import EvalConfig
+    from pigeon.evaluation.metrics import (
+        bootstrap_indices,
+        bootstrap_mean_ci,
+        bootstrap_stat_ci,
+        frechet_distance,
+        resize_images,
+    )
 
-    per, _, _ = scorer.score(resize_images(images, data.size), case_set)
+    per, sets, _ = scorer.score(resize_images(images, data.size), case_set)
     indices = bootstrap_indices(len(images), 1000, seed=0)
     scores: dict = {}
     for name, key in (("StyleAcc", "style_acc"), ("ConceptR@5", "concept_r5"), ("SSIM", "ssim")):
         mean, low, high = bootstrap_mean_ci(per[key], indices)
         scores[name], scores[f"{name} interval"] = mean, [round(low, 4), round(high, 4)]
+    if len(images) < 2:  # a Frechet distance needs two rows per set
+        scores["FD-ENL0"] = "needs 2 users"
+        return scores
+    generated, truth = sets["fd_enl0"]
+    fd, low, high = bootstrap_stat_ci(
+        lambda rows: frechet_distance(generated[rows], truth[rows]),
+        len(images),
+        indices[: EvalConfig().set_bootstrap],
+        floor=0.0,
+    )
+    scores["FD-ENL0"], scores["FD-ENL0 interval"] = fd, [round(low, 4), round(high, 4)]
     return scores
 
 
@@ -254,7 +277,7 @@ def table(record: dict) -> str:
     head = ["variant", "files MB", "of fp32", "peak RSS MiB", "e2e p50 ms", "e2e p95 ms"]
     head += ["speed-up vs eager", "sampling"]
     head += [f"{c} p50/p95 ms" for c in comps]
-    head += ["SSIM", "StyleAcc", "ConceptR@5", "precision kept per component"]
+    head += ["SSIM", "StyleAcc", "ConceptR@5", "FD-ENL0", "precision kept per component"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def quality(q: dict, name: str) -> str:
@@ -281,7 +304,7 @@ def table(record: dict) -> str:
             t = r.get("components_s", {}).get(c)
             cells.append(f"{t['p50'] * 1e3:.1f} / {t['p95'] * 1e3:.1f}" if t else "-")
         q = r["quality"]
-        cells += [quality(q, "SSIM"), quality(q, "StyleAcc"), quality(q, "ConceptR@5")]
+        cells += [quality(q, n) for n in ("SSIM", "StyleAcc", "ConceptR@5", "FD-ENL0")]
         cells.append(
             ", ".join(
                 f"{c}: {v['precision']}"
@@ -454,6 +477,7 @@ def main() -> None:
                 "SSIM": "needs --data",
                 "StyleAcc": "needs --data",
                 "ConceptR@5": "needs --data",
+                "FD-ENL0": "needs --data",
             }
 
     if args.tuning:

@@ -605,8 +605,8 @@ PRECISION_HELP = (
     "fp32/fp16/int8 on this CPU"
 )
 VARIANT_HELP = (
-    "fast: int8 files served with DDIM at 10 steps by default (pigeon.export.variants; "
-    "measured in benchmarks/README.md)"
+    "fast: mixed-precision files with fused attention, served with DDIM at 10 steps by default "
+    "(pigeon.export.variants; measured in benchmarks/README.md)"
 )
 
 

@@ -234,8 +234,11 @@ def png(image: np.ndarray) -> bytes:
 
 
 @pytest.mark.triton
-def test_the_fast_variant_serves_int8_files_with_its_sampling_defaults(checkpoint_dir, tmp_path):
-    """`--variant fast` publishes int8 files whose manifest carries DDIM at 10 steps;
+def test_the_fast_variant_serves_its_fused_files_with_its_sampling_defaults(
+    checkpoint_dir, tmp_path
+):
+    """`--variant fast` publishes mixed-precision files with fused attention (opset 23) whose
+    manifest carries DDIM at 10 steps;
     a served request that names no sampler or steps matches the same files in process with those
     settings given explicitly, and not the checkpoint's own defaults (its own step count)."""
     from pigeon.core.images import load_image
@@ -248,7 +251,8 @@ def test_the_fast_variant_serves_int8_files_with_its_sampling_defaults(checkpoin
     root = repo / "cpu"
     published = json.loads((root / "unet" / "1" / "manifest.json").read_text())
     fast = VARIANTS["fast"].sampling_defaults
-    assert (published["precision"], published["variant"]) == ("int8", "fast")
+    assert (published["precision"], published["variant"]) == ("mixed", "fast")
+    assert {c["opset"] for c in manifest["components"].values()} == {23}
     assert published["sampling_defaults"] == fast == {"sampler": "ddim", "num_inference_steps": 10}
     history, reference = [png(emoji_like(i)) for i in range(3)], png(emoji_like(9))
     with TritonServer(root) as server:
@@ -282,8 +286,8 @@ def test_a_variant_refuses_a_precision_it_contradicts_and_an_unknown_name(tmp_pa
 
     assert resolve("default", None) == ("fp32", {})
     assert resolve("default", "fp16") == ("fp16", {})
-    assert resolve("fast", "int8")[0] == "int8"
-    with pytest.raises(ExportError, match=r"variant='fast' exports int8 files; precision='fp16'"):
+    assert resolve("fast", "mixed")[0] == "mixed"
+    with pytest.raises(ExportError, match=r"variant='fast' exports mixed files; precision='fp16'"):
         resolve("fast", "fp16")
     with pytest.raises(ExportError, match=r"variant='fastest' is not one of \['default', 'fast'\]"):
         export_onnx("no-such-checkpoint", tmp_path / "x", variant="fastest")
@@ -322,7 +326,9 @@ def test_serving_files_written_before_the_ort_fields_still_load():
     data = to_dict(ServingConfig())
     for key in [k for k in data if k.startswith("ort_") and k != "ort_threads"]:
         del data[key]
-    assert from_dict(ServingConfig, data) == ServingConfig()
+    # every omitted field takes its default, but the personalizer's own thread count takes 0
+    # (ort_threads, as such a file served before the field existed)
+    assert from_dict(ServingConfig, data) == ServingConfig(ort_personalizer_threads=0)
     with pytest.raises(ConfigError, match="ort_execution_mode='fast' is not one of"):
         from_dict(ServingConfig, {**to_dict(ServingConfig()), "ort_execution_mode": "fast"})
 

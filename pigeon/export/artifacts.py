@@ -18,7 +18,7 @@ from pigeon.export.errors import ExportError
 from pigeon.export.manifest import PRECISIONS, QUANTIZED_PRECISIONS
 from pigeon.export.onnx_export import export_float
 from pigeon.export.quantize import Calibration, export_quantized
-from pigeon.export.variants import resolve
+from pigeon.export.variants import VARIANTS, resolve
 
 
 def export_onnx(
@@ -43,6 +43,7 @@ def export_onnx(
     files are served with, recorded in the manifest; `precision` None means the variant's, or fp32.
     """
     precision, sampling_defaults = resolve(variant, precision)
+    fused_attention = fused_attention or VARIANTS[variant].fused_attention
     if precision not in PRECISIONS:
         raise ExportError(f"precision={precision!r} is not one of {list(PRECISIONS)}")
     common = {

@@ -5,9 +5,11 @@
 
     variant   ONNX files                               served sampling defaults
     default   --precision (fp32 unless given)          the checkpoint's scheduler
-    fast      int8 (a component that fails int8        DDIM, 10 steps
-              validation stays fp32, as its manifest
-              says)
+    fast      mixed: per component the fastest of      DDIM, 10 steps
+              int8 / fp16 / fp32 that validates, timed
+              on this CPU; fused attention (opset 23
+              ONNX Attention, RMSNormalization and
+              RotaryEmbedding)
 
 The sampling defaults travel in the artifact manifest (`sampling_defaults`), so every reader of the
 folder applies the same ones: `pigeon generate --backend onnxruntime --artifacts DIR` and each
@@ -31,12 +33,20 @@ from pigeon.export.errors import ExportError
 class Variant:
     precision: str | None  # None: the caller's --precision
     sampling_defaults: dict[str, Any]  # SchedulerConfig fields served as the request defaults
+    # opset 23's fused operators; on by the variant, or by --fused-attention for any variant
+    fused_attention: bool = False
 
 
 VARIANTS = {
     "default": Variant(precision=None, sampling_defaults={}),
+    # mixed, not int8: where int8 fails validation (this CPU's int8 UNet moves images past the
+    # pipeline check) the fastest valid file is kept, not the smallest (fp16 runs slower than fp32
+    # on a CPU without fp16 arithmetic). Fused attention: a decode step 1.3 ms against 1.7 ms
+    # (benchmarks/README.md, "The fast variant")
     "fast": Variant(
-        precision="int8", sampling_defaults={"sampler": "ddim", "num_inference_steps": 10}
+        precision="mixed",
+        sampling_defaults={"sampler": "ddim", "num_inference_steps": 10},
+        fused_attention=True,
     ),
 }
 
