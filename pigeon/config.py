@@ -219,6 +219,11 @@ class VAEConfig:
         return 2 ** (len(self.block_out_channels) - 1)
 
 
+# how the image-to-image start is recoloured from the history (`pigeon.core.style_start`)
+StyleStart = Literal["none", "moments", "histogram"]
+STYLE_STARTS: tuple[str, ...] = typing.get_args(StyleStart)
+
+
 @dataclass(frozen=True, kw_only=True)
 class SchedulerConfig:
     """Noise schedule and sampler defaults (DDIM, or the DPM-Solver++(2M) multistep solver)."""
@@ -239,9 +244,7 @@ class SchedulerConfig:
     # Below strength 1: recolour the reference's foreground from the user's history before it is
     # noised (`pigeon.core.style_start`: "moments" or "histogram"), so the start carries the
     # history's palette; "none" starts from the reference as it is.
-    style_start: Literal["none", "moments", "histogram"] = field(
-        default="none", metadata={"added_after_format": 1}
-    )
+    style_start: StyleStart = field(default="none", metadata={"added_after_format": 1})
 
     def __post_init__(self) -> None:
         if not 0.0 < self.strength <= 1.0:

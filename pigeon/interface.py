@@ -26,7 +26,7 @@ from typing import Literal
 
 import numpy as np
 
-from pigeon.core.style_start import STYLE_STARTS
+from pigeon.config import STYLE_STARTS
 from pigeon.diffusion.scheduler import SAMPLERS
 
 ParameterDType = Literal["int64", "float32", "bytes"]

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-STYLE_STARTS = ("none", "moments", "histogram")
+from pigeon.config import STYLE_STARTS
+
 WHITE = 0.96  # a pixel whose every channel is at least this is background
 
 
