@@ -7,7 +7,7 @@
     default   --precision (fp32 unless given)          the checkpoint's scheduler
     fast      mixed: per component the fastest of      DDIM, 10 steps
               int8 / fp16 / fp32 that validates, timed
-              on this CPU; fused attention (opset 23
+              on the exporting CPU; fused attention (opset 23
               ONNX Attention, RMSNormalization and
               RotaryEmbedding)
 
@@ -39,10 +39,10 @@ class Variant:
 
 VARIANTS = {
     "default": Variant(precision=None, sampling_defaults={}),
-    # mixed, not int8: where int8 fails validation (this CPU's int8 UNet moves images past the
-    # pipeline check) the fastest valid file is kept, not the smallest (fp16 runs slower than fp32
-    # on a CPU without fp16 arithmetic). Fused attention: a decode step 1.3 ms against 1.7 ms
-    # (benchmarks/README.md, "The fast variant")
+    # mixed, not int8: where a component's int8 file fails validation (on an AVX2 CPU the UNet's
+    # moves images past the pipeline check) the fastest valid file is kept, not the smallest (fp16
+    # runs slower than fp32 on a CPU without fp16 arithmetic). Fused attention shortens each of the
+    # personalizer's decode steps (benchmarks/README.md, "The fast variant")
     "fast": Variant(
         precision="mixed",
         sampling_defaults={"sampler": "ddim", "num_inference_steps": 10},
