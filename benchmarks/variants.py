@@ -132,36 +132,27 @@ def quality_scorer(data_root: str, users: int, split: str = "test"):
 
 
 def quality_scores(images: np.ndarray, data, scorer, case_set) -> dict[str, float]:
-    """StyleAcc, ConceptR@5 and SSIM to the ground truth (means over the users, with 95%
-    bootstrap intervals of the same resamples for every variant) and FD-ENL0 to the ground-truth
-    set (bias-corrected interval over the first resamples), as `pigeon evaluate` computes them
-    (images resized to the data's size first)."""
-    from pigeon.evaluation.evaluate import EvalConfig
-    from pigeon.evaluation.metrics import (
-        bootstrap_indices,
-        bootstrap_mean_ci,
-        bootstrap_stat_ci,
-        frechet_distance,
-        resize_images,
-    )
+    """StyleAcc, ConceptR@5 and SSIM to the ground truth (means over the users) and FD-ENL0 to the
+    ground-truth set, each with `pigeon evaluate`'s 95% bootstrap interval (`summarize`, its default
+    resamples, the same for every variant); images resized to the data's size first."""
+    from pigeon.evaluation.evaluate import EvalConfig, summarize
+    from pigeon.evaluation.metrics import resize_images
 
     per, sets, _ = scorer.score(resize_images(images, data.size), case_set)
-    indices = bootstrap_indices(len(images), 1000, seed=0)
-    scores: dict = {}
-    for name, key in (("StyleAcc", "style_acc"), ("ConceptR@5", "concept_r5"), ("SSIM", "ssim")):
-        mean, low, high = bootstrap_mean_ci(per[key], indices)
-        scores[name], scores[f"{name} interval"] = mean, [round(low, 4), round(high, 4)]
-    if len(images) < 2:  # a Frechet distance needs two rows per set
-        scores["FD-ENL0"] = "needs 2 users"
-        return scores
-    generated, truth = sets["fd_enl0"]
-    fd, low, high = bootstrap_stat_ci(
-        lambda rows: frechet_distance(generated[rows], truth[rows]),
+    names = {"StyleAcc": "style_acc", "ConceptR@5": "concept_r5", "SSIM": "ssim"}
+    summary = summarize(
+        {key: per[key] for key in names.values()},
+        {"fd_enl0": sets["fd_enl0"]},
         len(images),
-        indices[: EvalConfig().set_bootstrap],
-        floor=0.0,
+        EvalConfig(),
     )
-    scores["FD-ENL0"], scores["FD-ENL0 interval"] = fd, [round(low, 4), round(high, 4)]
+    if len(images) >= 2:  # a Frechet distance needs two rows per set
+        names["FD-ENL0"] = "fd_enl0"
+    scores: dict = {}
+    for name, key in names.items():
+        s = summary[key]
+        scores[name], scores[f"{name} interval"] = s["mean"], [round(s["lo"], 4), round(s["hi"], 4)]
+    scores.setdefault("FD-ENL0", "needs 2 users")
     return scores
 
 

@@ -30,13 +30,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pigeon.config import PipelineConfig
+from pigeon.config import STYLE_STARTS, PipelineConfig
 from pigeon.core.deadline import MAX_TIMEOUT_MS, NO_DEADLINE, Deadline
 from pigeon.core.decoding import Decoder
 from pigeon.core.images import check_array, to_model_input, to_uint8
 from pigeon.core.masking import gumbel_noise, mask_sequence, pad_right, select_keep
 from pigeon.core.prompt import PromptBuilder, left_pad
-from pigeon.core.style_start import STYLE_STARTS, recolour
+from pigeon.core.style_start import recolour
 from pigeon.diffusion.guidance import cfg_batch, split_guidance
 from pigeon.diffusion.scheduler import SAMPLERS, add_noise, make_sampler, start_index
 from pigeon.inference.runners import Runner
