@@ -348,8 +348,10 @@ def settle(server, version: int, timeout_s: float = 120.0) -> None:
 
 
 def is_shed(exc) -> bool:
-    """The server refused a request at a loop model's queue bound (Triton's dynamic batcher)."""
-    return exc.status == "UNAVAILABLE" and "queue" in str(exc).lower()
+    """The server refused a request at a loop model's queue bound (Triton's dynamic batcher) or at
+    admission (`ServingConfig.max_in_flight`)."""
+    message = str(exc).lower()
+    return exc.status == "UNAVAILABLE" and ("queue" in message or "max_in_flight" in message)
 
 
 def summarize(outcomes: list[dict], planned: int, wall_s: float) -> dict:

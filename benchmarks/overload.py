@@ -15,7 +15,9 @@ Each overload request ends served, or refused at a loop model's queue bound (UNA
 failed. The goals (docs/RELIABILITY.md, "Backpressure"): refusals within 100 ms (p99), accepted p99
 within twice the unloaded p99. The server runs `--instances` instances of each loop model and lets
 `--queue` requests wait for each (`ServingConfig.request_queue_size`): a request's wait is about the
-queue bound over the throughput, so a latency promise sets the bound.
+queue bound over the throughput, so a latency promise sets the bound. `--max-in-flight N` admits at
+most N requests into the two loops at once (`ServingConfig.max_in_flight`) and refuses the rest at
+preprocess, so that the accepted ones run as they would unloaded.
 """
 
 from __future__ import annotations
@@ -177,9 +179,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instances", type=int, default=1, help="of each loop model")
     parser.add_argument("--queue", type=int, default=1, help="request_queue_size per loop model")
     parser.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=None,
+        help="ServingConfig.max_in_flight: requests admitted into the loops at once (0: no limit; "
+        "default: the serving.json's)",
+    )
+    parser.add_argument(
         "--serving",
         default=None,
-        help="serving.json (ServingConfig) to start from; --instances and --queue override it",
+        help="serving.json (ServingConfig) to start from; --instances, --queue and "
+        "--max-in-flight override it",
     )
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--out", default="benchmarks/results/overload.jsonl")
@@ -200,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         bls_instances=args.instances,
         request_queue_size=args.queue,
     )
+    if args.max_in_flight is not None:
+        serving = dataclasses.replace(serving, max_in_flight=args.max_in_flight)
     repo = build_repository(checkpoint, artifacts, workdir / "repo", "default", serving)
     record = {
         "benchmark": "overload",

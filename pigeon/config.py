@@ -319,6 +319,7 @@ class PipelineConfig:
         return self.image_size // self.vae.downsample
 
 
+MAX_IN_FLIGHT = 1024  # the most requests ServingConfig.max_in_flight may admit at once
 _ADDED = {"added_after_format": 1}  # ServingConfig fields that older serving.json files may omit
 
 
@@ -374,6 +375,15 @@ class ServingConfig:
     # a request that waited this long for a personalize or denoise instance is refused the same way
     # (a client may ask for a shorter wait with its request timeout); 0 = no limit
     request_queue_timeout_ms: int = field(default=0, metadata=_ADDED)
+    # Admission (pigeon.serving.in_flight): at most this many requests between preprocess and the end
+    # of denoise, counted across every loop instance; preprocess refuses the rest at once with
+    # UNAVAILABLE / 503. An admitted request then runs as it would unloaded instead of waiting behind
+    # one request per loop while both loops share the cores; the price is the overlap of one
+    # request's personalizer with another's denoising. 0 = no limit
+    max_in_flight: int = field(default=0, metadata=_ADDED)
+    # a slot whose request vanished without giving it back (a killed process, a queue refusal) frees
+    # itself after this long; a request's own timeout_ms replaces it
+    in_flight_lease_ms: int = field(default=60_000, metadata=_ADDED)
 
     def __post_init__(self) -> None:
         for name in (
@@ -390,6 +400,12 @@ class ServingConfig:
         for name in ("request_queue_size", "request_queue_timeout_ms", "ort_personalizer_threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"serving.{name}={getattr(self, name)} must be >= 0")
+        if not 0 <= self.max_in_flight <= MAX_IN_FLIGHT:
+            raise ConfigError(
+                f"serving.max_in_flight={self.max_in_flight} must be in [0, {MAX_IN_FLIGHT}]"
+            )
+        if self.in_flight_lease_ms < 1:
+            raise ConfigError(f"serving.in_flight_lease_ms={self.in_flight_lease_ms} must be >= 1")
 
 
 def _check_heads(name: str, width: int, heads: int) -> None:

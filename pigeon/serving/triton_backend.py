@@ -15,6 +15,8 @@ cause (`error_response`): the client's bad input is INVALID_ARG (HTTP 400, gRPC 
 component that failed passes its own code up through BLS and the ensemble, a request stopped at its
 deadline (`timeout_ms`, `pigeon.core.deadline`) or by its client's hang-up is UNAVAILABLE (HTTP 503),
 anything else is INTERNAL (500): load balancers and retry policies read 500 as the server's fault.
+A request refused by admission (`ServingConfig.max_in_flight`, `pigeon.serving.in_flight`) is
+UNAVAILABLE too: the server is full, retry later or elsewhere.
 The model keeps serving.
 No torch is imported here (each Python model process stays small).
 """
@@ -44,6 +46,7 @@ from pigeon.inference.pipeline import (
 )
 from pigeon.inference.runners import OrtOptions, OrtRunner
 from pigeon.interface import FORWARDED, PARAMETERS, RequestParameter, parameters_read_by
+from pigeon.serving.in_flight import InFlightSlots, ServerBusy, slots_path
 from pigeon.serving.triton_config import IN_PROCESS, in_process_key
 from pigeon.specs import component_specs
 from pigeon.vocab import TextTokenizer
@@ -73,7 +76,7 @@ def error_response(exc: Exception, prefix: str = ""):
     pb = _pb()
     if isinstance(exc, BAD_INPUT):
         code = pb.TritonError.INVALID_ARG
-    elif isinstance(exc, DeadlineExceeded):  # its budget passed or its client left
+    elif isinstance(exc, (DeadlineExceeded, ServerBusy)):  # budget passed, client left, or full
         # UNAVAILABLE, not CANCELLED: Triton's HTTP front end answers CANCELLED with 400, which
         # tells a client not to retry; 503 (and gRPC UNAVAILABLE) says "later, or elsewhere"
         code = pb.TritonError.UNAVAILABLE
@@ -144,6 +147,8 @@ class _Model:
         self.model_config = json.loads(args["model_config"])
         self.version_dir = Path(args["model_repository"]) / args["model_version"]
         self.output_dtypes = {o["name"]: o["data_type"] for o in self.model_config["output"]}
+        # the admission slots of the whole repository (<repository>/<model>/<version>)
+        self.in_flight = InFlightSlots(slots_path(self.version_dir.parent.parent))
         self.setup()
 
     def setup(self) -> None:  # pragma: no cover - overridden
@@ -196,6 +201,10 @@ class _Model:
         return {
             p.name: _parameter(self.get(request, p.name), p) for p in parameters_read_by(reader)
         }
+
+    def release_slot(self, request: Any) -> None:
+        """Give back the request's admission slot (none: token 0)."""
+        self.in_flight.release(int(self.get(request, "in_flight_token").reshape(-1)[0]))
 
     def finalize(self) -> None:
         pass
@@ -277,6 +286,17 @@ class OnnxModel(_Model):
 class PreprocessModel(_Model):
     def setup(self) -> None:
         self.config, _ = self.pipeline_files()
+        parameters = self.model_config.get("parameters", {})
+        self.max_in_flight = int(parameters.get("max_in_flight", {}).get("string_value", 0))
+        self.lease_ms = int(parameters.get("in_flight_lease_ms", {}).get("string_value", 0))
+
+    def admit(self, timeout_ms: int) -> int:
+        """An admission slot's token (`ServerBusy` when the server holds max_in_flight requests);
+        0 without a limit. The slot lasts the request's own budget, else the configured lease."""
+        if not self.max_in_flight:
+            return 0
+        lease_ms = timeout_ms or self.lease_ms
+        return self.in_flight.acquire(self.max_in_flight, lease_ms / 1000)
 
     def handle(self, request: Any) -> dict[str, np.ndarray]:
         start = time.perf_counter()
@@ -310,7 +330,7 @@ class PreprocessModel(_Model):
             ),
         )
         size = self.config.history_encoder.image_size
-        return {
+        outputs = {
             # (1, N, 3, S, S): one user, the leading 1 is personalize's batch dimension
             "history_pixels": np.stack([to_model_input(h, size) for h in checked.history])[None],
             "reference_pixels": to_model_input(checked.reference, size)[None],
@@ -323,9 +343,13 @@ class PreprocessModel(_Model):
             )[None],
             "text_out": np.array([checked.text.encode("utf-8")], dtype=np.object_),
             **{f"{p.name}_out": p.to_array(getattr(checked, p.name)) for p in FORWARDED},
-            "preprocess_s": np.array([time.perf_counter() - start]),
             "received_s": np.array([received_s]),
         }
+        # admitted last: a bad request is named as such (400) whatever the load, and nothing after
+        # this line can fail with the slot held
+        outputs["in_flight_token"] = np.array([self.admit(checked.timeout_ms)], dtype=np.int64)
+        outputs["preprocess_s"] = np.array([time.perf_counter() - start])
+        return outputs
 
 
 class InProcessRunner(BlsRunner):
@@ -369,6 +393,13 @@ class PersonalizeModel(_Model):
         self.pipeline = PigeonPipeline(config, tokenizer, runner)
 
     def handle(self, request: Any) -> dict[str, np.ndarray]:
+        try:
+            return self.personalize(request)
+        except Exception:  # the request ends here: denoise will not give its slot back
+            self.release_slot(request)
+            raise
+
+    def personalize(self, request: Any) -> dict[str, np.ndarray]:
         start = time.perf_counter()
         params = self.parameters(request, "personalize")
         mask_rng, token_rng, _ = request_streams(params["seed"])
@@ -402,6 +433,12 @@ class DenoiseModel(_Model):
         self.pipeline = PigeonPipeline(config, tokenizer, runner)
 
     def handle(self, request: Any) -> dict[str, np.ndarray]:
+        try:
+            return self.denoise(request)
+        finally:  # the loops are done with the request, whatever happened
+            self.release_slot(request)
+
+    def denoise(self, request: Any) -> dict[str, np.ndarray]:
         start = time.perf_counter()
         params = self.parameters(request, "denoise")
         _, _, latent_rng = request_streams(params["seed"])

@@ -11,6 +11,10 @@
       vae_decoder
       postprocess         python: PNG + timings
 
+Admission: with `ServingConfig.max_in_flight` preprocess admits at most that many requests into the
+two loops at once and refuses the rest (`pigeon.serving.in_flight`); the slot's token travels down
+the ensemble (`in_flight_token`) to the model that gives it back.
+
 Backpressure: personalize and denoise, each running one request's whole loop per instance, take
 max_batch_size 1 so that Triton's dynamic batcher queues their requests, bounded by
 `ServingConfig.request_queue_size` and `request_queue_timeout_ms` with REJECT: an overloaded server
@@ -96,6 +100,7 @@ def python_model_io(config: PipelineConfig) -> dict[str, tuple[list[IO], list[IO
                 IO(
                     "received_s", "float64", (1,)
                 ),  # arrival (wall clock): timeout_ms counts from it
+                IO("in_flight_token", "int64", (1,)),  # its admission slot; 0: no limit
             ],
         ),
         "personalize": (
@@ -104,6 +109,7 @@ def python_model_io(config: PipelineConfig) -> dict[str, tuple[list[IO], list[IO
                 IO("reference_pixels", "float32", (1, 3, s, s)),
                 IO("text", "bytes", (1,)),
                 IO("received_s", "float64", (1,)),
+                IO("in_flight_token", "int64", (1,)),
                 *_read_by("personalize"),
             ],
             [
@@ -118,6 +124,7 @@ def python_model_io(config: PipelineConfig) -> dict[str, tuple[list[IO], list[IO
                 IO("pooled_embeds", "float32", (1, ca.pooled_dim)),
                 IO("reference_image_pixels", "float32", (1, 3, s_out, s_out)),
                 IO("received_s", "float64", (1,)),
+                IO("in_flight_token", "int64", (1,)),
                 *_read_by("denoise"),
             ],
             [IO("latents", "float32", (1, c, h, h)), IO("denoise_s", "float64", (1,))],
@@ -155,6 +162,7 @@ ENSEMBLE_STEPS = (
             "reference_image_pixels": "reference_image_pixels",
             "preprocess_s": "preprocess_s",
             "received_s": "received_s",
+            "in_flight_token": "in_flight_token",
         },
     ),
     (
@@ -164,6 +172,7 @@ ENSEMBLE_STEPS = (
             "reference_pixels": "reference_pixels",
             "text": "text_checked",
             "received_s": "received_s",
+            "in_flight_token": "in_flight_token",
             **_checked("personalize"),
         },
         {
@@ -184,6 +193,7 @@ ENSEMBLE_STEPS = (
             "pooled_embeds": "pooled_embeds",
             "reference_image_pixels": "reference_image_pixels",
             "received_s": "received_s",
+            "in_flight_token": "in_flight_token",
             **_checked("denoise"),
         },
         {"latents": "latents", "denoise_s": "denoise_s"},
@@ -314,6 +324,13 @@ def python_config(
     key = in_process_key(name)
     if target == "cpu" and key and getattr(serving, key):
         text += _parameters({key: "true", **OrtOptions.from_serving(serving).to_parameters()})
+    if name == "preprocess" and serving.max_in_flight:  # admission (pigeon.serving.in_flight)
+        text += _parameters(
+            {
+                "max_in_flight": str(serving.max_in_flight),
+                "in_flight_lease_ms": str(serving.in_flight_lease_ms),
+            }
+        )
     return text
 
 

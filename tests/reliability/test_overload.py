@@ -1,7 +1,9 @@
 """Backpressure: past its queue bound the server refuses new requests with UNAVAILABLE / 503, and
 serves the ones it took. The server runs one instance of each loop model and lets one request wait
 for each (`request_queue_size` 1), so a long request holding the denoise loop leaves room for one
-more request in all; the rest must be refused, not queued."""
+more request in all; the rest must be refused, not queued. Admission (`max_in_flight` 1): while one
+request is inside the loops every other is refused at preprocess, and its slot comes back however
+the request ends."""
 
 from __future__ import annotations
 
@@ -62,3 +64,42 @@ def test_past_its_queue_bound_the_server_refuses_and_serves_what_it_took(bounded
     # refused at the queue, not after waiting for the long request (which runs 400 steps)
     assert max(refused) < min(served, default=float("inf")), results
     assert outcome(bounded, protocol, seed=99)[0] == "served"  # and it serves again
+
+
+ADMITTING = dataclasses.replace(LIGHT, max_in_flight=1)
+
+
+@pytest.fixture(scope="module")
+def admitting(tmp_path_factory, checkpoint_dir, artifacts):
+    repo = make_repository(
+        tmp_path_factory.mktemp("admitting"), checkpoint_dir, artifacts, serving=ADMITTING
+    )
+    with TritonServer(repo, startup_timeout_s=STARTUP_S) as server:
+        yield server
+
+
+def refused_by_admission(server, protocol: str, seed: int) -> str:
+    """The error of a short request that must be refused: its status, checked to name the limit."""
+    with pytest.raises(ClientError) as caught:
+        generate(server, protocol, seed=seed)
+    assert "max_in_flight" in str(caught.value), caught.value
+    return str(caught.value.http_status) if protocol == "http" else caught.value.status
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_past_max_in_flight_the_server_refuses_at_once_and_gets_its_slot_back(admitting, protocol):
+    assert outcome(admitting, protocol, seed=0)[0] == "served"
+    thread, box = long_request_in_flight(admitting, protocol)  # holds the one slot
+    with ThreadPoolExecutor(BURST) as pool:
+        statuses = list(
+            pool.map(lambda s: refused_by_admission(admitting, protocol, s), range(BURST))
+        )
+    # every one refused while the long request still ran: none waited for it
+    assert thread.is_alive() and set(statuses) == {"503" if protocol == "http" else "UNAVAILABLE"}
+    thread.join(STARTUP_S)
+    assert "result" in box, f"the long request failed: {box}"
+    assert outcome(admitting, protocol, seed=98)[0] == "served"  # its slot came back
+    # a request stopped inside the loop (its own budget passed) gives its slot back too
+    with pytest.raises(ClientError, match="timeout_ms=300 passed"):
+        generate(admitting, protocol, steps=400, timeout_ms=300)
+    assert outcome(admitting, protocol, seed=99)[0] == "served"
