@@ -355,6 +355,9 @@ def run_serve(args: argparse.Namespace) -> dict:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.append(True))
     server.start()
+    # one request through the whole ensemble before the endpoints are announced, so that the first
+    # client's request is not the one that pays for the models' first calls
+    warm_up_s = server.warm_up() if args.warm_up else None
     print(
         json.dumps(
             {
@@ -362,6 +365,7 @@ def run_serve(args: argparse.Namespace) -> dict:
                 "grpc": server.grpc_url,
                 "metrics": server.metrics_url,
                 "pid": server.process.pid,
+                "warm_up_s": None if warm_up_s is None else round(warm_up_s, 3),
             }
         ),
         flush=True,
@@ -713,6 +717,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HEADER=VALUE",
         help="require this header on the model-load/unload, shared-memory, trace and logging APIs "
         "(HTTP and gRPC); inference and health stay open (docs/RELIABILITY.md)",
+    )
+    p.add_argument(
+        "--no-warm-up",
+        dest="warm_up",
+        action="store_false",
+        help="announce the endpoints without first sending one synthetic request through the "
+        "ensemble (the first client's request then pays for the models' first calls)",
     )
     p.set_defaults(func=run_serve)
 

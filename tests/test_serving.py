@@ -520,6 +520,11 @@ def test_pigeon_serve_prints_endpoints_and_stops_on_sigterm(served):
         assert endpoints["http"] == f"127.0.0.1:{ports[0]}"
         with urllib.request.urlopen(f"http://{endpoints['http']}/v2/health/ready", timeout=5) as r:
             assert r.status == 200
+        # announced after its warm-up: exactly one request has gone through the ensemble
+        url = f"http://{endpoints['http']}/v2/models/pigeon/stats"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            stats = json.loads(r.read())["model_stats"][0]
+        assert endpoints["warm_up_s"] > 0 and int(stats["inference_count"]) == 1, stats
         process.send_signal(signal.SIGTERM)
         out, _ = process.communicate(timeout=60)
     finally:

@@ -328,6 +328,18 @@ class ModelRunner:
         return resize_images(out, data.size), notes
 
 
+def generated_images(pipe, requests: list, desc: str, batch: int = 8) -> np.ndarray:
+    """uint8 (N, S, S, 3): the pipeline's images for `requests`, `batch` at a time, with progress
+    and the wall time printed (the results tools' rows)."""
+    from tqdm import tqdm
+
+    began, images = time.perf_counter(), []
+    for i in tqdm(range(0, len(requests), batch), desc=desc):
+        images += [r.image for r in pipe(requests[i : i + batch])]
+    print(desc, f"{time.perf_counter() - began:.0f}s", flush=True)
+    return np.stack(images)
+
+
 def best_of_k(pipe, model, request, ratios: Sequence[float]) -> np.ndarray:
     """One candidate per reference mask ratio (same seed), the one the stage-2 personalization
     scorer (the model's own history-encoder features) ranks highest."""

@@ -90,3 +90,14 @@ def test_overload_tool_refuses_the_excess_and_serves_the_rest(tmp_path):
     assert record["sent"] == record["served"] + record["shed"] > 0
     assert record["shed"] > 0 and record["served"] > 0, res.stdout[-2000:]
     assert res.returncode in (0, 1)  # 1: a latency goal missed, which the record says
+
+
+def test_cold_start_tool_warms_one_server_and_not_the_other(tmp_path):
+    """`python -m benchmarks.cold_start`, CI-sized: two fresh servers, the same requests, one warmed
+    up by `TritonServer.warm_up` first. Its ratios are measured, not asserted here."""
+    res, record = run_tool("cold_start", tmp_path, ["--requests", "3"], 900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    cold, warm = record["no warm-up"], record["warm-up"]
+    assert cold["warm_up_s"] is None and warm["warm_up_s"] > 0
+    assert len(cold["seconds"]) == len(warm["seconds"]) == 3
+    assert cold["first_over_rest"] == cold["first_s"] / cold["median_rest_s"]

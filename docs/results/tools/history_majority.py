@@ -10,10 +10,8 @@ images; with N < 3, every image.
 """
 
 import sys
-import time
 
 import numpy as np
-from tqdm import tqdm
 
 from pigeon.core.images import to_model_input, to_uint8
 from pigeon.core.style_start import recolour
@@ -21,7 +19,7 @@ from pigeon.evaluation.chain import markdown, score_rows
 from pigeon.evaluation.data import load_eval_data
 from pigeon.evaluation.evaluate import Scorer
 from pigeon.evaluation.external import External
-from pigeon.evaluation.methods import evaluation_requests
+from pigeon.evaluation.methods import evaluation_requests, generated_images
 from pigeon.evaluation.metric_nets import MetricNets
 from pigeon.inference.pipeline import PigeonPipeline
 
@@ -77,11 +75,7 @@ candidates = {
     "generated, history majority": MajorityPipeline(config, pipe.prompts.tokenizer, pipe.runner),
 }
 for name, pipeline in candidates.items():
-    began, images = time.time(), []
-    for i in tqdm(range(0, len(requests), 8), desc=name):
-        images += [r.image for r in pipeline(requests[i : i + 8])]
-    rows[name] = np.stack(images)
-    print(name, f"{time.time() - began:.0f}s", flush=True)
+    rows[name] = generated_images(pipeline, requests, name)
 scorer = Scorer(data, MetricNets.load(), enl0=None, external=External())
 scores = score_rows(scorer, scorer.case_set(data.cases), rows)
 print(

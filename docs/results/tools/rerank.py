@@ -5,7 +5,6 @@ user, picked by its own history encoder and condition adapter, on the first USER
 """
 
 import sys
-import time
 
 import numpy as np
 from tqdm import tqdm
@@ -15,7 +14,7 @@ from pigeon.evaluation.chain import markdown, score_rows
 from pigeon.evaluation.data import load_eval_data
 from pigeon.evaluation.evaluate import Scorer
 from pigeon.evaluation.external import External
-from pigeon.evaluation.methods import evaluation_requests
+from pigeon.evaluation.methods import evaluation_requests, generated_images
 from pigeon.evaluation.metric_nets import MetricNets
 from pigeon.inference.pipeline import PigeonPipeline
 
@@ -42,11 +41,7 @@ def embed(images: list[np.ndarray]) -> np.ndarray:
 samples = []  # SAMPLES x (users, H, W, 3)
 for k in range(SAMPLES):
     requests = evaluation_requests(data, data.cases, config, seed=k * SEED_STRIDE)
-    began, images = time.time(), []
-    for i in tqdm(range(0, len(requests), 8), desc=f"seed offset {k * SEED_STRIDE}"):
-        images += [r.image for r in pipe(requests[i : i + 8])]
-    samples.append(np.stack(images))
-    print(f"seed offset {k * SEED_STRIDE}", f"{time.time() - began:.0f}s", flush=True)
+    samples.append(generated_images(pipe, requests, f"seed offset {k * SEED_STRIDE}"))
 
 to_history, to_reference = np.zeros((users, SAMPLES)), np.zeros((users, SAMPLES))
 for u, request in enumerate(tqdm(requests, desc="embeddings")):

@@ -5,16 +5,12 @@ images on the first USERS validation users, one row per guidance:strength pair, 
 """
 
 import sys
-import time
-
-import numpy as np
-from tqdm import tqdm
 
 from pigeon.evaluation.chain import markdown, score_rows
 from pigeon.evaluation.data import load_eval_data
 from pigeon.evaluation.evaluate import Scorer
 from pigeon.evaluation.external import External
-from pigeon.evaluation.methods import evaluation_requests
+from pigeon.evaluation.methods import evaluation_requests, generated_images
 from pigeon.evaluation.metric_nets import MetricNets
 from pigeon.inference.pipeline import PigeonPipeline
 
@@ -28,11 +24,7 @@ for guidance, strength in settings:
         data, data.cases, pipe.config, guidance=guidance, strength=strength
     )
     name = f"generated, guidance {guidance:g}, strength {strength:g}"
-    began, images = time.time(), []
-    for i in tqdm(range(0, len(requests), 8), desc=name):
-        images += [r.image for r in pipe(requests[i : i + 8])]
-    rows[name] = np.stack(images)
-    print(name, f"{time.time() - began:.0f}s", flush=True)
+    rows[name] = generated_images(pipe, requests, name)
 scorer = Scorer(data, MetricNets.load(), enl0=None, external=External())
 scores = score_rows(scorer, scorer.case_set(data.cases), rows)
 print(markdown(scores, f"# sampling settings, {users} validation users"))
