@@ -80,12 +80,16 @@ def test_long_load_run_holds(tmp_path):
     assert record["held"] and record["total"]["sent"] == 3000 and record["total"]["failed"] == 0
 
 
-def test_overload_tool_refuses_the_excess_and_serves_the_rest(tmp_path):
+@pytest.mark.parametrize("max_in_flight", [0, 1])
+def test_overload_tool_refuses_the_excess_and_serves_the_rest(tmp_path, max_in_flight):
     """`python -m benchmarks.overload`, CI-sized: at 4x the measured capacity with one instance and
-    a queue of one per loop model, every request is served or refused at the queue bound (none
-    failed) and some are refused. Its latency goals are measured, not asserted here."""
+    a queue of one per loop model, without and with admission, every request is served or refused
+    (at the queue bound or at admission; none failed) and some are refused. Its latency goals are
+    measured, not asserted here."""
     args = ["--seconds", "6", "--unloaded", "5", "--steps", "8"]
+    args += ["--max-in-flight", str(max_in_flight)]
     res, record = run_tool("overload", tmp_path, args, 900)
+    assert record["serving"]["max_in_flight"] == max_in_flight
     assert record["failed"] == 0, record["failed_reasons"]
     assert record["sent"] == record["served"] + record["shed"] > 0
     assert record["shed"] > 0 and record["served"] > 0, res.stdout[-2000:]
