@@ -454,6 +454,25 @@ def test_serving_config_is_strict():
     assert not config.HasField("dynamic_batching") and config.instance_group[0].count == 2
 
 
+def test_each_network_config_carries_its_own_thread_count_and_no_table():
+    """A network's model runs one session: its config holds that session's resolved thread count
+    (the personalizer its own, the rest ort_threads) and no per-component table, which only the
+    loop models that run several sessions carry."""
+    from pigeon.specs import component_specs
+
+    serving = ServingConfig(ort_threads=2, ort_personalizer_threads=1)
+    configs = repository_configs(preset("tiny"), serving, "cpu")
+
+    def parameters(name: str) -> dict[str, str]:
+        config = text_format.Parse(configs[name], model_config_pb2.ModelConfig())
+        return {k: v.string_value for k, v in config.parameters.items()}
+
+    for name in component_specs(preset("tiny")):
+        assert parameters(name)["ort_threads"] == ("1" if name == "personalizer" else "2"), name
+        assert "ort_component_threads" not in parameters(name), name
+    assert parameters("personalize")["ort_component_threads"] == "personalizer=1"
+
+
 def test_loop_models_queue_requests_with_a_bound_and_keep_the_full_shapes():
     """personalize and denoise: max_batch_size 1 with the queue policy of the serving config, and
     every tensor's shape with its batch dimension is the full shape the ensemble passes

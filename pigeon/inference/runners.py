@@ -149,6 +149,11 @@ class OrtOptions:
         threads = dict(self.component_threads).get(name)
         return self if threads is None else replace(self, intra_op_threads=threads)
 
+    def of_component(self, name: str) -> OrtOptions:
+        """The settings of `name`'s session alone: its thread count resolved, no per-component
+        table left (what a model serving that one network is configured with)."""
+        return replace(self.for_component(name), component_threads=())
+
     @classmethod
     def from_serving(cls, serving: Any) -> OrtOptions:
         """The settings a `ServingConfig` asks for (its `ort_*` fields)."""
@@ -168,15 +173,19 @@ class OrtOptions:
         )
 
     def to_parameters(self) -> dict[str, str]:
-        """The session settings as Triton model parameters (config.pbtxt string values)."""
-        return {
+        """The session settings as Triton model parameters (config.pbtxt string values); the
+        per-component table only where there is one."""
+        parameters = {
             "ort_threads": str(self.intra_op_threads),
             "ort_inter_op_threads": str(self.inter_op_threads),
             "ort_graph_optimization": self.graph_optimization,
             "ort_execution_mode": self.execution_mode,
             "ort_allow_spinning": "true" if self.allow_spinning else "false",
-            "ort_component_threads": ",".join(f"{n}={t}" for n, t in self.component_threads),
         }
+        if self.component_threads:
+            table = ",".join(f"{n}={t}" for n, t in self.component_threads)
+            parameters["ort_component_threads"] = table
+        return parameters
 
     @classmethod
     def from_parameters(cls, parameters: dict) -> OrtOptions:

@@ -268,7 +268,7 @@ def component_config(spec: ComponentSpec, serving: ServingConfig, target: str) -
         text += "response_cache { enable: true }\n"
     if target == "cpu":
         text += _parameters(
-            OrtOptions.from_serving(serving).for_component(spec.name).to_parameters()
+            OrtOptions.from_serving(serving).of_component(spec.name).to_parameters()
         )
     return text
 
