@@ -37,8 +37,9 @@ class ServerBusy(RuntimeError):
 
 
 def slots_path(repository: Path) -> Path:
-    """The slot file shared by every model of one model repository (one per served repository, so
-    two servers on one machine do not count each other's requests)."""
+    """The slot file shared by every model of one model repository: servers of different
+    repositories on one machine do not count each other's requests, two servers of the same
+    repository share one limit."""
     key = hashlib.sha256(str(Path(repository).resolve()).encode()).hexdigest()[:16]
     return Path(tempfile.gettempdir()) / f"pigeon-in-flight-{key}"
 
