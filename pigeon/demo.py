@@ -258,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         from pigeon.serving.server import TritonServer
 
         with TritonServer(repository) as server:
-            done(t, f"grpc {server.grpc_url}")
+            # as `pigeon serve` does: the report's first user is not the cold request
+            warm_up_s = server.warm_up()
+            done(t, f"grpc {server.grpc_url}, warmed up in {warm_up_s:.1f} s")
             current = "generate"
             t = step(5, "generate", f"{args.users} test users through the gRPC client")
             rows = generate(server, data, args.users)
