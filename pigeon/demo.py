@@ -111,13 +111,20 @@ def obtain_model(run: Path, data: Path, train_tiny: bool) -> tuple[Path, str, di
 def publish(checkpoint: Path, repository: Path) -> Path:
     """Version 1 of the repository, re-exported only when it was built from another checkpoint."""
     from pigeon.checkpoint import load_checkpoint
+    from pigeon.config import ServingConfig
     from pigeon.export.publish import export_all
+    from pigeon.serving.repository import write_configs
 
     manifest = repository / "cpu" / "unet" / "1" / "manifest.json"
-    digest = load_checkpoint(checkpoint).digest
-    if not manifest.exists() or json.loads(manifest.read_text())["checkpoint_sha256"] != digest:
+    ckpt = load_checkpoint(checkpoint)
+    if (
+        not manifest.exists()
+        or json.loads(manifest.read_text())["checkpoint_sha256"] != ckpt.digest
+    ):
         shutil.rmtree(repository, ignore_errors=True)
         export_all(checkpoint, repository, 1)
+    # a reused repository takes this Pigeon's configs: an older one's may lack a tensor it wires
+    write_configs(repository / "cpu", ckpt.config, ServingConfig(), "cpu")
     return repository / "cpu"
 
 

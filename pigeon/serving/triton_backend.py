@@ -203,8 +203,11 @@ class _Model:
         }
 
     def release_slot(self, request: Any) -> None:
-        """Give back the request's admission slot (none: token 0)."""
-        self.in_flight.release(int(self.get(request, "in_flight_token").reshape(-1)[0]))
+        """Give back the request's admission slot (none: token 0, or no such input in a config
+        generated before admission existed)."""
+        token = self.get(request, "in_flight_token")
+        if token is not None:
+            self.in_flight.release(int(token.reshape(-1)[0]))
 
     def finalize(self) -> None:
         pass

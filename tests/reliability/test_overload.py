@@ -103,3 +103,32 @@ def test_past_max_in_flight_the_server_refuses_at_once_and_gets_its_slot_back(ad
     with pytest.raises(ClientError, match="timeout_ms=300 passed"):
         generate(admitting, protocol, steps=400, timeout_ms=300)
     assert outcome(admitting, protocol, seed=99)[0] == "served"
+
+
+def without_admission_tensor(text: str) -> str:
+    """A config.pbtxt as Pigeon wrote it before admission existed: no `in_flight_token` anywhere."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = text_format.Parse(text, model_config_pb2.ModelConfig())
+    for tensors in (config.input, config.output):
+        kept = [t for t in tensors if t.name != "in_flight_token"]
+        del tensors[:]
+        tensors.extend(kept)
+    for step in config.ensemble_scheduling.step:
+        step.input_map.pop("in_flight_token", None)
+        step.output_map.pop("in_flight_token", None)
+    return text_format.MessageToString(config)
+
+
+def test_a_repository_configured_before_admission_still_serves(tmp_path, checkpoint_dir, artifacts):
+    """Configs written by an older Pigeon (no admission tensor) with this Pigeon's models: served,
+    without admission, rather than every request failing on the missing input."""
+    repo = make_repository(tmp_path, checkpoint_dir, artifacts)
+    for name in ("pigeon", "preprocess", "personalize", "denoise"):
+        path = repo / name / "config.pbtxt"
+        old = without_admission_tensor(path.read_text())
+        assert "in_flight_token" not in old
+        path.write_text(old)
+    with TritonServer(repo, startup_timeout_s=STARTUP_S) as server:
+        assert outcome(server, "grpc", seed=0)[0] == "served"
