@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--requests={args.requests}: the first and at least two more")
 
     from benchmarks.common import append_jsonl, checkpoint_and_artifacts, environment, timestamp
-    from benchmarks.load import make_requests
+    from benchmarks.load import new_user_requests
     from benchmarks.serving import build_repository
     from pigeon.checkpoint import load_config
     from pigeon.config import ServingConfig
@@ -57,12 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint, artifacts = checkpoint_and_artifacts(args.checkpoint, args.preset, workdir)
     repo = build_repository(checkpoint, artifacts, workdir / "repo", "default", ServingConfig())
     config = load_config(checkpoint)
-    requests = make_requests(
-        args.requests, config.image_size, config.personalizer.max_history, seed=11,
-        returning_fraction=0.0, invalid_fraction=0.0,
-    )  # fmt: skip
-    for r in requests:  # the checkpoint's own sampling settings
-        r.params = {"seed": r.params["seed"]}
+    requests = new_user_requests(
+        args.requests, config.image_size, config.personalizer.max_history, seed=11
+    )
     record = {"benchmark": "cold_start", "time": timestamp(), "env": environment()}
     record.update(checkpoint=str(checkpoint), requests=args.requests)
     for mode in ("no warm-up", "warm-up"):

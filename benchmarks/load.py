@@ -182,6 +182,19 @@ def make_requests(
     return out
 
 
+def new_user_requests(
+    n: int, size: int, max_history: int, seed: int, steps: int | None = None
+) -> list[Request]:
+    """`n` valid requests of new users, each with its own seed and the checkpoint's sampling
+    settings (`steps` alone overridden where given)."""
+    requests = make_requests(
+        n, size, max_history, seed, returning_fraction=0.0, invalid_fraction=0.0
+    )
+    for r in requests:
+        r.params = {"seed": r.params["seed"], **({"steps": steps} if steps else {})}
+    return requests
+
+
 def _send(client, request: Request):
     """-> ServedResult; raises ClientError."""
     from tritonclient.utils import InferenceServerException

@@ -109,20 +109,14 @@ def run_overload(
     log=print,
 ) -> dict:
     from benchmarks.common import percentiles
-    from benchmarks.load import make_requests
-    from pigeon.checkpoint import load_config
+    from benchmarks.load import new_user_requests
     from pigeon.serving.client import PigeonClient
 
-    config = load_config(next(server.repository.glob("preprocess/*/pipeline")))
+    config = server.served_config()
     size, max_history = config.image_size, config.personalizer.max_history
 
-    def fresh(n: int, seed: int) -> list:  # new users only, every one valid
-        reqs = make_requests(
-            n, size, max_history, seed, returning_fraction=0.0, invalid_fraction=0.0
-        )
-        for r in reqs:
-            r.params = {"seed": r.params["seed"], **({"steps": steps} if steps else {})}
-        return reqs
+    def fresh(n: int, seed: int) -> list:
+        return new_user_requests(n, size, max_history, seed, steps)
 
     url = server.grpc_url
     with PigeonClient(url, "grpc", timeout_s=120) as client:  # warm-up: lazy allocations

@@ -123,8 +123,8 @@ def publish(checkpoint: Path, repository: Path) -> Path:
     ):
         shutil.rmtree(repository, ignore_errors=True)
         export_all(checkpoint, repository, 1)
-    # a reused repository takes this Pigeon's configs: an older one's may lack a tensor it wires
-    write_configs(repository / "cpu", ckpt.config, ServingConfig(), "cpu")
+    else:  # reused: it takes this Pigeon's configs (an older one's may lack a tensor it wires)
+        write_configs(repository / "cpu", ckpt.config, ServingConfig(), "cpu")
     return repository / "cpu"
 
 

@@ -340,6 +340,23 @@ def generated_images(pipe, requests: list, desc: str, batch: int = 8) -> np.ndar
     return np.stack(images)
 
 
+def pooled_condition(pipe, images: list[np.ndarray] | np.ndarray) -> np.ndarray:
+    """(N, D) unit pooled condition embeddings of uint8 images: the pipeline's own history encoder
+    and condition adapter, the route a user's history takes to the UNet (the results tools' picks,
+    never the evaluation's nets)."""
+    from pigeon.inference.pipeline import to_model_input
+
+    size = pipe.config.history_encoder.image_size
+    encoded = pipe.runner.run(
+        "history_encoder", {"images": np.stack([to_model_input(i, size) for i in images])}
+    )
+    pooled = pipe.runner.run(
+        "condition_adapter",
+        {"token_ids": encoded["token_ids"], "token_keep": encoded["token_keep"]},
+    )["pooled_embeds"].astype(np.float64)
+    return pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+
+
 def best_of_k(pipe, model, request, ratios: Sequence[float]) -> np.ndarray:
     """One candidate per reference mask ratio (same seed), the one the stage-2 personalization
     scorer (the model's own history-encoder features) ranks highest."""

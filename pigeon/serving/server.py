@@ -43,6 +43,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from http.client import HTTPException
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -291,28 +292,33 @@ class TritonServer:
         self.stop(drain=False)
         raise ServerError(f"tritonserver not ready after {self.startup_timeout_s:.0f}s:\n{tail}")
 
+    def served_config(self) -> Any:
+        """The pipeline config of the checkpoint the repository serves (preprocess's copy)."""
+        from pigeon.checkpoint import load_config
+
+        return load_config(next(self.repository.glob("preprocess/*/pipeline")))
+
     def warm_up(self, requests: int = 1) -> float:
         """Send `requests` small synthetic generations through the `pigeon` ensemble and wait for
         them; returns the seconds taken. The first request after a start pays for every Python
-        model's first calls (BLS connections, lazy imports, first allocations): 0.4-0.5 s more
-        than the next ones on `checkpoints/small` here (benchmarks/README.md, "Warm-up"). Triton's
+        model's first calls (BLS connections, lazy imports, first allocations): 1.4-1.8 times the
+        next ones on `checkpoints/small` here (benchmarks/README.md, "Warm-up"). Triton's
         `model_warmup` cannot take it over: an ensemble may not declare one, and BLS does not run
         in a Python model's `initialize`."""
         import numpy as np
 
-        from pigeon.checkpoint import load_config
         from pigeon.core.images import encode_png
         from pigeon.serving.client import PigeonClient
 
-        # a full history, as most users send: the history's networks run at its shapes
-        config = load_config(next(self.repository.glob("preprocess/*/pipeline")))
+        config = self.served_config()
         image = np.full((config.image_size,) * 2 + (3,), 255, np.uint8)
         image[config.image_size // 4 : -config.image_size // 4, config.image_size // 4 :] = 200
         png = encode_png(image)  # a grey block on white: any valid request does
+        # a full history, as most users send: the history's networks run at its shapes
+        history = [png] * config.personalizer.max_history
         start = time.perf_counter()
         with PigeonClient(self.grpc_url, "grpc", timeout_s=self.startup_timeout_s) as client:
             for seed in range(requests):
-                history = [png] * config.personalizer.max_history
                 client.generate(history, png, "warm-up", seed=seed)
         return time.perf_counter() - start
 

@@ -19,7 +19,7 @@ from pigeon.evaluation.chain import markdown, score_rows
 from pigeon.evaluation.data import load_eval_data
 from pigeon.evaluation.evaluate import Scorer
 from pigeon.evaluation.external import External
-from pigeon.evaluation.methods import evaluation_requests, generated_images
+from pigeon.evaluation.methods import evaluation_requests, generated_images, pooled_condition
 from pigeon.evaluation.metric_nets import MetricNets
 from pigeon.inference.pipeline import PigeonPipeline
 
@@ -31,15 +31,7 @@ requests = evaluation_requests(data, data.cases, config)
 
 
 def majority(history: list[np.ndarray]) -> list[np.ndarray]:
-    size = config.history_encoder.image_size
-    encoded = pipe.runner.run(
-        "history_encoder", {"images": np.stack([to_model_input(h, size) for h in history])}
-    )
-    pooled = pipe.runner.run(
-        "condition_adapter",
-        {"token_ids": encoded["token_ids"], "token_keep": encoded["token_keep"]},
-    )["pooled_embeds"].astype(np.float64)
-    pooled /= np.linalg.norm(pooled, axis=1, keepdims=True)
+    pooled = pooled_condition(pipe, history)  # (N, D), unit rows
     n = len(history)
     if n < 3:
         return list(history)

@@ -9,12 +9,11 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from pigeon.core.images import to_model_input
 from pigeon.evaluation.chain import markdown, score_rows
 from pigeon.evaluation.data import load_eval_data
 from pigeon.evaluation.evaluate import Scorer
 from pigeon.evaluation.external import External
-from pigeon.evaluation.methods import evaluation_requests, generated_images
+from pigeon.evaluation.methods import evaluation_requests, generated_images, pooled_condition
 from pigeon.evaluation.metric_nets import MetricNets
 from pigeon.inference.pipeline import PigeonPipeline
 
@@ -25,19 +24,6 @@ pipe = PigeonPipeline.from_checkpoint("checkpoints/small")
 config = pipe.config
 
 
-def embed(images: list[np.ndarray]) -> np.ndarray:
-    """(N, D) L2-normalised pooled condition embeddings of uint8 images."""
-    size = config.history_encoder.image_size
-    encoded = pipe.runner.run(
-        "history_encoder", {"images": np.stack([to_model_input(i, size) for i in images])}
-    )
-    pooled = pipe.runner.run(
-        "condition_adapter",
-        {"token_ids": encoded["token_ids"], "token_keep": encoded["token_keep"]},
-    )["pooled_embeds"].astype(np.float64)
-    return pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
-
-
 samples = []  # SAMPLES x (users, H, W, 3)
 for k in range(SAMPLES):
     requests = evaluation_requests(data, data.cases, config, seed=k * SEED_STRIDE)
@@ -45,9 +31,9 @@ for k in range(SAMPLES):
 
 to_history, to_reference = np.zeros((users, SAMPLES)), np.zeros((users, SAMPLES))
 for u, request in enumerate(tqdm(requests, desc="embeddings")):
-    candidates = embed([s[u] for s in samples])  # (SAMPLES, D)
-    history = embed(list(request.history))  # (N, D)
-    reference = embed([request.reference])[0]  # (D,)
+    candidates = pooled_condition(pipe, [s[u] for s in samples])  # (SAMPLES, D)
+    history = pooled_condition(pipe, list(request.history))  # (N, D)
+    reference = pooled_condition(pipe, [request.reference])[0]  # (D,)
     to_history[u] = (candidates @ history.T).mean(1)
     to_reference[u] = candidates @ reference
 
