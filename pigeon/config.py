@@ -213,6 +213,28 @@ class VAEConfig:
     latent_channels: int = 4
     norm_num_groups: int = 8
     scaling_factor: float = 1.0
+    # GroupNorm groups of the decoder alone (0 = norm_num_groups). A group of one channel is an
+    # instance norm, which subtracts each image's own mean from every feature map: the decoder's
+    # last norm, right before its output convolution, then leaves the absolute colour of a
+    # flat-colour sticker to be guessed (the `small` VAE turned yellow faces orange and green frogs
+    # brown). Groups of 4 channels or more, as SD's VAE has, keep it. The parameters do not change
+    # shape, so a decoder can be retrained with new groups on the frozen encoder's latents.
+    decoder_norm_num_groups: int = field(default=0, metadata={"added_after_format": 1})
+
+    def __post_init__(self) -> None:
+        for name, groups in (
+            ("norm_num_groups", self.norm_num_groups),
+            ("decoder_norm_num_groups", self.decoder_groups),
+        ):
+            bad = [ch for ch in self.block_out_channels if groups < 1 or ch % groups]
+            if bad:
+                raise ConfigError(
+                    f"vae.{name}={groups} does not divide vae.block_out_channels={list(bad)}"
+                )
+
+    @property
+    def decoder_groups(self) -> int:
+        return self.decoder_norm_num_groups or self.norm_num_groups
 
     @property
     def downsample(self) -> int:
@@ -458,7 +480,9 @@ def _small() -> PipelineConfig:
             addition_time_embed_dim=16,
             norm_num_groups=32,
         ),
-        vae=VAEConfig(block_out_channels=(32, 64, 128), latent_channels=4, norm_num_groups=32),
+        # groups of 4+ channels, as SD's VAE: 32 groups over the 32-channel blocks were instance
+        # norms, which lose a flat region's colour (docs/RESULTS.md §15)
+        vae=VAEConfig(block_out_channels=(32, 64, 128), latent_channels=4, norm_num_groups=8),
         scheduler=SchedulerConfig(num_inference_steps=25, guidance_scale=7.0),
     )
 

@@ -209,6 +209,7 @@ def vae_config(folder: Path, config: PipelineConfig) -> PipelineConfig:
         layers_per_block=int(c["layers_per_block"]),
         latent_channels=int(c["latent_channels"]),
         norm_num_groups=int(c["norm_num_groups"]),
+        decoder_norm_num_groups=0,  # diffusers' decoder has the encoder's groups
         scaling_factor=float(c.get("scaling_factor", 1.0)),
     )
     if vae.latent_channels != config.vae.latent_channels:
@@ -448,6 +449,13 @@ def export_diffusers(checkpoint: str | Path, out: str | Path) -> dict:
 def _write_diffusers(ckpt, out: Path) -> None:
     from safetensors.torch import save_file
 
+    v = ckpt.config.vae
+    if v.decoder_groups != v.norm_num_groups:
+        raise InteropError(
+            f"vae.decoder_norm_num_groups={v.decoder_norm_num_groups} differs from "
+            f"vae.norm_num_groups={v.norm_num_groups}: a diffusers AutoencoderKL has one group "
+            "count for encoder and decoder, so its folder would load another decoder"
+        )
     unet = ckpt.model.unet
     sketch = unet._modules.pop("condition_sketch", None)  # a Pigeon module, not a diffusers one
     try:

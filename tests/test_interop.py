@@ -283,6 +283,23 @@ def test_pigeon_unet_channels_travel_with_the_export(tmp_path):
         export_diffusers(tmp_path / "ckpt", tmp_path / "out")
 
 
+def test_a_decoder_with_its_own_norm_groups_is_not_exported_as_diffusers(tmp_path):
+    """diffusers' AutoencoderKL has one group count: a folder written from a regrouped decoder
+    would load a different decoder, so the export refuses and leaves no folder behind."""
+    from pigeon.checkpoint import save_checkpoint
+    from pigeon.config import apply_overrides
+    from pigeon.models.pigeon import PigeonModel
+    from pigeon.vocab import DEFAULT_CORPUS, TextTokenizer, train_text_tokenizer
+
+    config = apply_overrides(preset("tiny"), ["vae.decoder_norm_num_groups=4"])
+    size = config.personalizer.text_vocab_size
+    tokenizer = TextTokenizer(train_text_tokenizer(DEFAULT_CORPUS, size), size)
+    save_checkpoint(PigeonModel(config), tokenizer, tmp_path / "ckpt")
+    with pytest.raises(InteropError, match="vae.decoder_norm_num_groups=4 differs"):
+        export_diffusers(tmp_path / "ckpt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_what_does_not_fit_is_named(folders, tmp_path):
     import shutil
 

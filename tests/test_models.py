@@ -202,3 +202,49 @@ def test_condition_sketch_is_a_linear_map_of_the_condition(tiny_model, tiny_conf
     torch.testing.assert_close(x[:, c:], expected)
     zero = unet_input(tiny_model.unet, tiny_config, latents, embeds * 0, None)[:, c:]
     torch.testing.assert_close(zero, sketch.proj.bias.view(1, c, h, h).expand(3, -1, -1, -1))
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "base"])
+def test_vae_decoder_norms_have_the_configured_groups(name):
+    """Each decoder GroupNorm has `vae.decoder_groups` groups, each encoder one `norm_num_groups`;
+    the parameters keep their names and shapes, so a decoder regrouped by `--set` loads the
+    weights it was trained with; every preset's groups hold 4 channels or more."""
+    from pigeon.config import apply_overrides
+    from pigeon.models.vae import build_vae
+
+    config = preset(name)
+    with torch.device("meta"):
+        plain = build_vae(config)
+        regrouped = build_vae(apply_overrides(config, ["vae.decoder_norm_num_groups=4"]))
+    for vae, decoder_groups in ((plain, config.vae.decoder_groups), (regrouped, 4)):
+        for part, groups in (("encoder", config.vae.norm_num_groups), ("decoder", decoder_groups)):
+            norms = [m for m in getattr(vae, part).modules() if isinstance(m, torch.nn.GroupNorm)]
+            assert norms and {m.num_groups for m in norms} == {groups}
+    shapes = {k: v.shape for k, v in plain.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in regrouped.state_dict().items()}
+    # no preset's VAE normalises a channel alone (the next test says why)
+    norms = [m for m in plain.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert min(m.num_channels // m.num_groups for m in norms) >= 4
+
+
+def test_a_decoder_norm_of_one_channel_per_group_loses_the_images_colour():
+    """Why `decoder_norm_num_groups` exists: with a group per channel the decoder's last norm maps a
+    feature map and the same map shifted by a constant (a flat region's colour) to one output; with
+    groups of 4 channels a shift of one channel survives. Checked on the regrouped module itself."""
+    from pigeon.config import ConfigError, VAEConfig, apply_overrides
+    from pigeon.models.vae import build_vae
+
+    config = preset("small")
+    channels = config.vae.block_out_channels[0]  # 32 groups: the committed checkpoint's decoder
+    instance = build_vae(apply_overrides(config, [f"vae.decoder_norm_num_groups={channels}"]))
+    grouped = build_vae(apply_overrides(config, ["vae.decoder_norm_num_groups=8"]))
+    x = torch.randn(2, channels, 8, 8)
+    shifted = x.clone()
+    shifted[:, 0] += 3.0  # one channel brighter everywhere
+    with torch.no_grad():
+        same = instance.decoder.conv_norm_out(x), instance.decoder.conv_norm_out(shifted)
+        moved = grouped.decoder.conv_norm_out(x), grouped.decoder.conv_norm_out(shifted)
+    torch.testing.assert_close(*same, atol=1e-5, rtol=1e-5)
+    assert (moved[0] - moved[1]).abs().max() > 0.1
+    with pytest.raises(ConfigError, match="decoder_norm_num_groups=3 does not divide"):
+        VAEConfig(block_out_channels=(32, 64), decoder_norm_num_groups=3)
