@@ -214,11 +214,12 @@ class VAEConfig:
     norm_num_groups: int = 8
     scaling_factor: float = 1.0
     # GroupNorm groups of the decoder alone (0 = norm_num_groups). A group of one channel is an
-    # instance norm, which subtracts each image's own mean from every feature map: the decoder's
-    # last norm, right before its output convolution, then leaves the absolute colour of a
-    # flat-colour sticker to be guessed (the `small` VAE turned yellow faces orange and green frogs
-    # brown). Groups of 4 channels or more, as SD's VAE has, keep it. The parameters do not change
-    # shape, so a decoder can be retrained with new groups on the frozen encoder's latents.
+    # instance norm, which removes every feature map's own mean and spread over the image: the
+    # decoder's last norm, right before its output convolution, then leaves the colour of a
+    # flat-colour sticker to be guessed (the committed `small` checkpoint's VAE turned yellow faces
+    # orange and green frogs brown). Groups of 4 channels or more, as SD's VAE has, keep the ratios
+    # between a group's channels. The parameters do not change shape, so a decoder can be retrained
+    # with new groups on the frozen encoder's latents.
     decoder_norm_num_groups: int = field(default=0, metadata={"added_after_format": 1})
 
     def __post_init__(self) -> None:
