@@ -183,12 +183,8 @@ class UNetConfig:
                 f"unet.transformer_layers_per_block={list(layers)} must give one count >= 1 per "
                 f"block of block_out_channels={list(self.block_out_channels)} (or be empty)"
             )
+        _check_groups("unet", "norm_num_groups", self.block_out_channels, self.norm_num_groups)
         for ch in self.block_out_channels:
-            if ch % self.norm_num_groups:
-                raise ConfigError(
-                    f"unet.block_out_channels has {ch}, not a multiple of "
-                    f"norm_num_groups={self.norm_num_groups}"
-                )
             if self.attention_head_layout == "width" and ch % self.attention_head_dim:
                 raise ConfigError(
                     f"unet.block_out_channels has {ch}, not a multiple of "
@@ -223,15 +219,10 @@ class VAEConfig:
     decoder_norm_num_groups: int = field(default=0, metadata={"added_after_format": 1})
 
     def __post_init__(self) -> None:
-        for name, groups in (
-            ("norm_num_groups", self.norm_num_groups),
-            ("decoder_norm_num_groups", self.decoder_groups),
-        ):
-            bad = [ch for ch in self.block_out_channels if groups < 1 or ch % groups]
-            if bad:
-                raise ConfigError(
-                    f"vae.{name}={groups} does not divide vae.block_out_channels={list(bad)}"
-                )
+        _check_groups("vae", "norm_num_groups", self.block_out_channels, self.norm_num_groups)
+        _check_groups(
+            "vae", "decoder_norm_num_groups", self.block_out_channels, self.decoder_groups
+        )
 
     @property
     def decoder_groups(self) -> int:
@@ -434,6 +425,15 @@ class ServingConfig:
 def _check_heads(name: str, width: int, heads: int) -> None:
     if heads < 1 or width % heads:
         raise ConfigError(f"{name}: width {width} is not divisible by num_heads={heads}")
+
+
+def _check_groups(component: str, name: str, channels: tuple[int, ...], groups: int) -> None:
+    bad = [ch for ch in channels if groups < 1 or ch % groups]
+    if bad:
+        raise ConfigError(
+            f"{component}.{name}={groups} does not divide {component}.block_out_channels "
+            f"entries {bad}"
+        )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -108,3 +108,7 @@ def test_cross_field_checks_name_the_values():
         cfg.HistoryEncoderConfig(image_size=33)
     with pytest.raises(cfg.ConfigError, match="history_mask_ratio=1.5"):
         cfg.MaskGeneratorConfig(history_mask_ratio=1.5)
+    with pytest.raises(cfg.ConfigError, match=r"unet.norm_num_groups=0 does not divide"):
+        cfg.UNetConfig(norm_num_groups=0)
+    with pytest.raises(cfg.ConfigError, match=r"vae.norm_num_groups=5 .* entries \[32, 64\]"):
+        cfg.VAEConfig(norm_num_groups=5)
