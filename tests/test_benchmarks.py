@@ -86,6 +86,30 @@ def test_components_and_pipeline_benchmarks_run(tmp_path):
     assert [r["backend"] for r in rows] == ["pytorch", "onnxruntime"]
 
 
+def test_train_step_benchmark_warms_one_entry_per_distinct_image(tmp_path):
+    """benchmarks.train_step on the tiny preset: an arm per cache state, and the warm cache holds
+    the latents of exactly the distinct images of the batches it cycled (counted here from the same
+    batches)."""
+    import dataclasses
+
+    from pigeon.config import preset
+    from pigeon.training.data import load_data
+    from pigeon.training.loop import Dist, make_batch, recipe
+
+    run(
+        "benchmarks.train_step",
+        *("--stage", "image", "--preset", "tiny", "--data", "procedural"),
+        *("--batches", "3", "--runs", "1", "--out", str(tmp_path / "t.jsonl")),
+    )
+    rows = [json.loads(x) for x in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert [r["arm"] for r in rows] == ["off", "warm", "fill"]
+    config = dataclasses.replace(recipe("tiny")["image"], style_weight=1.0)
+    data = load_data("procedural", preset("tiny").image_size)
+    images = [make_batch(data, config, k, Dist(), "cpu")["images"] for k in range(3)]
+    distinct = {row.numpy().tobytes() for batch in images for row in batch}
+    assert rows[1]["cache"]["images"] == len(distinct) == rows[1]["cache"]["encoded"]
+
+
 def test_gpu_check_dry_runs_on_the_cpu(tmp_path):
     """The GPU script's CPU path (what a lent GPU runs, minus CUDA): every phase that can run here
     is ok, the GPU-only ones say why they were skipped, and the device image is the CPU image."""

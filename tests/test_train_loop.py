@@ -17,6 +17,7 @@ from pigeon.config import preset
 from pigeon.core.masking import num_kept
 from pigeon.core.prompt import PromptBuilder
 from pigeon.training import objectives as O
+from pigeon.training.frozen import image_latents
 from pigeon.training.loop import train_all, train_stage
 from pigeon.training.stages import STAGE_NAMES, set_trainable, stage_parameters
 
@@ -465,7 +466,7 @@ def test_vae_stage_sets_the_latent_scale_to_one_over_the_latents_std(tmp_path):
     assert ckpt.model.vae.config.scaling_factor == ckpt.config.vae.scaling_factor
     # the stages after it see unit-variance latents
     with torch.no_grad():
-        latents = O.image_latents(ckpt.model, to_tensor(np.concatenate(draws)))
+        latents = image_latents(ckpt.model, to_tensor(np.concatenate(draws)))
     assert float(latents.std()) == pytest.approx(1.0, rel=1e-3)
 
 

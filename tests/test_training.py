@@ -16,6 +16,7 @@ from pigeon.diffusion.scheduler import alphas_cumprod
 from pigeon.models.unet import ConditionSketch
 from pigeon.training import losses
 from pigeon.training import objectives as O
+from pigeon.training.frozen import FrozenEncodings, frozen_tokens, image_latents
 from pigeon.training.stages import STAGE_NAMES, set_trainable, stage_parameters
 
 from .conftest import make_model
@@ -103,6 +104,37 @@ def run_stage(model, tokenizer, stage):
     )
 
 
+def test_frozen_encodings_are_the_encoders_outputs_computed_once_per_image(setup):
+    """The cache against the encoders themselves: each image's latents and tokens as the image
+    encoded alone gives them, and as the whole batch gives them to float precision; an image drawn
+    again (here in another batch order) is looked up, not encoded; past the memory budget the
+    answers stay right and nothing is kept; the tokenizer's training mode is left as it was."""
+    config, _ = setup
+    model = make_model(config).train()
+    g = torch.Generator().manual_seed(5)
+    unique = torch.rand(3, 3, 32, 32, generator=g)
+    images = torch.cat([unique, unique[:1]])  # the first image twice
+    cache = FrozenEncodings(budget_mib=16)
+    latents = cache.latents(model, images)
+    ids, keep = cache.tokens(model, images)
+    assert cache.encoded == 2 * 3  # three distinct images, latents and tokens
+    assert model.history_encoder.training
+    with torch.no_grad():
+        torch.testing.assert_close(latents, image_latents(model, images), atol=1e-5, rtol=1e-5)
+        for i in range(len(images)):
+            assert torch.equal(latents[i : i + 1], image_latents(model, images[i : i + 1]))
+    batch_ids, batch_keep = frozen_tokens(model, images)
+    assert torch.equal(ids, batch_ids) and torch.equal(keep, batch_keep)
+    order = torch.tensor([2, 0, 1, 3])
+    assert torch.equal(cache.latents(model, images[order]), latents[order])
+    assert torch.equal(cache.tokens(model, images[order])[0], ids[order])
+    assert cache.encoded == 6 and cache.summary()["images"] == 6
+    full = FrozenEncodings(budget_mib=1e-6)  # one byte: every entry is over it
+    assert torch.equal(full.latents(model, images), latents)
+    assert torch.equal(full.latents(model, images), latents)
+    assert full.encoded == 2 * 4 and full.summary()["images"] == 0
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_min_snr_loss_weighs_each_sample_by_its_clipped_snr(setup, prediction_type):
     """denoising_loss under Min-SNR-gamma against the formula written out per sample: the UNet's
@@ -116,7 +148,7 @@ def test_min_snr_loss_weighs_each_sample_by_its_clipped_snr(setup, prediction_ty
     model = make_model(config).eval()
     g = torch.Generator().manual_seed(11)
     images = torch.rand(3, 3, 32, 32, generator=g)
-    latents = O.image_latents(model, images)
+    latents = image_latents(model, images)
     noise = torch.randn(latents.shape, generator=g)
     t = torch.tensor([5, 300, 950])  # SNR far above, near and far below gamma
     ac = torch.from_numpy(alphas_cumprod(model.config.scheduler)).float()
@@ -154,7 +186,7 @@ def test_timesteps_stay_below_the_fraction_and_the_loss_is_built_from_them(setup
     ac = torch.from_numpy(alphas_cumprod(model.config.scheduler)).float()
     top = math.ceil(0.3 * len(ac))
     with torch.no_grad():
-        latents = O.image_latents(model, images)
+        latents = image_latents(model, images)
         embeds, pooled = O.serving_condition(model, images)
         torch.manual_seed(2)
         got = O.sampled_denoising_loss(
@@ -237,12 +269,12 @@ def test_decoder_tokens_come_from_the_history_for_their_share(setup, share):
     prompt_embeds, pooled = O.serving_condition(model, history if share == 1.0 else targets)
     expected = O.sampled_denoising_loss(
         model,
-        O.image_latents(model, targets),
+        image_latents(model, targets),
         ac,
         prompt_embeds,
         pooled,
         0.1,
-        O.image_latents(model, references),
+        image_latents(model, references),
     )
     torch.testing.assert_close(got, expected)
     # and the other source's tokens give another loss: the test can tell them apart
@@ -565,7 +597,7 @@ def test_reconstruction_term_adds_the_probe_mse_to_the_image_loss(setup):
     with torch.no_grad():
         tok = model.history_encoder.tokenize(O.encoder_input(model, images))
         prompt_embeds, _, _ = model.condition_adapter(tok.quantized, tok.token_keep)
-        latents = O.image_latents(model, images)
+        latents = image_latents(model, images)
         expected = F.mse_loss(probe(prompt_embeds), latents)
     assert probe(prompt_embeds).shape == latents.shape
     torch.testing.assert_close(with_probe - plain, 2.0 * expected, rtol=1e-4, atol=1e-6)
@@ -586,7 +618,7 @@ def test_the_condition_sketch_is_the_probe_of_a_sketching_unet(setup):
         tok = model.history_encoder.tokenize(O.encoder_input(model, images))
         prompt_embeds, _, _ = model.condition_adapter(tok.quantized, tok.token_keep)
         expected = F.mse_loss(
-            model.unet.condition_sketch(prompt_embeds), O.image_latents(model, images)
+            model.unet.condition_sketch(prompt_embeds), image_latents(model, images)
         )
     torch.testing.assert_close(weighted - plain, 3.0 * expected, rtol=1e-4, atol=1e-6)
 

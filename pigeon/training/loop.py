@@ -46,6 +46,7 @@ from pigeon.models.unet import ConditionSketch
 from pigeon.training import objectives as O
 from pigeon.training.curves import plot_curves
 from pigeon.training.data import User, load_data
+from pigeon.training.frozen import FrozenEncodings, image_latents
 from pigeon.training.stages import STAGE_NAMES, STYLE_STAGES, set_trainable, stage_spec
 from pigeon.vocab import DEFAULT_CORPUS, TextTokenizer, train_text_tokenizer
 
@@ -142,6 +143,10 @@ class TrainConfig:
     # stay float32); validation always runs in float32. "auto": bf16 where the device computes it
     # natively (`resolve_precision`), else fp32
     precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    # image and decoder stages: memory for what the frozen encoders make of each image drawn (the
+    # VAE's latents; in the decoder stage the tokenizer's codes too), computed once per image
+    # (pigeon.training.frozen); 0 = encode every batch afresh
+    frozen_cache_mib: float = 1024.0
 
     def __post_init__(self) -> None:
         if self.sft_base and self.lora_only:
@@ -171,6 +176,8 @@ class TrainConfig:
             raise ConfigError(
                 f"train.history_token_share={self.history_token_share} is outside [0, 1]"
             )
+        if self.frozen_cache_mib < 0:
+            raise ConfigError(f"train.frozen_cache_mib={self.frozen_cache_mib} is negative")
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError(
                 f"train: steps={self.steps}, batch_size={self.batch_size}, "
@@ -356,6 +363,9 @@ class StageModule(nn.Module):
         self.options = options
         self.reference_personalizer = reference_personalizer
         self.perceptual = None
+        self.frozen = FrozenEncodings(
+            options.frozen_cache_mib
+        )  # read by the image and decoder stages
         if name == "vae" and options.perceptual_weight > 0:
             from pigeon.training.perceptual import PerceptualDistance
 
@@ -777,6 +787,7 @@ def train_stage(
         "seconds": round(time.perf_counter() - started, 1),
         "world_size": dist.world,
         **({"tokenizer": health} if health else {}),
+        **({"frozen_cache": module.frozen.summary()} if module.frozen.encoded else {}),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "out": str(out),
     }
@@ -859,8 +870,8 @@ def condition_gain(
     the personalizer generates can change the image."""
     g = torch.Generator().manual_seed(seed)
     prompt_embeds, pooled = O.serving_condition(model, images)
-    latents = O.image_latents(model, images)
-    reference_latents = None if references is None else O.image_latents(model, references)
+    latents = image_latents(model, images)
+    reference_latents = None if references is None else image_latents(model, references)
     noise = torch.randn(latents.shape, generator=g).to(latents)
     ac = torch.from_numpy(alphas_cumprod(model.config.scheduler)).to(latents)
     t = torch.randint(0, len(ac), (len(images),), generator=g).to(images.device)

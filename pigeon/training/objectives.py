@@ -27,6 +27,7 @@ from pigeon.models.mask_generator import random_reference_keep, select_keep
 from pigeon.models.pigeon import PigeonModel, encoder_input
 from pigeon.models.unet import ConditionSketch, unet_forward
 from pigeon.training import losses
+from pigeon.training.frozen import FrozenEncodings, frozen_tokens
 
 
 @dataclass
@@ -94,6 +95,7 @@ def image_objective(
     style_weight: float = 0.0,
     styles: torch.Tensor | None = None,
     snr_gamma: float = 0.0,
+    frozen: FrozenEncodings | None = None,
 ) -> torch.Tensor:
     """LaVIT's tokenizer + diffusion decoder: denoise the image's latents conditioned on its own tokens.
 
@@ -123,8 +125,7 @@ def image_objective(
     if encoder.training:
         quantizer.observed = (tok.token_ids, tok.encoded.detach(), tok.token_keep.detach())
     prompt_embeds, pooled, _ = model.condition_adapter(tok.quantized, tok.token_keep)
-    with torch.no_grad():
-        latents = image_latents(model, images)
+    latents = (frozen or FrozenEncodings()).latents(model, images)  # the VAE is frozen here
     reconstruction = torch.zeros((), device=images.device)
     if model.config.unet.condition_sketch:  # the model's own sketch is the probe
         probe = model.unet.condition_sketch
@@ -140,11 +141,6 @@ def image_objective(
     if style_weight > 0:
         loss = loss + style_weight * style_loss(style_head, pooled, styles)
     return loss
-
-
-def image_latents(model: PigeonModel, images: torch.Tensor) -> torch.Tensor:
-    """images in [0, 1] (batch, 3, S, S) -> the VAE's scaled posterior-mean latents."""
-    return model.vae.encode(images * 2 - 1).latent_dist.mean * model.config.vae.scaling_factor
 
 
 def denoising_loss(
@@ -281,19 +277,15 @@ def keep_budget(keep_prob: torch.Tensor, target: float) -> torch.Tensor:
 
 
 def serving_condition(
-    model: PigeonModel, images: torch.Tensor
+    model: PigeonModel, images: torch.Tensor, frozen: FrozenEncodings | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The condition serving builds from these images' tokens: the history encoder in eval mode
     (deterministic keep), its kept codes' unit vectors through the condition adapter, as
     `ConditionAdapterForExport` runs them. -> prompt_embeds, pooled_embeds (with a graph to the
-    condition adapter's parameters where they train)."""
-    encoder = model.history_encoder
-    was_training = encoder.training
-    encoder.eval()
-    with torch.no_grad():
-        ids, keep = encoder(encoder_input(model, images))
-    encoder.train(was_training)
-    prompt_embeds, pooled, _ = model.condition_adapter(encoder.quantizer.code_vectors(ids), keep)
+    condition adapter's parameters where they train). `frozen` remembers the tokens per image."""
+    ids, keep = frozen_tokens(model, images) if frozen is None else frozen.tokens(model, images)
+    code_vectors = model.history_encoder.quantizer.code_vectors(ids)
+    prompt_embeds, pooled, _ = model.condition_adapter(code_vectors, keep)
     return prompt_embeds, pooled
 
 
@@ -313,6 +305,7 @@ def decoder_objective(
     max_timestep_fraction: float = 1.0,
     reference_start_share: float = 0.0,
     reference_start_strength: float = 0.8,
+    frozen: FrozenEncodings | None = None,
 ) -> torch.Tensor:
     """LaVIT's detokenizer on a frozen tokenizer, with the reference as a spatial input: denoise the
     target's latents given tokens (cross-attention) and the reference's latents (input channels,
@@ -342,10 +335,10 @@ def decoder_objective(
         if target_styles is not None and history_styles is not None:
             token_styles = torch.where(swap, history_styles, target_styles)
     # the tokenizer and the VAE are frozen; the condition adapter trains only with the style term
-    prompt_embeds, pooled = serving_condition(model, token_images)
-    with torch.no_grad():
-        latents = image_latents(model, targets)
-        reference_latents = None if references is None else image_latents(model, references)
+    frozen = frozen or FrozenEncodings()
+    prompt_embeds, pooled = serving_condition(model, token_images, frozen)
+    latents = frozen.latents(model, targets)
+    reference_latents = None if references is None else frozen.latents(model, references)
     loss = sampled_denoising_loss(
         model,
         latents,

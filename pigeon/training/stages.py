@@ -62,6 +62,7 @@ def _image(module, batch: dict) -> torch.Tensor:
         style_weight=module.options.style_weight,
         styles=batch.get("styles"),
         snr_gamma=module.options.snr_gamma,
+        frozen=module.frozen,
     )
 
 
@@ -83,6 +84,7 @@ def _decoder(module, batch: dict) -> torch.Tensor:
         max_timestep_fraction=module.options.max_timestep_fraction,
         reference_start_share=module.options.reference_start_share,
         reference_start_strength=module.options.reference_start_strength,
+        frozen=module.frozen,
     )
 
 

@@ -20,7 +20,8 @@ from pigeon.checkpoint import load_checkpoint
 from pigeon.diffusion.scheduler import alphas_cumprod
 from pigeon.models.pigeon import to_tensor
 from pigeon.training.data import EmojiPrefsData
-from pigeon.training.objectives import denoising_loss, encoder_input, image_latents
+from pigeon.training.frozen import image_latents
+from pigeon.training.objectives import denoising_loss, encoder_input
 
 BATCH = 32
 

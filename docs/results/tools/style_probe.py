@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from pigeon.checkpoint import load_checkpoint
 from pigeon.data.emojiprefs import load_emojiprefs
-from pigeon.training.objectives import encoder_input, image_latents, serving_condition
+from pigeon.training.frozen import image_latents
+from pigeon.training.objectives import encoder_input, serving_condition
 
 
 @torch.no_grad()
