@@ -65,7 +65,6 @@ def main() -> None:
         ).train()
         for name, mib in (("off", 0.0), ("warm", 1024.0))
     }
-    arms["warm"].heads.load_state_dict(arms["off"].heads.state_dict())  # the same style head
     batches = [make_batch(data, config, k, Dist(), "cpu") for k in range(args.batches)]
 
     def step(arm: str, k: int) -> float:

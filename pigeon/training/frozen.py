@@ -1,10 +1,10 @@
 """What the frozen encoders make of each training image, computed once per image.
 
 In the image and decoder stages the VAE does not train, and in the decoder stage neither does the
-tokenizer (run in eval mode: a deterministic keep decision). A `small` run draws each of EmojiPrefs'
-10,927 images about six times a stage (2,000 steps of 32), and the decoder stage encodes two images a
-step (the target and its reference) and tokenizes one, so most of those encoder passes repeat earlier
-ones. `FrozenEncodings` keeps their outputs, keyed by the image's bytes, up to a memory budget
+tokenizer (run in eval mode: a deterministic keep decision). A `small` image stage draws 64,000
+images (2,000 steps of 32) from EmojiPrefs' 7,517 training images, and the decoder stage encodes two
+images a step (the target and its reference) and tokenizes one, so most of those encoder passes
+repeat earlier ones. `FrozenEncodings` keeps their outputs, keyed by the image's bytes, up to a memory budget
 (`train.frozen_cache_mib`).
 
 Each image is encoded alone and from a contiguous copy, so its entry is the same whichever batch first
