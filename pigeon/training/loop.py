@@ -107,7 +107,7 @@ class TrainConfig:
     # condition matters least; 5 is the Min-SNR paper's gamma
     snr_gamma: float = 0.0
     # decoder stage: draw the training timesteps from the first this share of the schedule. Serving
-    # starts from the reference noised to strength x T (0.6 for `checkpoints/small`), so the UNet is
+    # starts from the reference noised to strength x T (0.5 for `checkpoints/small`), so the UNet is
     # only ever asked about the timesteps below that; 1 = the whole schedule
     max_timestep_fraction: float = 1.0
     # decoder stage: the share of each batch trained on serving's image-to-image path, the noisy
