@@ -33,7 +33,7 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -m "(not slow and not gpu and not trt and not triton and not integration) or smoke" -q
 
-# What CI runs (.ci/run), about 20 minutes here: every test that needs no GPU and is not `slow`.
+# What CI runs (.ci/run), about 45 minutes here: every test that needs no GPU and is not `slow`.
 test-all: venv
 	$(BIN)/python -m pytest -m "not slow and not gpu and not trt" -q
 
