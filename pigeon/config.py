@@ -248,6 +248,11 @@ class SchedulerConfig:
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     timestep_spacing: Literal["leading", "trailing"] = "leading"
+    # Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed": rescale the
+    # betas so that the last timestep is pure noise (a_T = 0). Without it a_T is about 0.005 and the
+    # UNet learns to read the image's mean colour from the "noise" that serving starts from pure:
+    # its pictures from pure noise come out pale. Pure noise carries no x0, so it needs v-prediction.
+    zero_terminal_snr: bool = field(default=False, metadata={"added_after_format": 1})
     sampler: Literal["ddim", "dpmpp_2m"] = "ddim"
     num_inference_steps: int = 4
     guidance_scale: float = 7.0
@@ -263,6 +268,11 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.strength <= 1.0:
             raise ConfigError(f"scheduler.strength={self.strength} must be in (0, 1]")
+        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
+            raise ConfigError(
+                f"scheduler.zero_terminal_snr=true needs scheduler.prediction_type=v_prediction "
+                f"(got {self.prediction_type!r}): at a_T = 0 the noise alone says nothing of x0"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-from pigeon.config import SchedulerConfig
+from pigeon.config import ConfigError, SchedulerConfig
 from pigeon.diffusion.guidance import cfg_batch, cfg_combine, split_guidance
 from pigeon.diffusion.scheduler import (
     add_noise,
@@ -71,6 +71,30 @@ def test_dpm_solver_pp_2m_matches_diffusers(prediction):
     np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy())
     x, xr = run_both(ours, ref, 10)
     np.testing.assert_allclose(x, xr, atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_zero_terminal_snr_ddim_matches_diffusers_rescaled_betas(spacing):
+    """Lin et al.'s rescale: the same schedule and DDIM walk as diffusers' rescale_betas_zero_snr,
+    with the last timestep pure noise (a_T 2^-24, as diffusers' Euler and DPM-Solver clip it)."""
+    config = SchedulerConfig(
+        timestep_spacing=spacing, prediction_type="v_prediction", zero_terminal_snr=True
+    )
+    ref = DDIMScheduler(**diffusers_kwargs(config), rescale_betas_zero_snr=True, clip_sample=False)
+    ours_a, ref_a = alphas_cumprod(config), ref.alphas_cumprod.double().numpy()
+    np.testing.assert_allclose(ours_a[:-1], ref_a[:-1], rtol=2e-5, atol=1e-9)
+    assert ref_a[-1] == 0.0 and ours_a[-1] == 2.0**-24
+    assert ours_a[0] == pytest.approx(alphas_cumprod(SchedulerConfig())[0])
+    ref.set_timesteps(25)
+    ours = make_sampler(config, 25, "ddim")
+    x, xr = run_both(ours, ref, 25)
+    # trailing starts at T, where our sqrt(a_T) = 2^-12 against diffusers' 0 moves x0_hat by ~2e-4 x
+    np.testing.assert_allclose(x, xr, atol=1e-3, rtol=1e-3)
+
+
+def test_zero_terminal_snr_needs_v_prediction():
+    with pytest.raises(ConfigError, match="zero_terminal_snr=true needs .*v_prediction.*'epsilon'"):
+        SchedulerConfig(zero_terminal_snr=True)
 
 
 def test_add_noise_matches_diffusers():

@@ -33,8 +33,23 @@ def make_betas(config: SchedulerConfig) -> np.ndarray:
     return np.array([min(1 - alpha_bar((i + 1) / t) / alpha_bar(i / t), 0.999) for i in range(t)])
 
 
+def rescale_zero_terminal_snr(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """Lin et al. 2024, Algorithm 1 on a_t: shift and scale sqrt(a_t) so that the first stays and the
+    last is 0 (zero terminal SNR), the shape of the schedule in between kept."""
+    root = np.sqrt(alphas_cumprod)
+    first, last = root[0], root[-1]
+    root = (root - last) * first / (first - last)
+    return root**2
+
+
 def alphas_cumprod(config: SchedulerConfig) -> np.ndarray:
-    return np.cumprod(1.0 - make_betas(config))
+    a = np.cumprod(1.0 - make_betas(config))
+    if config.zero_terminal_snr:
+        a = rescale_zero_terminal_snr(a)
+        # a_T = 0 exactly leaves log-SNR (DPM-Solver) and 1 / SNR (Min-SNR) infinite; diffusers' Euler
+        # and DPM-Solver schedulers clip it to the same float32-sized value
+        a[-1] = 2.0**-24
+    return a
 
 
 def make_timesteps(config: SchedulerConfig, num_steps: int) -> np.ndarray:
