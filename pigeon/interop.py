@@ -437,13 +437,20 @@ def _new_folder(out: str | Path):
 
 
 def export_diffusers(checkpoint: str | Path, out: str | Path) -> dict:
-    """OUT/unet and OUT/vae as diffusers folders (`from_pretrained` loads them); the UNet's
-    Pigeon-only input channels are described in OUT/unet/pigeon_unet.json."""
+    """OUT/unet and OUT/vae as diffusers folders (`from_pretrained` loads them), and OUT/scheduler,
+    the DDIMScheduler of the schedule the UNet was trained on (its prediction type and, with
+    `scheduler.zero_terminal_snr`, the rescaled betas); the UNet's Pigeon-only input channels are
+    described in OUT/unet/pigeon_unet.json."""
     ckpt = load_checkpoint(checkpoint)
     with _new_folder(out) as staging:
         _write_diffusers(ckpt, staging)
     out = Path(out)
-    return {"out": str(out), "unet": str(out / "unet"), "vae": str(out / "vae")}
+    return {
+        "out": str(out),
+        "unet": str(out / "unet"),
+        "vae": str(out / "vae"),
+        "scheduler": str(out / "scheduler"),
+    }
 
 
 def _write_diffusers(ckpt, out: Path) -> None:
@@ -487,6 +494,25 @@ def _write_diffusers(ckpt, out: Path) -> None:
         + "\n",
     )
     ckpt.model.vae.save_pretrained(out / "vae", safe_serialization=True)
+    _diffusers_scheduler(ckpt.config.scheduler).save_pretrained(out / "scheduler")
+
+
+def _diffusers_scheduler(config):
+    """diffusers' DDIMScheduler on the same schedule (`pigeon.diffusion.scheduler` is checked
+    against it), with our sampling defaults: no clipping, a_{-1} = 1."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=config.num_train_timesteps,
+        beta_start=config.beta_start,
+        beta_end=config.beta_end,
+        beta_schedule=config.beta_schedule,
+        prediction_type=config.prediction_type,
+        timestep_spacing=config.timestep_spacing,
+        rescale_betas_zero_snr=config.zero_terminal_snr,
+        clip_sample=False,
+        set_alpha_to_one=True,
+    )
 
 
 def export_peft(checkpoint: str | Path, out: str | Path) -> dict:

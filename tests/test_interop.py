@@ -283,6 +283,35 @@ def test_pigeon_unet_channels_travel_with_the_export(tmp_path):
         export_diffusers(tmp_path / "ckpt", tmp_path / "out")
 
 
+def test_the_exported_scheduler_is_the_schedule_the_unet_trained_on(tmp_path):
+    """A UNet trained with v-prediction on the zero-terminal-SNR schedule is only usable in diffusers
+    with that schedule: OUT/scheduler loads as a DDIMScheduler with our a_t and prediction type."""
+    from diffusers import DDIMScheduler
+
+    from pigeon.checkpoint import save_checkpoint
+    from pigeon.config import apply_overrides
+    from pigeon.diffusion.scheduler import alphas_cumprod
+    from pigeon.models.pigeon import PigeonModel
+    from pigeon.vocab import DEFAULT_CORPUS, TextTokenizer, train_text_tokenizer
+
+    overrides = [
+        "scheduler.prediction_type=v_prediction",
+        "scheduler.zero_terminal_snr=true",
+        "scheduler.timestep_spacing=trailing",
+    ]
+    config = apply_overrides(preset("tiny"), overrides)
+    size = config.personalizer.text_vocab_size
+    tokenizer = TextTokenizer(train_text_tokenizer(DEFAULT_CORPUS, size), size)
+    save_checkpoint(PigeonModel(config), tokenizer, tmp_path / "ckpt")
+    export_diffusers(tmp_path / "ckpt", tmp_path / "out")
+    theirs = DDIMScheduler.from_pretrained(tmp_path / "out" / "scheduler")
+    assert theirs.config.prediction_type == "v_prediction"
+    assert theirs.config.timestep_spacing == "trailing"
+    ours = alphas_cumprod(config.scheduler)
+    a = theirs.alphas_cumprod.double().numpy()
+    assert a[-1] == 0.0 and abs(a[:-1] - ours[:-1]).max() < 1e-5
+
+
 def test_a_decoder_with_its_own_norm_groups_is_not_exported_as_diffusers(tmp_path):
     """diffusers' AutoencoderKL has one group count: a folder written from a regrouped decoder
     would load a different decoder, so the export refuses and leaves no folder behind."""
