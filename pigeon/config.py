@@ -249,9 +249,9 @@ class SchedulerConfig:
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     timestep_spacing: Literal["leading", "trailing"] = "leading"
     # Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed": rescale the
-    # betas so that the last timestep is pure noise (a_T = 0). Without it a_T is about 0.005 and the
-    # UNet learns to read the image's mean colour from the "noise" that serving starts from pure:
-    # its pictures from pure noise come out pale. Pure noise carries no x0, so it needs v-prediction.
+    # betas so that the last timestep is pure noise (a_T = 0). Without it a_T is about 0.005: the
+    # UNet learns to read the image's mean colour off its noisiest inputs, and from serving's pure
+    # noise it draws pale colours. Pure noise carries no x0, so it needs v-prediction.
     zero_terminal_snr: bool = field(default=False, metadata={"added_after_format": 1})
     sampler: Literal["ddim", "dpmpp_2m"] = "ddim"
     num_inference_steps: int = 4
