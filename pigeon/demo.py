@@ -172,8 +172,8 @@ MODEL_TEXT = {
     "Denoising starts from the reference, recoloured with the history's palette and noised to the "
     "checkpoint's <code>scheduler.strength</code> (image-to-image): the layout comes from the "
     "reference, the style from that palette and from the personalized tokens. On 200 test users it "
-    "draws the user's style about half the time and keeps the reference's concept a little under "
-    "half the time; the strokes are still blurred (docs/RESULTS.md §18).",
+    "draws the user's style about half the time and keeps the reference's concept about half the "
+    "time; the strokes are still blurred (docs/RESULTS.md §19).",
 }
 
 

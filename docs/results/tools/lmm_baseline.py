@@ -1,16 +1,34 @@
-"""The `lmm_no_history` baseline for rule 22's test run: the shipped checkpoint (its UNet, condition
-adapter and schedule) with the personalizer of `runs/small21`'s lmm stage, so that the baseline and
-Pigeon differ only by what stages 1 and 2 taught the personalizer.
+"""The `lmm_no_history` baseline built on a shipped checkpoint: its UNet, condition adapter, tokenizer
+and schedule with a personalizer that only the lmm stage (stage 0, text to image tokens) trained, so
+that the baseline and Pigeon differ only by what stages 1 and 2 taught the personalizer.
 
-    PYTHONPATH=. python docs/results/tools/lmm_baseline.py SHIPPED LMM_STAGE OUT
+    PYTHONPATH=. python docs/results/tools/lmm_baseline.py fresh SHIPPED OUT
+        the shipped checkpoint with the personalizer a fresh run draws (seed 0), to start the lmm
+        stage from: pigeon train lmm ... --init OUT
+    PYTHONPATH=. python docs/results/tools/lmm_baseline.py swap SHIPPED LMM_STAGE OUT
+        the shipped checkpoint with the lmm stage's personalizer (float16, like the shipped one)
 """
 
 import sys
 
-from pigeon.checkpoint import load_checkpoint, save_checkpoint
+import torch
 
-shipped, lmm_stage, out = sys.argv[1:4]
+from pigeon.checkpoint import load_checkpoint, save_checkpoint
+from pigeon.models.pigeon import PigeonModel
+
+mode, shipped, *rest = sys.argv[1:]
 ckpt = load_checkpoint(shipped)
-ckpt.model.personalizer.load_state_dict(load_checkpoint(lmm_stage).model.personalizer.state_dict())
-save_checkpoint(ckpt.model, ckpt.tokenizer, out, overwrite=True, storage_dtype="float16")
+if mode == "fresh":
+    (out,) = rest
+    torch.manual_seed(0)  # as pigeon.training.loop.initial_model draws a fresh model
+    personalizer = PigeonModel(ckpt.model.config).personalizer
+    dtype = "float32"
+elif mode == "swap":
+    lmm_stage, out = rest
+    personalizer = load_checkpoint(lmm_stage).model.personalizer
+    dtype = "float16"
+else:
+    raise SystemExit(f"mode {mode!r} is neither 'fresh' nor 'swap'")
+ckpt.model.personalizer.load_state_dict(personalizer.state_dict())
+save_checkpoint(ckpt.model, ckpt.tokenizer, out, overwrite=True, storage_dtype=dtype)
 print(out)
