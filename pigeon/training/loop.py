@@ -186,9 +186,9 @@ class TrainConfig:
 
 
 # Steps per stage, then the batch of the stages that read images or targets and of those that read
-# users. `small` is sized for the 2-core CPU with EmojiPrefs at 64 px, bf16 for the convolutional
-# stages: about 90 minutes in all, estimated from each stage's measured step time (docs/DESIGN.md,
-# "Training").
+# users. `small` is sized for a 2-core CPU with EmojiPrefs at 64 px: about 90 minutes in all where the
+# convolutional stages run in bf16 (AVX-512 bf16), about 3 hours 20 minutes in float32 on an AVX2 CPU,
+# from each stage's measured step time (docs/DESIGN.md, "Training").
 RECIPE_STEPS = {
     "tiny": ({"vae": 4, "image": 16, "decoder": 8, "lmm": 8, "sft": 8, "dpo": 2}, 4, 4),
     "small": (
@@ -206,7 +206,8 @@ RECIPE_STEPS = {
 
 def recipe(preset_name: str) -> dict[str, TrainConfig]:
     """Per-stage defaults: `tiny` runs the whole recipe in about a minute on 2 cores; `small` is sized
-    for EmojiPrefs at 64 px on a 2-core CPU in about 90 minutes; `base` for GPUs."""
+    for EmojiPrefs at 64 px on a 2-core CPU (90 minutes with bf16, 3 hours 20 without); `base` for
+    GPUs."""
     if preset_name not in RECIPE_STEPS:
         raise ConfigError(
             f"no training recipe for preset {preset_name!r}; choose {sorted(RECIPE_STEPS)}"
