@@ -18,7 +18,7 @@ from pigeon.core.masking import num_kept
 from pigeon.core.prompt import PromptBuilder
 from pigeon.training import objectives as O
 from pigeon.training.frozen import image_latents
-from pigeon.training.loop import train_all, train_stage
+from pigeon.training.loop import fresh_model, train_all, train_stage
 from pigeon.training.stages import STAGE_NAMES, set_trainable, stage_parameters
 
 from .conftest import make_model
@@ -517,3 +517,17 @@ def test_precision_auto_takes_bf16_only_where_the_device_computes_it_natively(tm
     )
     saved = json.loads((tmp_path / "run" / "vae" / "train_config.json").read_text())
     assert saved["precision"] == ("bf16" if native else "fp32")
+
+
+def test_fresh_model_is_the_same_draw_whatever_the_rng_state_before():
+    """A stage rerun from a fresh model (docs/results/tools/lmm_baseline.py) starts from the weights
+    an earlier fresh run started from, however much randomness was consumed in between."""
+    config = preset("tiny")
+    first = fresh_model(config).state_dict()
+    torch.rand(1000)  # consume the global generator
+    second = fresh_model(config).state_dict()
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    torch.manual_seed(1)
+    other = type(fresh_model(config))(config).state_dict()  # a draw from another seed
+    assert any(not torch.equal(first[k], other[k]) for k in first if first[k].is_floating_point())

@@ -505,8 +505,6 @@ def stage_dir(run: Path, stage: str) -> Path:
 def initial_model(run: Path, stage: str, config: PipelineConfig, init: str | None):
     """`--init` where given, else the previous stage's best (or last) checkpoint in the run folder,
     else a fresh model and tokenizer."""
-    from pigeon.models.pigeon import PigeonModel
-
     if init:
         ckpt = load_checkpoint(init)
         return ckpt.model, ckpt.tokenizer, init
@@ -517,13 +515,21 @@ def initial_model(run: Path, stage: str, config: PipelineConfig, init: str | Non
             if (path / "pipeline.json").exists():
                 ckpt = load_checkpoint(path)
                 return ckpt.model, ckpt.tokenizer, str(path)
-    torch.manual_seed(0)
     size = config.personalizer.text_vocab_size
     return (
-        PigeonModel(config),
+        fresh_model(config),
         TextTokenizer(train_text_tokenizer(DEFAULT_CORPUS, size), size),
         "fresh",
     )
+
+
+def fresh_model(config: PipelineConfig):
+    """The untrained model a fresh run starts from: the same weights for the same config, every
+    time (seed 0), so that a stage can be rerun from the draw an earlier run started with."""
+    from pigeon.models.pigeon import PigeonModel
+
+    torch.manual_seed(0)
+    return PigeonModel(config)
 
 
 def with_model_overrides(model, overrides: list[str], source: str):

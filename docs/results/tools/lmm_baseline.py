@@ -11,17 +11,14 @@ that the baseline and Pigeon differ only by what stages 1 and 2 taught the perso
 
 import sys
 
-import torch
-
 from pigeon.checkpoint import load_checkpoint, save_checkpoint
-from pigeon.models.pigeon import PigeonModel
+from pigeon.training.loop import fresh_model
 
 mode, shipped, *rest = sys.argv[1:]
 ckpt = load_checkpoint(shipped)
 if mode == "fresh":
     (out,) = rest
-    torch.manual_seed(0)  # as pigeon.training.loop.initial_model draws a fresh model
-    personalizer = PigeonModel(ckpt.model.config).personalizer
+    personalizer = fresh_model(ckpt.model.config).personalizer
     dtype = "float32"
 elif mode == "swap":
     lmm_stage, out = rest
